@@ -1,0 +1,185 @@
+"""The ``mpi`` backend: mpi4py on host tensors, staged or direct for device tensors.
+
+* CPU tensors go to MPI directly (transport ``mpi_host``).
+* A device tensor goes to MPI directly only when the library is CUDA-aware (``mpi_device``);
+  the stream is synchronised first, because mpi4py cannot synchronise it.
+* Otherwise device data is staged through pinned host buffers that are allocated once per
+  (slot, size) and reused (``mpi_staged``). Each host buffer carries the CUDA event of the last
+  copy that reads it, so that it is never overwritten while an asynchronous copy still uses it.
+
+Every buffer handed to MPI passes :meth:`MPIComm._mpi_buf`, which refuses a device buffer when
+MPI is not CUDA-aware: that would segfault, uncatchably, on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from mpi4py import MPI
+
+from hpcattn.comm.base import Comm, Counters, Request
+
+_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+
+
+class _HostBuffer:
+    def __init__(self, nbytes: int, pinned: bool):
+        self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.event = None                 # CUDA event after the last async copy that reads it
+
+    def ready(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+    def view(self, like: torch.Tensor) -> torch.Tensor:
+        n = like.numel() * like.element_size()
+        return self.data[:n].view(like.dtype).view(like.shape)
+
+
+class MPIComm(Comm):
+    """mpi4py communicator over a group.
+
+    Args:
+        mpi_comm: the mpi4py communicator of the group.
+        counters: shared byte counters.
+        gpu_aware: hand device buffers to MPI directly (only if the library is CUDA-aware).
+        is_device: predicate "this tensor lives in device memory". Tests inject a fake one to
+            exercise the staging logic with CPU tensors.
+    """
+
+    def __init__(self, mpi_comm, counters: Counters, *, gpu_aware: bool = False,
+                 is_device: Callable[[torch.Tensor], bool] | None = None):
+        super().__init__(mpi_comm, counters)
+        self.gpu_aware = gpu_aware
+        self.is_device = is_device or (lambda t: t.device.type != "cpu")
+        self._pool: dict[tuple[str, int], _HostBuffer] = {}
+        self.transport = "mpi_device" if gpu_aware else "mpi_staged"
+
+    # -- buffers -------------------------------------------------------------------------------
+    def _mpi_buf(self, t: torch.Tensor) -> torch.Tensor:
+        """The only way a tensor reaches MPI: never a device pointer unless MPI is CUDA-aware."""
+        if self.is_device(t) and not self.gpu_aware:
+            raise RuntimeError("internal error: a device buffer would reach a non-CUDA-aware MPI")
+        if not t.is_contiguous():
+            raise ValueError("communication buffers must be contiguous")
+        return t
+
+    @staticmethod
+    def _bytes(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8)
+
+    def _host(self, slot: str, like: torch.Tensor) -> _HostBuffer:
+        nbytes = like.numel() * like.element_size()
+        key = (slot, nbytes)
+        buf = self._pool.get(key)
+        if buf is None:
+            buf = _HostBuffer(nbytes, pinned=torch.cuda.is_available() and like.device.type == "cuda")
+            self._pool[key] = buf
+        buf.ready()
+        return buf
+
+    def _staged(self, t: torch.Tensor) -> bool:
+        return self.is_device(t) and not self.gpu_aware
+
+    def _sync(self, t: torch.Tensor) -> None:
+        if t.device.type == "cuda":
+            torch.cuda.current_stream(t.device).synchronize()
+
+    def _to_host(self, t: torch.Tensor, slot: str) -> torch.Tensor:
+        """Copy device tensor into its pinned host buffer and wait for the copy."""
+        h = self._host(slot, t).view(t)
+        h.copy_(t, non_blocking=True)
+        self._sync(t)
+        return h
+
+    def _from_host(self, h: torch.Tensor, t: torch.Tensor, slot: str) -> None:
+        """Queue the copy host -> device on the current stream; guard the host buffer with an event."""
+        t.copy_(h, non_blocking=True)
+        if t.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(t.device))
+            self._pool[(slot, h.numel() * h.element_size())].event = ev
+
+    # -- collectives ---------------------------------------------------------------------------
+    def allreduce(self, t, op="sum"):
+        self._check_reducible(t)
+        self.counters.add(t.numel() * t.element_size())
+        if self._staged(t):
+            h = self._to_host(t, "allreduce")
+            self.mpi.Allreduce(MPI.IN_PLACE, self._mpi_buf(h), op=_OPS[op])
+            self._from_host(h, t, "allreduce")
+        else:
+            self._sync(t)
+            self.mpi.Allreduce(MPI.IN_PLACE, self._mpi_buf(t), op=_OPS[op])
+        return t
+
+    def reduce(self, t, op="sum", root=0):
+        self._check_reducible(t)
+        self.counters.add(t.numel() * t.element_size())
+        staged = self._staged(t)
+        buf = self._to_host(t, "reduce") if staged else t
+        if not staged:
+            self._sync(t)
+        if self.rank == root:
+            self.mpi.Reduce(MPI.IN_PLACE, self._mpi_buf(buf), op=_OPS[op], root=root)
+        else:
+            self.mpi.Reduce(self._mpi_buf(buf), None, op=_OPS[op], root=root)
+        if staged and self.rank == root:
+            self._from_host(buf, t, "reduce")
+        return t
+
+    def allgather(self, t):
+        t = t.contiguous()
+        self.counters.add(t.numel() * t.element_size())
+        out = torch.empty((self.size,) + tuple(t.shape), dtype=t.dtype, device=t.device)
+        if self._staged(t):
+            h = self._to_host(t, "allgather_in")
+            ho = self._host("allgather_out", out).view(out)
+            self.mpi.Allgather(self._bytes(self._mpi_buf(h)), self._bytes(self._mpi_buf(ho)))
+            self._from_host(ho, out, "allgather_out")
+        else:
+            self._sync(t)
+            self.mpi.Allgather(self._bytes(self._mpi_buf(t)), self._bytes(self._mpi_buf(out)))
+        return out
+
+    def broadcast(self, t, root=0):
+        self.counters.add(t.numel() * t.element_size())
+        if self._staged(t):
+            h = self._to_host(t, "bcast") if self.rank == root else self._host("bcast", t).view(t)
+            self.mpi.Bcast(self._bytes(self._mpi_buf(h)), root=root)
+            if self.rank != root:
+                self._from_host(h, t, "bcast")
+        else:
+            self._sync(t)
+            self.mpi.Bcast(self._bytes(self._mpi_buf(t)), root=root)
+        return t
+
+    def sendrecv_start(self, send, dest, recv, source):
+        self.counters.add(send.numel() * send.element_size())
+        if self._staged(send):
+            # two receive slots alternate, so a ring can post step i+1 while step i's copy runs
+            slot = f"recv{getattr(self, '_flip', 0)}"
+            self._flip = 1 - getattr(self, "_flip", 0)
+            hs = self._to_host(send, "send")
+            hr = self._host(slot, recv).view(recv)
+            reqs = [self.mpi.Irecv(self._bytes(self._mpi_buf(hr)), source=source, tag=7),
+                    self.mpi.Isend(self._bytes(self._mpi_buf(hs)), dest=dest, tag=7)]
+
+            def wait():
+                MPI.Request.Waitall(reqs)
+                self._from_host(hr, recv, slot)
+            return Request(wait)
+        self._sync(send)
+        reqs = [self.mpi.Irecv(self._bytes(self._mpi_buf(recv)), source=source, tag=7),
+                self.mpi.Isend(self._bytes(self._mpi_buf(send)), dest=dest, tag=7)]
+        return Request(lambda: MPI.Request.Waitall(reqs))
+
+
+class MPIHostComm(MPIComm):
+    """The mpi backend on CPU ranks: every tensor is a host tensor."""
+
+    def __init__(self, mpi_comm, counters: Counters):
+        super().__init__(mpi_comm, counters, gpu_aware=False)
+        self.transport = "mpi_host"

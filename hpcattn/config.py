@@ -1,0 +1,422 @@
+"""Strict YAML config mapped onto dataclasses, with dotted overrides and sweeps.
+
+A config file is a YAML mapping whose sections mirror :class:`Config`. Loading is strict:
+
+* an unknown key is an error naming the key, the file and the closest valid keys;
+* every value is type-checked against the dataclass field (``int``, ``float``, ``bool``, ``str``,
+  optional values, lists) and checked against the field's choices;
+* ``--set a.b=c`` overrides are parsed as YAML scalars and checked the same way; a bare leaf name
+  (``--set context=65536``) is accepted when exactly one field has that name;
+* fields marked *sweepable* accept a list, and :func:`expand_cases` expands the Cartesian product
+  of all such lists into concrete configs (one per sweep point);
+* :func:`validate` checks the combinations (GQA divisibility, zigzag divisibility, nccl without
+  GPUs, ...) against the world size and device of the run.
+
+The resolved config (:func:`to_yaml`) is stored in every HDF5 record, and re-running from it
+reproduces the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from hpcattn.errors import ConfigError
+
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+JOBS = ("decode", "prefill")
+METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring")}
+KERNEL_BACKENDS = (
+    "auto", "torch_ref", "cpu_flash", "aten_cudnn", "aten_flash", "aten_efficient", "fa2",
+)
+
+
+def _f(default: Any, *, choices: tuple | None = None, sweep: bool = False, doc: str = ""):
+    """A dataclass field with hpcattn metadata (allowed values, sweepable, one-line doc)."""
+    meta = {"choices": choices, "sweep": sweep, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ShapeConfig:
+    batch: int = _f(1, sweep=True, doc="sequences per step (B)")
+    heads_q: int = _f(32, sweep=True, doc="query heads (Hq)")
+    heads_kv: int = _f(8, sweep=True, doc="key/value heads (Hkv); Hq % Hkv == 0")
+    head_dim: int = _f(128, sweep=True, doc="head dimension (d)")
+    context: int = _f(4096, sweep=True, doc="decode: KV tokens per sequence; prefill: sequence length")
+    lengths: typing.Optional[list[int]] = _f(
+        None, doc="decode only: per-sequence KV lengths (ragged batch), each <= context")
+    dtype: str = _f("bfloat16", choices=DTYPES, sweep=True, doc="tensor dtype")
+    causal: bool = _f(True, sweep=True, doc="prefill only: causal mask")
+    scale: typing.Optional[float] = _f(None, doc="softmax scale; default head_dim**-0.5")
+
+
+@dataclass
+class CommConfig:
+    backend: str = _f("auto", choices=("auto", "mpi", "nccl", "gloo"),
+                      doc="auto: nccl on GPUs, mpi on CPU ranks; gloo is a CPU stand-in for nccl")
+    gpu_aware_mpi: str = _f("auto", choices=("auto", "true", "false"),
+                            doc="hand device buffers to MPI directly (auto: probe, false when unsure)")
+    ranks_per_node: typing.Optional[int] = _f(
+        None, doc="emulate nodes of this many ranks (functional tests; timings meaningless)")
+
+
+@dataclass
+class KernelConfig:
+    backend: str = _f("auto", choices=KERNEL_BACKENDS, sweep=True,
+                      doc="local attention kernel; auto picks the fastest present that passes its self-test")
+
+
+@dataclass
+class TreeConfig:
+    reduction: str = _f("allgather", choices=("allreduce", "allgather"), sweep=True,
+                        doc="allreduce: MAX then packed SUM; allgather: one gather of states + local merge")
+    topology: str = _f("flat", choices=("flat", "hierarchical"), sweep=True,
+                       doc="hierarchical: node-local reduce -> leaders -> node-local broadcast")
+
+
+@dataclass
+class RingConfig:
+    layout: str = _f("zigzag", choices=("zigzag", "contiguous"), sweep=True,
+                     doc="prefill sequence layout over ranks (zigzag balances causal work)")
+
+
+@dataclass
+class InputConfig:
+    source: str = _f("synthetic", choices=("synthetic", "file"), doc="synthetic from seed, or an HDF5 file")
+    seed: int = _f(0, doc="seed of the synthetic inputs (results do not depend on the rank count)")
+    path: typing.Optional[str] = _f(None, doc="HDF5 file with datasets q, k, v (see docs/inputs.md)")
+
+
+@dataclass
+class RunConfig:
+    warmup: int = _f(2, doc="untimed iterations per case")
+    repeats: int = _f(10, doc="timed iterations per case")
+    check: bool = _f(True, doc="compare outputs with the float64 reference on a gathered copy")
+    check_rows: int = _f(512, doc="prefill: at most this many query rows are checked (evenly spaced)")
+    save_outputs: bool = _f(False, doc="store gathered out/lse of each case in the HDF5 record")
+    output: typing.Optional[str] = _f(None, doc="HDF5 result file (default runs/<job>-<utc time>.h5)")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto: cuda when GPUs are visible")
+
+
+@dataclass
+class Config:
+    job: str = _f("decode", choices=JOBS, doc="decode (one query token) or prefill")
+    methods: list[str] = _f(["local", "tree"], doc="methods run on every sweep point; local is the baseline")
+    shape: ShapeConfig = field(default_factory=ShapeConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    ring: RingConfig = field(default_factory=RingConfig)
+    inputs: InputConfig = field(default_factory=InputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Introspection helpers
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def leaf_paths(cls=Config, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """All leaf fields as ``{"shape.context": (type, field), ...}``."""
+    out = {}
+    hints = _hints(cls)
+    for name, f in _fields(cls).items():
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            out.update(leaf_paths(t, prefix + name + "."))
+        else:
+            out[prefix + name] = (t, f)
+    return out
+
+
+def _type_name(t) -> str:
+    origin = typing.get_origin(t)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return _type_name(args[0]) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(t)[0])}"
+    return getattr(t, "__name__", str(t))
+
+
+def _check_scalar(value, t, where: str):
+    """Return ``value`` converted to type ``t`` or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(t)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_scalar(value, args[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(t)}, got {value!r}")
+        (inner,) = typing.get_args(t)
+        return [_check_scalar(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+    elif t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif t is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(t)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_value(value, t, f: dataclasses.Field, where: str):
+    """Type-check one leaf value; a sweepable field may hold a non-empty list of values."""
+    sweep = f.metadata.get("sweep", False)
+    if sweep and isinstance(value, list) and typing.get_origin(t) is not list:
+        if not value:
+            raise ConfigError(f"{where}: a sweep list must not be empty")
+        vals = [_check_scalar(v, t, f"{where}[{i}]") for i, v in enumerate(value)]
+    else:
+        vals = [_check_scalar(value, t, where)]
+    choices = f.metadata.get("choices")
+    if choices:
+        for v in vals:
+            if v not in choices:
+                raise ConfigError(f"{where}: {v!r} is not one of {', '.join(map(str, choices))}")
+    return vals if (sweep and isinstance(value, list) and typing.get_origin(t) is not list) else vals[0]
+
+
+def _unknown_key(key: str, valid: list[str], where: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+        f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"{source}: unknown key '{where}{key}'{hint}")
+
+
+def _build(cls, data: dict, source: str, prefix: str = ""):
+    """Build dataclass ``cls`` from mapping ``data``, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top level>'}' must be a mapping, "
+                          f"got {type(data).__name__}")
+    fields = _fields(cls)
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(str(key), list(fields), prefix, source)
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            kwargs[key] = _build(t, value if value is not None else {}, source, prefix + key + ".")
+        else:
+            kwargs[key] = _check_value(value, t, fields[key], f"{source}: {prefix}{key}")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+    for item in overrides or []:
+        apply_override(data, item)
+    return _build(Config, data, source)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``key=value`` override (dotted key, YAML-scalar value) to the raw mapping."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. shape.context=65536")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    leaves = leaf_paths()
+    if key not in leaves and "." not in key:
+        matches = [p for p in leaves if p.rsplit(".", 1)[-1] == key]
+        if len(matches) == 1:
+            key = matches[0]
+        elif len(matches) > 1:
+            raise ConfigError(f"--set {key}: ambiguous, use one of {', '.join(matches)}")
+    if key not in leaves:
+        close = difflib.get_close_matches(key, list(leaves), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"--set: unknown key '{key}'{hint}")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict, source: str = "<resolved config>") -> Config:
+    return _build(Config, data, source)
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def sweep_axes(cfg: Config) -> dict[str, list]:
+    """The sweepable fields that hold lists: ``{"shape.context": [4096, 65536], ...}``."""
+    axes = {}
+    d = to_dict(cfg)
+    for path, (t, f) in leaf_paths().items():
+        if not f.metadata.get("sweep"):
+            continue
+        node = d
+        for part in path.split("."):
+            node = node[part]
+        if isinstance(node, list) and typing.get_origin(t) is not list:
+            axes[path] = node
+    return axes
+
+
+def _set_path(d: dict, path: str, value) -> None:
+    parts = path.split(".")
+    for part in parts[:-1]:
+        d = d[part]
+    d[parts[-1]] = value
+
+
+def expand_cases(cfg: Config) -> Iterator[tuple[dict, Config]]:
+    """Yield ``(point, concrete_config)`` for every point of the sweep's Cartesian product.
+
+    ``point`` maps each swept path to its value at this point (empty for a config without sweep).
+    """
+    axes = sweep_axes(cfg)
+    names = list(axes)
+    base = to_dict(cfg)
+    for values in itertools.product(*(axes[n] for n in names)):
+        d = copy.deepcopy(base)
+        for n, v in zip(names, values):
+            _set_path(d, n, v)
+        yield dict(zip(names, values)), from_dict(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of concrete configs
+
+
+def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "config") -> None:
+    """Check one concrete (sweep-expanded) config against the run's world size and device."""
+    s = cfg.shape
+    for name in ("batch", "heads_q", "heads_kv", "head_dim"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{source}: shape.{name} must be >= 1, got {getattr(s, name)}")
+    if s.context < 1:
+        raise ConfigError(f"{source}: shape.context must be >= 1, got {s.context}")
+    if s.heads_q % s.heads_kv:
+        raise ConfigError(f"{source}: shape.heads_q ({s.heads_q}) must be a multiple of "
+                          f"shape.heads_kv ({s.heads_kv})")
+    if not cfg.methods:
+        raise ConfigError(f"{source}: methods must list at least one method")
+    allowed = METHODS_BY_JOB[cfg.job]
+    for m in cfg.methods:
+        if m not in allowed:
+            close = difflib.get_close_matches(m, allowed, n=2)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{source}: methods: '{m}' is not a {cfg.job} method "
+                              f"(choose from {', '.join(allowed)}){hint}")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"{source}: methods lists a method twice: {cfg.methods}")
+    if s.lengths is not None:
+        if cfg.job != "decode":
+            raise ConfigError(f"{source}: shape.lengths (ragged batch) is for job: decode only")
+        if len(s.lengths) != s.batch:
+            raise ConfigError(f"{source}: shape.lengths has {len(s.lengths)} entries, "
+                              f"expected shape.batch = {s.batch}")
+        if any(n < 0 or n > s.context for n in s.lengths):
+            raise ConfigError(f"{source}: shape.lengths entries must be in [0, context={s.context}]")
+    if cfg.job == "prefill" and "ring" in cfg.methods and world_size > 1:
+        if s.context < world_size:
+            raise ConfigError(f"{source}: prefill with ring needs at least one token per rank: "
+                              f"context={s.context} < {world_size} ranks")
+        if cfg.ring.layout == "zigzag" and s.context % (2 * world_size):
+            raise ConfigError(f"{source}: ring.layout=zigzag needs shape.context divisible by "
+                              f"2 x ranks = {2 * world_size}, got {s.context} "
+                              f"(use another context or ring.layout=contiguous)")
+    device = resolve_device(cfg, cuda_available)
+    if cfg.run.device == "cuda" and not cuda_available:
+        raise ConfigError(f"{source}: run.device=cuda but no CUDA GPU is visible")
+    if cfg.comm.backend == "nccl" and device != "cuda":
+        raise ConfigError(f"{source}: comm.backend=nccl needs GPUs (run.device resolved to {device}); "
+                          f"use comm.backend=mpi or gloo on CPU ranks")
+    if device == "cpu" and s.dtype == "float16":
+        raise ConfigError(f"{source}: shape.dtype=float16 is not supported on CPU ranks; "
+                          f"use float32, float64 or bfloat16")
+    if device == "cuda" and s.dtype == "float64" and cfg.kernel.backend not in ("auto", "torch_ref"):
+        raise ConfigError(f"{source}: shape.dtype=float64 on GPU needs kernel.backend=torch_ref")
+    cpu_kernels = ("auto", "torch_ref", "cpu_flash")
+    if device == "cpu" and cfg.kernel.backend not in cpu_kernels:
+        raise ConfigError(f"{source}: kernel.backend={cfg.kernel.backend} needs a GPU; "
+                          f"on CPU ranks use one of {', '.join(cpu_kernels)}")
+    if cfg.comm.ranks_per_node is not None and cfg.comm.ranks_per_node < 1:
+        raise ConfigError(f"{source}: comm.ranks_per_node must be >= 1")
+    r = cfg.run
+    if r.repeats < 1 or r.warmup < 0:
+        raise ConfigError(f"{source}: run.repeats must be >= 1 and run.warmup >= 0")
+    if cfg.inputs.source == "file" and not cfg.inputs.path:
+        raise ConfigError(f"{source}: inputs.source=file needs inputs.path (an HDF5 file with q, k, v)")
+    if cfg.inputs.source == "file" and not Path(cfg.inputs.path).is_file():
+        raise ConfigError(f"{source}: inputs.path: file not found: {cfg.inputs.path}")
+
+
+def resolve_device(cfg: Config, cuda_available: bool) -> str:
+    if cfg.run.device == "auto":
+        return "cuda" if cuda_available else "cpu"
+    return cfg.run.device
+
+
+def reference_text() -> str:
+    """Markdown table of every key, its type, default and meaning (for docs/config.md)."""
+    rows = ["| key | type | default | sweep | meaning |", "|---|---|---|---|---|"]
+    defaults = to_dict(Config())
+    for path, (t, f) in leaf_paths().items():
+        node = defaults
+        for part in path.split("."):
+            node = node[part]
+        choices = f.metadata.get("choices")
+        typ = _type_name(t) + (f" ({' / '.join(choices)})" if choices else "")
+        rows.append(f"| `{path}` | {typ} | `{node!r}` | {'yes' if f.metadata.get('sweep') else ''} "
+                    f"| {f.metadata.get('doc', '')} |")
+    return "\n".join(rows)

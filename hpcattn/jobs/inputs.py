@@ -1,0 +1,163 @@
+"""Job inputs: synthesized from a seed, or read from an HDF5 file.
+
+Synthetic tensors are generated in fixed chunks of tokens, each chunk from its own seed
+(seed, tensor name, chunk index), so a rank can generate exactly its shard and the global tensor
+is the same whatever the number of ranks or the layout. Values are standard normal, generated on
+the run's device (CPU and GPU streams differ; a run never mixes them).
+
+Input file layout (``inputs.source: file``), documented in docs/inputs.md::
+
+    /q  (B, Sq, Hq, d)    decode: the query rows (Sq >= 1); prefill: Sq == N
+    /k  (B, N, Hkv, d)
+    /v  (B, N, Hkv, d)
+    /lengths (B,) int     optional, decode only: valid KV tokens per sequence (ragged batch)
+
+Datasets may be float16/float32/float64, or uint16 with attribute ``dtype_original="bfloat16"``
+(raw bf16 bits). They are converted to ``shape.dtype``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import h5py
+import numpy as np
+import torch
+
+from hpcattn.errors import ConfigError, InputError
+
+CHUNK = 4096
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def _chunk_seed(seed: int, name: str, chunk: int) -> int:
+    h = hashlib.blake2b(f"{seed}/{name}/{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 62) - 1)
+
+
+def synth_tokens(name: str, seed: int, batch: int, heads: int, dim: int, index: torch.Tensor, *,
+                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Rows ``index`` (global token indices) of synthetic tensor ``name``: (B, len(index), H, d)."""
+    index = index.to(torch.long).cpu()
+    out = torch.empty(batch, len(index), heads, dim, dtype=dtype, device=device)
+    if len(index) == 0:
+        return out
+    chunks = torch.unique(index // CHUNK).tolist()
+    gen = torch.Generator(device=device)
+    for c in chunks:
+        sel = ((index // CHUNK) == c).nonzero().flatten()
+        gen.manual_seed(_chunk_seed(seed, name, c))
+        block = torch.randn(batch, CHUNK, heads, dim, generator=gen, device=device, dtype=torch.float32)
+        out[:, sel.to(device)] = block[:, (index[sel] - c * CHUNK).to(device)].to(dtype)
+    return out
+
+
+def synth_range(name: str, seed: int, batch: int, heads: int, dim: int, start: int, stop: int, *,
+                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Tokens [start, stop) of synthetic tensor ``name``: (B, stop-start, H, d)."""
+    return synth_tokens(name, seed, batch, heads, dim, torch.arange(start, stop), dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# HDF5 input files
+
+
+def _read(ds, sel, dtype: torch.dtype, device) -> torch.Tensor:
+    arr = ds[sel]
+    if ds.attrs.get("dtype_original", "") == "bfloat16":
+        t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.to(device=device, dtype=dtype)
+
+
+def file_shape(path: str) -> dict:
+    """Shapes in an input file: {batch, q_len, heads_q, heads_kv, head_dim, context, lengths}."""
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as e:
+        raise InputError(f"inputs.path: cannot open {path} as HDF5: {e}") from None
+    with f:
+        for name in ("q", "k", "v"):
+            if name not in f:
+                raise InputError(f"inputs.path: {path} has no dataset '{name}' "
+                                 f"(expected q (B,Sq,Hq,d), k and v (B,N,Hkv,d))")
+            if f[name].ndim != 4:
+                raise InputError(f"inputs.path: {path}:/{name} has shape {f[name].shape}, expected 4 dims")
+        q, k, v = f["q"].shape, f["k"].shape, f["v"].shape
+        if k != v:
+            raise InputError(f"inputs.path: {path}: k {k} and v {v} differ in shape")
+        if q[0] != k[0] or q[3] != k[3]:
+            raise InputError(f"inputs.path: {path}: q {q} and k {k} disagree in batch or head_dim")
+        lengths = [int(x) for x in f["lengths"][()]] if "lengths" in f else None
+    return {"batch": q[0], "q_len": q[1], "heads_q": q[2], "heads_kv": k[2], "head_dim": q[3],
+            "context": k[1], "lengths": lengths}
+
+
+def apply_file_shape(cfg, path: str) -> None:
+    """Set cfg.shape from the input file; a non-default config value that disagrees is an error."""
+    from hpcattn.config import ShapeConfig
+
+    fs = file_shape(path)
+    default = ShapeConfig()
+    for key in ("batch", "heads_q", "heads_kv", "head_dim", "context", "lengths"):
+        mine, theirs = getattr(cfg.shape, key), fs[key]
+        if isinstance(mine, list) and key != "lengths":
+            raise ConfigError(f"shape.{key}: cannot sweep a shape read from inputs.path ({path})")
+        if mine != getattr(default, key) and mine != theirs and not (key == "lengths" and theirs is None):
+            raise ConfigError(f"shape.{key}={mine} in the config, but inputs.path {path} has {theirs}")
+        if theirs is not None:
+            setattr(cfg.shape, key, theirs)
+    if cfg.job == "prefill" and fs["q_len"] != fs["context"]:
+        raise ConfigError(f"inputs.path {path}: prefill needs q and k of equal length, "
+                          f"got q {fs['q_len']} and k {fs['context']} tokens")
+
+
+def read_tokens(path: str, name: str, index: torch.Tensor, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """Rows ``index`` (sorted global token indices) of dataset ``name``: (B, len(index), H, d)."""
+    idx = index.cpu().numpy()
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        if len(idx) == 0:
+            return torch.empty(ds.shape[0], 0, ds.shape[2], ds.shape[3], dtype=dtype, device=device)
+        if np.all(np.diff(idx) == 1):
+            return _read(ds, np.s_[:, int(idx[0]): int(idx[-1]) + 1], dtype, device)
+        return _read(ds, np.s_[:, idx], dtype, device)
+
+
+class InputSource:
+    """Where a job's q/k/v come from: ``tokens(name, index)`` -> (B, len(index), H, d)."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = DTYPES[cfg.shape.dtype]
+        s = cfg.shape
+        self.heads = {"q": s.heads_q, "k": s.heads_kv, "v": s.heads_kv}
+
+    def tokens(self, name: str, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        if self.cfg.inputs.source == "file":
+            return read_tokens(self.cfg.inputs.path, name, index, dtype=dtype, device=self.device)
+        s = self.cfg.shape
+        return synth_tokens(name, self.cfg.inputs.seed, s.batch, self.heads[name], s.head_dim, index,
+                            dtype=dtype, device=self.device)
+
+    def range(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.tokens(name, torch.arange(start, stop), dtype)
+
+
+def write_input_file(path: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     lengths: list[int] | None = None) -> None:
+    """Write q/k/v (and optional lengths) in the input-file layout; bf16 stored as uint16 bits."""
+    with h5py.File(path, "w") as f:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            t = t.detach().cpu().contiguous()
+            if t.dtype == torch.bfloat16:
+                ds = f.create_dataset(name, data=t.view(torch.int16).numpy().view(np.uint16))
+                ds.attrs["dtype_original"] = "bfloat16"
+            else:
+                f.create_dataset(name, data=t.numpy())
+        if lengths is not None:
+            f.create_dataset("lengths", data=np.asarray(lengths, dtype=np.int64))

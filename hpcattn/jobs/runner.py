@@ -1,0 +1,237 @@
+"""Plan the cases of a run and execute them: warm-up, timed repeats, checks, HDF5 record.
+
+A *case* is one method at one sweep point. Cases of one sweep point share their inputs and
+reference. Timing per iteration: device sync + barrier, then CUDA events (GPU) or perf_counter
+(CPU) around the method; the reported time of an iteration is the max over ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcattn.config import Config
+from hpcattn.config import expand_cases as expand_points
+from hpcattn.jobs import decode, prefill
+from hpcattn.timing import PHASES, PhaseTimer
+
+JOBS = {"decode": (decode.DecodeJob, decode.estimate), "prefill": (prefill.PrefillJob, prefill.estimate)}
+
+
+@dataclass
+class Case:
+    index: int
+    id: str
+    method: str
+    variant: str
+    point: dict
+    cfg: Config
+    group: int               # index of the sweep point (cases of a group share inputs)
+
+
+def variant_of(cfg: Config, method: str, p: int) -> str:
+    if cfg.job == "decode" and method == "tree":
+        return f"{cfg.tree.reduction}/{cfg.tree.topology}"
+    if cfg.job == "prefill" and method == "ring":
+        return (cfg.ring.layout if p > 1 else "contiguous") + ("/causal" if cfg.shape.causal else "/full")
+    if cfg.job == "prefill":
+        return "causal" if cfg.shape.causal else "full"
+    return ""
+
+
+def plan_cases(cfg: Config, p: int) -> list[Case]:
+    """Expand the sweep into cases; identical cases (a sweep axis a method ignores) appear once."""
+    cases, seen = [], set()
+    groups: dict = {}
+    for point, c in expand_points(cfg):
+        shape_key = json.dumps(dataclasses.asdict(c.shape), sort_keys=True) + c.kernel.backend + \
+            json.dumps(dataclasses.asdict(c.inputs), sort_keys=True)
+        g = groups.setdefault(shape_key, len(groups))
+        for m in c.methods:
+            var = variant_of(c, m, p)
+            key = (shape_key, m, var)
+            if key in seen:
+                continue
+            seen.add(key)
+            i = len(cases)
+            name = f"c{i:04d}-{m}" + (f"-{var.replace('/', '-')}" if var else "")
+            cases.append(Case(i, name, m, var, point, c, g))
+    cases.sort(key=lambda cs: (cs.group, cs.index))
+    return cases
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def time_case(fn, ctx, warmup: int, repeats: int):
+    """Run ``fn(tm)`` warmup + repeats times. Returns (last result, times (repeats,),
+    phases (repeats, len(PHASES)), bytes per step {phase: bytes})."""
+    timer = PhaseTimer(ctx.device, ctx.counters)
+    ctx.counters.reset()
+    times, phases, result = [], [], None
+    cuda = ctx.device.type == "cuda"
+    for i in range(warmup + repeats):
+        result = None
+        ctx.barrier()
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            result = fn(timer)
+            b.record()
+            b.synchronize()
+            dt = a.elapsed_time(b) / 1e3
+        else:
+            t0 = time.perf_counter()
+            result = fn(timer)
+            dt = time.perf_counter() - t0
+        ph = timer.collect()
+        if i >= warmup:
+            times.append(dt)
+            phases.append([ph.get(x, 0.0) for x in PHASES])
+    n = warmup + repeats
+    per_step = {x: ctx.counters.bytes.get(x, 0) // n for x in PHASES}
+    return result, np.asarray(times), np.asarray(phases).reshape(repeats, len(PHASES)), per_step
+
+
+def summarize(times: np.ndarray, phases: np.ndarray) -> dict:
+    """times (repeats, ranks), phases (repeats, ranks, P) -> summary of max-over-ranks times."""
+    step = times.max(axis=1)
+    slowest = times.argmax(axis=1)
+    ph = phases[np.arange(len(step)), slowest]                   # phases of the slowest rank
+    med = float(np.median(step))
+    comm = float(np.median(ph[:, PHASES.index("comm")]))
+    return {"time_median_s": med, "time_p10_s": float(np.percentile(step, 10)),
+            "time_p90_s": float(np.percentile(step, 90)), "time_min_s": float(step.min()),
+            "comm_fraction": comm / med if med > 0 else 0.0}
+
+
+def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, progress) -> list[dict]:
+    """Execute ``cases`` on every rank (collective). Rank 0 writes each finished case to ``writer``.
+
+    ``kernel_for(case_cfg)`` returns the local kernel of a case. Returns the summaries (rank 0).
+    """
+    rows = []
+    by_group: dict[int, list[Case]] = {}
+    for c in cases:
+        by_group.setdefault(c.group, []).append(c)
+    for group_cases in by_group.values():
+        gcfg = group_cases[0].cfg
+        job_cls, _ = JOBS[gcfg.job]
+        kernel = kernel_for(gcfg)
+        job = job_cls(gcfg, ctx, kernel)
+        ref = job.reference()
+        for case in group_cases:
+            if ctx.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            fn = job.method(case)
+            result, times, phases, bytes_step = time_case(fn, ctx, case.cfg.run.warmup, case.cfg.run.repeats)
+            errs = job.errors(case, result, ref)
+            err_all = ctx.world.mpi.gather(errs, root=0)
+            outputs = job.gathered_outputs(case, result) if case.cfg.run.save_outputs else None
+            per_rank = ctx.world.mpi.gather((times, phases, [bytes_step[x] for x in PHASES],
+                                             _peak_memory(ctx.device)), root=0)
+            if ctx.rank == 0:
+                row = _record(case, kernel, ctx, per_rank, err_all, outputs, writer)
+                rows.append(row)
+                progress(case, row)
+            del fn, result
+        del job, ref
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer) -> dict:
+    times = np.stack([pr[0] for pr in per_rank], axis=1)              # (repeats, ranks)
+    phases = np.stack([pr[1] for pr in per_rank], axis=1)             # (repeats, ranks, P)
+    bytes_ = np.asarray([pr[2] for pr in per_rank], dtype=np.int64)   # (ranks, P)
+    mem = np.asarray([pr[3] for pr in per_rank], dtype=np.int64)
+    s = case.cfg.shape
+    attrs = {"method": case.method, "variant": case.variant, "job": case.cfg.job,
+             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv, "head_dim": s.head_dim,
+             "context": s.context, "lengths": s.lengths, "dtype": s.dtype,
+             "causal": s.causal if case.cfg.job == "prefill" else False,
+             "kernel": kernel.name, "world_size": ctx.size, "warmup": case.cfg.run.warmup,
+             "repeats": case.cfg.run.repeats, "sweep_point": case.point, "group": case.group,
+             "bytes_per_step": int(bytes_.sum(axis=1).max()), "peak_mem_bytes": int(mem.max())}
+    attrs |= summarize(times, phases)
+    errs = [e for e in err_all if e is not None]
+    if errs:
+        e = {k: max(x[k] for x in errs) for k in errs[0]}
+        from hpcattn.jobs.check import passes
+        attrs |= e | {"check_passed": passes(e["err_out"], e["err_lse"], e["base_err_out"], e["base_err_lse"])}
+    datasets = {"time_s": (times, {"units": "s", "warmup_excluded": case.cfg.run.warmup}),
+                "phase_s": (phases, {"units": "s", "phases": list(PHASES)}),
+                "bytes_per_step": (bytes_, {"units": "bytes", "phases": list(PHASES)}),
+                "peak_mem_bytes": (mem, {"units": "bytes"})}
+    if outputs:
+        datasets |= {k: (v, {"layout": "out (B,Sq,Hq,d); lse (B,Hq,Sq)"}) for k, v in outputs.items()}
+    if writer is not None:
+        writer.write_case(case.id, attrs, datasets)
+    return attrs | {"id": case.id}
+
+
+def run_metadata(cfg: Config, ctx, kernel_name: str) -> dict:
+    """Root attributes of the record: versions, launcher view, transport."""
+    import subprocess
+
+    import h5py
+    import mpi4py
+    from mpi4py import MPI
+
+    import hpcattn
+
+    def git(*args):
+        try:
+            here = os.path.dirname(os.path.dirname(os.path.abspath(hpcattn.__file__)))
+            return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    try:
+        import flash_attn
+        fa = flash_attn.__version__
+    except ImportError:
+        fa = ""
+    cuda = torch.cuda.is_available()
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda else ""
+    return {
+        "software": "hpcattn", "hpcattn_version": hpcattn.__version__, "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": " ".join(sys.argv),
+        "job": cfg.job, "torch": torch.__version__, "cuda": torch.version.cuda or "",
+        "cudnn": str(torch.backends.cudnn.version() or "") if cuda else "", "nccl": nccl,
+        "flash_attn": fa, "mpi4py": mpi4py.__version__, "mpi_vendor": "/".join(map(str, MPI.get_vendor())),
+        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
+        "world_size": ctx.size, "n_nodes": len(ctx.node_ranks), "device": ctx.device.type,
+        "backend": ctx.backend, "transport": ctx.transport, "gpu_aware_mpi": ctx.gpu_aware,
+        "gpu_aware_method": ctx.gpu_aware_method, "attn_backend": kernel_name,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID", ""),
+        "modules": os.environ.get("LOADEDMODULES", ""),
+    }
+
+
+def host_info(ctx) -> dict:
+    """This rank's row of /meta/hosts (gathered to rank 0)."""
+    import socket
+
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else ""
+    env_rank = next((os.environ[v] for v in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+                     if v in os.environ), "")
+    return {"rank": ctx.rank, "local_rank": ctx.local_rank, "node": ctx.node_index,
+            "hostname": socket.gethostname(), "device": str(ctx.device), "gpu_name": gpu,
+            "launcher_rank": env_rank}

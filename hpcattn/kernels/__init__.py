@@ -1,0 +1,169 @@
+"""Local attention kernels returning the attention state ``(out, lse)``, and backend selection.
+
+Convention (everything past this package relies on it)::
+
+    q: (B, Sq, Hq, d)      k, v: (B, Sk, Hkv, d)      Hq % Hkv == 0   (flash layout)
+    out: (B, Sq, Hq, d) in q.dtype
+    lse: (B, Hq, Sq) float32 (float64 for the float64 reference), natural log, softmax scale
+         included; the empty state (no visible key) is out = 0, lse = -inf.
+
+``causal`` is ``none`` | ``square`` (Sq == Sk) | ``bottom_right`` (last query row aligned with the
+last key). ``k_lengths`` (B,) makes a ragged batch: sequence b sees keys [0, k_lengths[b]).
+
+Backends: ``torch_ref`` (plain torch math, CPU/GPU, any dtype), ``cpu_flash`` (aten's CPU flash
+kernel), ``aten_cudnn`` / ``aten_flash`` / ``aten_efficient`` (PyTorch's GPU ops), ``fa2``
+(flash-attn, when importable). ``auto`` picks, in order of measured speed, the first one that is
+present and passes a startup self-test against ``torch_ref`` for the run's dtype and head size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from hpcattn.errors import HpcattnError
+from hpcattn.kernels import backends
+from hpcattn.kernels.merge import (empty_state, lse_as_out, merge_pair, merge_states,  # noqa: F401
+                                   pack_states, sanitize_lse, unpack_states)
+from hpcattn.kernels.reference import attn_reference  # noqa: F401
+
+log = logging.getLogger("hpcattn")
+
+GPU_ORDER = ("aten_cudnn", "fa2", "aten_flash", "aten_efficient")
+CPU_ORDER = ("cpu_flash", "torch_ref")
+
+
+@dataclass
+class Kernel:
+    """A selected local attention backend. Call it like :func:`attn_with_lse` without ``backend``."""
+
+    name: str
+    native_gqa: bool = True
+    selftest: dict = field(default_factory=dict)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                 causal: str = "none", k_lengths: list[int] | None = None):
+        B, Sq, Hq, d = q.shape
+        Sk = k.shape[1]
+        if Sk == 0 or Sq == 0:
+            return empty_state(B, Sq, Hq, d, dtype=q.dtype, device=q.device)
+        if k_lengths is not None and any(n != Sk for n in k_lengths):
+            return self._ragged(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
+        return self._dense(q, k, v, scale=scale, causal=causal)
+
+    def _dense(self, q, k, v, *, scale, causal):
+        if self.name == "torch_ref":
+            return backends.ref_attention(q, k, v, causal=causal, scale=scale)
+        if self.name == "fa2":
+            return backends.fa2_attention(q, k, v, causal=causal, scale=scale)
+        return backends.raw_attention(backends.RAW_KERNELS[self.name], q, k, v, causal=causal,
+                                      scale=scale, native_gqa=self.native_gqa)
+
+    def _ragged(self, q, k, v, *, scale, causal, k_lengths):
+        """Per-sequence calls over each sequence's own keys: no padding is read."""
+        outs, lses = [], []
+        for b, n in enumerate(k_lengths):
+            if n == 0:
+                o, l = empty_state(1, q.shape[1], q.shape[2], q.shape[3], dtype=q.dtype, device=q.device)
+            else:
+                o, l = self._dense(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], scale=scale, causal=causal)
+            outs.append(o)
+            lses.append(l.to(torch.float64 if q.dtype == torch.float64 else torch.float32))
+        return torch.cat(outs), torch.cat(lses)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-9, torch.float32: 2e-4}.get(dtype, 3e-2)
+
+
+def _selftest(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[bool, bool, str]:
+    """Run ``name`` on tiny problems against torch_ref. Returns (ok, native_gqa, reason)."""
+    g = torch.Generator(device="cpu").manual_seed(1234)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    scale = head_dim ** -0.5
+    cases = [  # (Sq, Sk, Hq, Hkv, causal)
+        (37, 37, 4, 4, "square"), (37, 37, 4, 2, "none"), (5, 70, 4, 2, "bottom_right"),
+        (1, 45, 8, 2, "none"), (33, 33, 4, 4, "none"),
+    ]
+    tol = _tolerance(dtype)
+    kern = Kernel(name, native_gqa=False)
+    try:
+        for sq, sk, hq, hkv, causal in cases:
+            q, k, v = rnd(2, sq, hq, head_dim), rnd(2, sk, hkv, head_dim), rnd(2, sk, hkv, head_dim)
+            o, l = kern(q, k, v, scale=scale, causal=causal)
+            ro, rl = attn_reference(q, k, v, scale=scale, causal=causal)
+            eo = (o.double() - ro.double()).abs().max().item()
+            el = (l.double() - rl.double()).abs().max().item()
+            if not (eo <= tol and el <= tol):
+                return False, False, f"mismatch vs torch_ref (causal={causal}): out {eo:.2e}, lse {el:.2e}"
+    except Exception as e:  # a backend that cannot run here is disabled, with the reason logged
+        return False, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    native = False
+    try:  # does the kernel do causal GQA without expanding KV heads?
+        q, k, v = rnd(1, 37, 4, head_dim), rnd(1, 37, 2, head_dim), rnd(1, 37, 2, head_dim)
+        o, l = Kernel(name, native_gqa=True)(q, k, v, scale=scale, causal="square")
+        ro, rl = attn_reference(q, k, v, scale=scale, causal="square")
+        native = bool((o.double() - ro.double()).abs().max() <= tol and (l.double() - rl.double()).abs().max() <= tol)
+    except Exception:
+        native = False
+    return True, native, "ok"
+
+
+_CACHE: dict = {}
+
+
+def select_kernel(backend: str, device: str | torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
+    """Resolve ``backend`` (or ``auto``) to a :class:`Kernel` that passed its self-test.
+
+    Raises HpcattnError when a named backend is not available or fails its self-test.
+    """
+    device = torch.device(device)
+    key = (backend, device.type, dtype, head_dim)
+    if key in _CACHE:
+        return _CACHE[key]
+    if backend == "torch_ref":
+        kern = Kernel("torch_ref", True, {"torch_ref": "reference"})
+        _CACHE[key] = kern
+        return kern
+    if backend == "auto":
+        candidates = CPU_ORDER if device.type == "cpu" else GPU_ORDER + ("torch_ref",)
+    else:
+        candidates = (backend,)
+    report = {}
+    for name in candidates:
+        if name == "torch_ref":
+            kern = Kernel("torch_ref", True, report | {"torch_ref": "reference"})
+            break
+        if name == "fa2":
+            try:
+                import flash_attn  # noqa: F401
+            except ImportError:
+                report[name] = "flash-attn not installed"
+                continue
+        if (device.type == "cpu") != (name == "cpu_flash"):
+            report[name] = f"not a {device.type} kernel"
+            continue
+        ok, native, reason = _selftest(name, device, dtype, head_dim)
+        report[name] = reason
+        if ok:
+            kern = Kernel(name, native, report)
+            break
+        log.info("kernel %s disabled for %s/%s/d=%d: %s", name, device.type, dtype, head_dim, reason)
+    else:
+        raise HpcattnError(f"kernel.backend={backend}: no usable kernel on {device.type} for "
+                           f"{str(dtype).replace('torch.', '')}, head_dim={head_dim}: "
+                           + "; ".join(f"{k}: {v}" for k, v in report.items()))
+    _CACHE[key] = kern
+    return kern
+
+
+def attn_with_lse(q, k, v, *, scale: float, causal: str = "none", backend: str = "auto",
+                  k_lengths: list[int] | None = None):
+    """Attention state of q over (k, v) with the named backend; see the package docstring."""
+    return select_kernel(backend, q.device, q.dtype, q.shape[-1])(
+        q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)

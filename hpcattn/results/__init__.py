@@ -1,0 +1,1 @@
+"""HDF5 records of runs (:mod:`hdf5`), and their offline views: tables (:mod:`report`), plots (:mod:`plot`)."""

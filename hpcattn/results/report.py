@@ -1,0 +1,80 @@
+"""Fixed-width (or CSV) tables of the cases in one or more HDF5 records.
+
+One row per case: method, variant, shape, world size, median/p10/p90 step time (max over ranks),
+communication share of the slowest rank, speedup against the ``local`` baseline of the same sweep
+point in the same file, achieved throughput (decode: KV bytes read per second over all ranks;
+prefill: attention FLOP/s, causal counted as half), the check's max error and verdict.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from hpcattn.results.hdf5 import read_cases
+
+COLUMNS = [  # (header, width, key or function)
+    ("file", 14), ("case", 30), ("method", 6), ("variant", 18), ("B", 3), ("N", 8), ("p", 3),
+    ("dtype", 8), ("median_ms", 10), ("p10_ms", 9), ("p90_ms", 9), ("comm%", 6), ("speedup", 8),
+    ("rate", 12), ("err_out", 9), ("check", 5),
+]
+
+
+def _rate(row: dict) -> str:
+    t = row.get("time_median_s") or 0
+    if t <= 0:
+        return ""
+    e = {"float64": 8, "float32": 4}.get(row["dtype"], 2)
+    B, N, Hq, Hkv, d = row["batch"], row["context"], row["heads_q"], row["heads_kv"], row["head_dim"]
+    if row["job"] == "decode":
+        lengths = row.get("lengths") or [N] * B
+        return f"{2 * sum(lengths) * Hkv * d * e / t / 1e12:.3f} TB/s"
+    flops = 4 * B * N * N * Hq * d * (0.5 if row.get("causal") else 1.0)
+    return f"{flops / t / 1e12:.1f} TF/s"
+
+
+def rows_from_files(paths: list[str]) -> list[dict]:
+    """Case rows of every file, with the speedup against the same file's local baseline."""
+    out = []
+    for path in paths:
+        meta, rows = read_cases(path)
+        base = {r["group"]: r["time_median_s"] for r in rows if r["method"] == "local"}
+        for r in rows:
+            b = base.get(r["group"])
+            r["speedup"] = (b / r["time_median_s"]) if b and r.get("time_median_s") else None
+            r["status"] = meta.get("status")
+            r["transport"] = meta.get("transport")
+            out.append(r)
+    return out
+
+
+def _cells(r: dict) -> list[str]:
+    ms = lambda k: f"{r[k] * 1e3:.3f}" if r.get(k) is not None else ""  # noqa: E731
+    name = r["file"].rsplit("/", 1)[-1]
+    check = "" if "check_passed" not in r else ("ok" if r["check_passed"] else "FAIL")
+    return [name, r["id"], r["method"], r.get("variant") or "-", str(r["batch"]), str(r["context"]),
+            str(r["world_size"]), r["dtype"], ms("time_median_s"), ms("time_p10_s"), ms("time_p90_s"),
+            f"{100 * r.get('comm_fraction', 0):.1f}", f"{r['speedup']:.2f}x" if r.get("speedup") else "",
+            _rate(r), f"{r['err_out']:.2e}" if r.get("err_out") is not None else "", check]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["  ".join(h.rjust(w) if i > 3 else h.ljust(w) for i, (h, w) in enumerate(COLUMNS))]
+    for r in rows:
+        cells = _cells(r)
+        lines.append("  ".join((c.rjust(w) if i > 3 else c.ljust(w))
+                               for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS))))
+    return "\n".join(lines)
+
+
+def format_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    keys = ["file", "id", "method", "variant", "job", "batch", "heads_q", "heads_kv", "head_dim", "context",
+            "dtype", "causal", "world_size", "kernel", "transport", "time_median_s", "time_p10_s",
+            "time_p90_s", "comm_fraction", "speedup", "bytes_per_step", "peak_mem_bytes", "err_out",
+            "err_lse", "base_err_out", "base_err_lse", "check_passed"]
+    w.writerow(keys)
+    for r in rows:
+        w.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
+    return buf.getvalue()
