@@ -146,10 +146,20 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
                 rows.append(row)
                 progress(case, row)
             del fn, result
+            _fault_injection(ctx.rank)
         del job, ref
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _fault_injection(rank: int, _done=[0]) -> None:  # noqa: B006 (a call counter)
+    """Test hook: ``HPCATTN_TEST_FAIL_RANK=r`` makes rank r fail after its second case (by then
+    rank 0 has flushed the first), so tests can check that one failing rank aborts the whole job
+    and leaves a readable NAME.tmp."""
+    _done[0] += 1
+    if os.environ.get("HPCATTN_TEST_FAIL_RANK", "") == str(rank) and _done[0] >= 2:
+        raise RuntimeError("injected failure (HPCATTN_TEST_FAIL_RANK)")
 
 
 def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer) -> dict:

@@ -20,7 +20,7 @@ import torch
 
 from hpcattn.comm import CommContext
 from hpcattn.kernels import Kernel
-from hpcattn.kernels.merge import empty_state, merge_pair
+from hpcattn.kernels.merge import merge_pair
 from hpcattn.methods.sharding import contiguous_bounds
 from hpcattn.timing import NullTimer
 
@@ -95,7 +95,7 @@ def ring_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCon
             with tm("comm"):
                 req.wait()
             cur, nxt = nxt, cur
-    return acc_o.to(q.dtype), acc_l.float()
+    return acc_o.to(q.dtype), acc_l
 
 
 def ring_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommContext, *, kernel: Kernel,
@@ -118,7 +118,9 @@ def ring_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
     cur = torch.zeros(2, B, tmax, Hkv, d, dtype=k.dtype, device=k.device)
     cur[0, :, : k.shape[1]], cur[1, :, : v.shape[1]] = k, v
     nxt = torch.empty_like(cur) if p > 1 else None
-    acc_o, acc_l = empty_state(B, Sq, Hq, d, dtype=torch.float32, device=q.device)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_o = torch.zeros(B, Sq, Hq, d, dtype=acc, device=q.device)
+    acc_l = torch.full((B, Hq, Sq), float("-inf"), dtype=acc, device=q.device)
     for step in range(p):
         req = None
         if step + 1 < p:
@@ -133,4 +135,4 @@ def ring_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
             with tm("comm"):
                 req.wait()
             cur, nxt = nxt, cur
-    return acc_o.to(q.dtype), acc_l.float()
+    return acc_o.to(q.dtype), acc_l

@@ -22,7 +22,7 @@ import torch
 from hpcattn.comm import CommContext
 from hpcattn.comm.base import Comm
 from hpcattn.kernels import Kernel
-from hpcattn.kernels.merge import merge_states, normalize_sum, pack_states, unpack_states
+from hpcattn.kernels.merge import acc_dtype, merge_states, normalize_sum, pack_states, unpack_states
 from hpcattn.timing import NullTimer
 
 
@@ -34,8 +34,9 @@ def merge_over(comm: Comm, out: torch.Tensor, lse: torch.Tensor, *, reduction: s
     on ``root`` when ``root`` is given and ``reduction == "allreduce"`` (a Reduce replaces the SUM).
     """
     B, Sq, H, d = out.shape
+    acc = acc_dtype(out, lse)
     if comm.size == 1:
-        return out.float(), lse.float()
+        return out.to(acc), lse.to(acc)
     if reduction == "allgather":
         with tm("merge"):
             buf = pack_states(out, lse)                              # (B*H*Sq, d+1) fp32
@@ -47,10 +48,10 @@ def merge_over(comm: Comm, out: torch.Tensor, lse: torch.Tensor, *, reduction: s
     if reduction != "allreduce":
         raise ValueError(f"reduction must be allreduce or allgather, got {reduction!r}")
     with tm("comm"):
-        m = comm.allreduce(lse.float().contiguous().clone(), "max")  # collective 1: B*H*Sq fp32
+        m = comm.allreduce(lse.to(acc).contiguous().clone(), "max")  # collective 1: B*H*Sq fp32
     with tm("merge"):
         m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-        w = torch.exp(lse.float() - m_safe)                          # 0 for empty shards
+        w = torch.exp(lse.to(acc) - m_safe)                          # 0 for empty shards
         buf = pack_states(out, lse, weight=w)                        # [w*out | w]
     with tm("comm"):
         if root is None:
@@ -72,7 +73,8 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
         k_lengths: per-sequence valid tokens of this shard (ragged batch), each <= t_r.
         reduction: ``allreduce`` | ``allgather``; topology: ``flat`` | ``hierarchical``.
     Returns:
-        out (B, Sq, Hq, d) in q.dtype and lse (B, Hq, Sq) fp32, identical on every rank.
+        out (B, Sq, Hq, d) in q.dtype and lse (B, Hq, Sq) fp32 (fp64 for fp64 inputs), identical
+        on every rank.
     """
     with tm("compute"):
         o, lse = kernel(q, k, v, scale=scale, causal="none", k_lengths=k_lengths)
@@ -92,4 +94,4 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
                 out, lse = unpack_states(buf, B, Sq, H, d)
     else:
         raise ValueError(f"topology must be flat or hierarchical, got {topology!r}")
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse.to(acc_dtype(q, lse))

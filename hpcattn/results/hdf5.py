@@ -109,7 +109,7 @@ def read_cases(path: str) -> tuple[dict, list[dict]]:
     from hpcattn.errors import InputError
 
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)   # readers never lock (crashed writers, Lustre)
     except (OSError, FileNotFoundError) as e:
         raise InputError(f"{path}: cannot open as HDF5 ({e})") from None
     with f:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the GPU device machine (2 GPUs): GPU tests, transport check, first benchmarks.
+#   bash jobs/device_validate.sh [tests|decode|prefill|all]   (logs and HDF5 files to $OUT or runs/)
+set -uo pipefail
+OUT=${OUT:-runs}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 OMP_NUM_THREADS=4
+PY=$(command -v python3)
+MPIRUN="mpirun --allow-run-as-root -n 2 -x PYTHONPATH -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONUNBUFFERED -x OMP_NUM_THREADS"
+what=${1:-all}
+if [[ $what == tests || $what == all ]]; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4
+  $PY -c "import torch, mpi4py.MPI as M; print(torch.__version__, torch.cuda.device_count(), M.Get_library_version().splitlines()[0])"
+  $PY -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -25
+  for b in nccl mpi; do $MPIRUN $PY -m hpcattn check-comm --backend $b --repeats 30; done
+fi
+for b in nccl mpi; do
+  if [[ $what == decode || $what == all ]]; then
+    $MPIRUN $PY -m hpcattn run configs/bench/decode_2gpu.yaml --set comm.backend=$b -o "$OUT/decode-$b.h5" 2>&1 | grep -v '^\[' 
+  fi
+  if [[ $what == prefill || $what == all ]]; then
+    $MPIRUN $PY -m hpcattn run configs/bench/prefill_2gpu.yaml --set comm.backend=$b -o "$OUT/prefill-$b.h5" 2>&1 | grep -v '^\['
+  fi
+done

@@ -1,0 +1,137 @@
+"""The CLI as a user runs it: real runs on MPI ranks, HDF5 records, report/plot, dry runs, and
+the error behaviour (one message from rank 0, non-zero exit everywhere, no hang, no file)."""
+
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import pytest
+
+from hpcattn.results.hdf5 import read_cases
+from tests.mpirun import ROOT, run_ranks
+
+pytestmark = pytest.mark.mpi
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+DECODE = """
+job: decode
+methods: [local, tree, ring]
+shape: {batch: 2, heads_q: 8, heads_kv: 2, head_dim: 32, context: [300, 1000], dtype: float32}
+tree: {reduction: [allreduce, allgather]}
+run: {warmup: 1, repeats: 3, save_outputs: true}
+"""
+
+PREFILL = """
+job: prefill
+methods: [local, ring]
+shape: {batch: 1, heads_q: 4, heads_kv: 2, head_dim: 32, context: 240, dtype: bfloat16}
+ring: {layout: [zigzag, contiguous]}
+run: {warmup: 1, repeats: 2, check_rows: 64}
+"""
+
+
+def test_decode_run_record_report_plot(tmp_path):
+    cfg = write(tmp_path, "d.yaml", DECODE)
+    out = tmp_path / "tree.h5"
+    r = run_ranks(3, ["-m", "hpcattn", "run", cfg, "-o", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert out.exists() and not (tmp_path / "tree.h5.tmp").exists()
+    meta, rows = read_cases(str(out))
+    assert meta["status"] == "complete" and meta["world_size"] == 3 and meta["transport"] == "mpi_host"
+    # 2 contexts x (local, ring, tree-allreduce, tree-allgather): local/ring not duplicated by the sweep
+    assert len(rows) == 8
+    assert {r["method"] for r in rows} == {"local", "tree", "ring"}
+    assert all(r["check_passed"] for r in rows), [(r["id"], r["err_out"]) for r in rows]
+    with h5py.File(out) as f:
+        case = f["cases"][rows[1]["id"]]
+        assert case["time_s"].shape == (3, 3) and case["phase_s"].shape == (3, 3, 3)
+        assert case["out"].shape == (2, 1, 8, 32) and case["lse"].shape == (2, 8, 1)
+        assert "shape" in f["meta/config_yaml"][()].decode()
+        assert list(f["meta/hosts/rank"][()]) == [0, 1, 2]
+    assert r.stdout.count("c0000-local") >= 1 and "wrote" in r.stdout
+    assert "speedup" in r.stdout
+    rep = subprocess.run([sys.executable, "-m", "hpcattn", "report", str(out), "--csv"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert rep.returncode == 0 and rep.stdout.count("\n") == 9, rep.stdout + rep.stderr
+    png = tmp_path / "p.png"
+    pl = subprocess.run([sys.executable, "-m", "hpcattn", "plot", str(out), "-o", str(png)], capture_output=True,
+                        text=True, cwd=ROOT)
+    assert pl.returncode == 0 and png.stat().st_size > 1000, pl.stderr
+
+
+def test_prefill_run_with_gloo_and_file_inputs(tmp_path):
+    import torch
+
+    from hpcattn.jobs.inputs import write_input_file
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 96, h, 32, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    inp = tmp_path / "acts.h5"
+    write_input_file(str(inp), q, k, v)
+    cfg = write(tmp_path, "p.yaml", PREFILL.replace("context: 240, ", "") + f"inputs: {{source: file, path: {inp}}}\n"
+                "comm: {backend: gloo}\n")
+    out = tmp_path / "ring.h5"
+    r = run_ranks(4, ["-m", "hpcattn", "run", cfg, "-o", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta, rows = read_cases(str(out))
+    assert meta["transport"] == "gloo"
+    assert [r["context"] for r in rows] == [96] * 3 and all(r["check_passed"] for r in rows)
+
+
+def test_bad_config_one_message_nonzero_everywhere(tmp_path):
+    cfg = write(tmp_path, "bad.yaml", "job: decode\nshape: {contxt: 5}\n")
+    out = tmp_path / "x.h5"
+    r = run_ranks(3, ["-m", "hpcattn", "run", cfg, "-o", str(out)], timeout=60)
+    assert r.returncode != 0
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert len(lines) == 1, lines
+    assert "unknown key 'shape.contxt'" in lines[0] and "context" in lines[0] and "bad.yaml" in lines[0]
+    assert not out.exists() and not (tmp_path / "x.h5.tmp").exists()
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("shape.heads_kv=3", "multiple of"),
+    ("run.device=cuda", "no CUDA GPU"),
+    ("comm.backend=nccl", "needs GPUs"),
+    ("methods=[tree,rign]", "did you mean ring"),
+])
+def test_invalid_combinations(tmp_path, override, expect):
+    cfg = write(tmp_path, "d.yaml", DECODE)
+    r = run_ranks(2, ["-m", "hpcattn", "run", cfg, "--set", override, "-o", str(tmp_path / "x.h5")], timeout=60)
+    assert r.returncode == 2
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and expect in err[0], r.stderr
+
+
+def test_zigzag_divisibility_error(tmp_path):
+    cfg = write(tmp_path, "p.yaml", PREFILL)
+    r = run_ranks(4, ["-m", "hpcattn", "run", cfg, "--set", "context=100"], timeout=60)
+    assert r.returncode == 2 and "divisible by 2 x ranks = 8" in r.stderr
+
+
+def test_failure_on_one_rank_aborts_all_and_keeps_finished_cases(tmp_path):
+    cfg = write(tmp_path, "d.yaml", DECODE)
+    out = tmp_path / "crash.h5"
+    r = run_ranks(3, ["-m", "hpcattn", "run", cfg, "-o", str(out)], timeout=90,
+                  env={"HPCATTN_TEST_FAIL_RANK": "1"})
+    assert r.returncode != 0
+    assert "injected failure" in r.stderr and "aborting all ranks" in r.stderr
+    assert not out.exists()
+    meta, rows = read_cases(str(tmp_path / "crash.h5.tmp"))
+    assert meta["status"] == "running" and len(rows) >= 1
+
+
+def test_dry_run_plans_without_mpi_launch(tmp_path):
+    cfg = write(tmp_path, "d.yaml", DECODE)
+    r = subprocess.run([sys.executable, "-m", "hpcattn", "run", cfg, "--dry-run", "--ranks", "8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "8 cases" in r.stdout and "mem/rank" in r.stdout and "tree-allreduce-flat" in r.stdout
+    assert "# resolved config" in r.stdout
