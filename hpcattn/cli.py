@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.cmd == "check-comm":
             from hpcattn.jobs.check_comm import check_comm
-            return check_comm(args)
+            return _abort_on_error(lambda: check_comm(args))
         if args.cmd == "report":
             from hpcattn.results.report import format_csv, format_table, rows_from_files
             rows = rows_from_files(args.files)
@@ -188,8 +188,22 @@ def cmd_run(args) -> int:
         if rank == 0:
             _print_plan(cfg, p)
         return 0
+    return _abort_on_error(lambda: _run(cfg, world, args))
+
+
+def _abort_on_error(fn) -> int:
+    """Run an MPI command; any exception on any rank aborts every rank (never a hang).
+
+    An error that every rank raised together (:class:`_Collective`) is printed once by rank 0 and
+    every rank returns 2. Any other :class:`HpcattnError` prints one line from the failing rank,
+    any other exception its traceback; then ``MPI_Abort`` ends the whole job.
+    """
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
     try:
-        return _run(cfg, world, args)
+        return fn()
     except _Collective as e:
         if rank == 0:
             print(f"hpcattn: error: {e}", file=sys.stderr)

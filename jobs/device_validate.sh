@@ -11,14 +11,16 @@ what=${1:-all}
 if [[ $what == tests || $what == all ]]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4
   $PY -c "import torch, mpi4py.MPI as M; print(torch.__version__, torch.cuda.device_count(), M.Get_library_version().splitlines()[0])"
-  $PY -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -25
-  for b in nccl mpi; do $MPIRUN $PY -m hpcattn check-comm --backend $b --repeats 30; done
+  timeout 300 $PY -m pytest -q -ra -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -25
+  for b in nccl mpi; do timeout 120 $MPIRUN $PY -m hpcattn check-comm --backend $b --repeats 30; done
 fi
 for b in nccl mpi; do
   if [[ $what == decode || $what == all ]]; then
-    $MPIRUN $PY -m hpcattn run configs/bench/decode_2gpu.yaml --set comm.backend=$b -o "$OUT/decode-$b.h5" 2>&1 | grep -v '^\[' 
+    timeout 300 $MPIRUN $PY -m hpcattn run configs/bench/decode_2gpu.yaml --set comm.backend=$b --set run.repeats=10 \
+      -o "$OUT/decode-$b.h5" 2>&1 | grep -av '^\[rank'
   fi
   if [[ $what == prefill || $what == all ]]; then
-    $MPIRUN $PY -m hpcattn run configs/bench/prefill_2gpu.yaml --set comm.backend=$b -o "$OUT/prefill-$b.h5" 2>&1 | grep -v '^\['
+    timeout 300 $MPIRUN $PY -m hpcattn run configs/bench/prefill_2gpu.yaml --set comm.backend=$b \
+      -o "$OUT/prefill-$b.h5" 2>&1 | grep -av '^\[rank'
   fi
 done

@@ -346,3 +346,11 @@ def test_tolerance_rule_rejects_a_wrong_kernel(dtype):
         with pytest.raises(AssertionError):
             check_against_reference(bad, q, k, v, causal="bottom_right")
     check_against_reference(good, q, k, v, causal="bottom_right")
+
+
+def test_zero_keys_float64_lse_dtype():
+    kern = kernel_for("torch_ref", torch.float64, 32)
+    q, k, v = make_qkv(1, 2, 0, 2, 2, 32, torch.float64)
+    _, lse = kern(q, k, v, scale=0.1)
+    assert attn_reference(q, k, v, scale=0.1)[1].dtype == torch.float64
+    assert lse.dtype == torch.float64

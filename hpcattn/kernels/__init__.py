@@ -48,7 +48,8 @@ class Kernel:
         B, Sq, Hq, d = q.shape
         Sk = k.shape[1]
         if Sk == 0 or Sq == 0:
-            return empty_state(B, Sq, Hq, d, dtype=q.dtype, device=q.device)
+            out, lse = empty_state(B, Sq, Hq, d, dtype=q.dtype, device=q.device)
+            return out, lse.to(torch.float64) if q.dtype == torch.float64 else lse
         if k_lengths is not None and any(n != Sk for n in k_lengths):
             return self._ragged(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
         return self._dense(q, k, v, scale=scale, causal=causal)

@@ -39,7 +39,9 @@ def _attr(v):
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, str):
-        return str(v)          # plain str: h5py cannot store str subclasses (torch.__version__)
+        # plain str (h5py cannot store str subclasses such as torch.__version__), without the NUL
+        # bytes some MPI libraries put in their version strings (HDF5 strings cannot hold them)
+        return str(v).replace("\x00", "")
     return v
 
 
