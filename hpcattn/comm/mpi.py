@@ -68,7 +68,22 @@ class MPIComm(Comm):
 
     @staticmethod
     def _bytes(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1).view(torch.uint8)
+        """Raw data view for MPI data movement: 8-byte elements when possible, so that counts stay
+        below 2**31 for messages up to 16 GiB (MPI libraries without large-count support)."""
+        flat = t.reshape(-1).view(torch.uint8)
+        return flat.view(torch.int64) if flat.numel() % 8 == 0 else flat
+
+    CHUNK = 1 << 30           # point-to-point messages are split into <= 1 GiB pieces
+
+    def _p2p(self, send: torch.Tensor, dest: int, recv: torch.Tensor, source: int) -> list:
+        """Post Irecv/Isend pairs in <= CHUNK pieces; returns the requests."""
+        sb, rb = self._bytes(self._mpi_buf(send)), self._bytes(self._mpi_buf(recv))
+        step = self.CHUNK // sb.element_size()
+        reqs = []
+        for i, a in enumerate(range(0, max(sb.numel(), 1), step)):
+            reqs.append(self.mpi.Irecv(rb[a:a + step], source=source, tag=100 + i))
+            reqs.append(self.mpi.Isend(sb[a:a + step], dest=dest, tag=100 + i))
+        return reqs
 
     def _host(self, slot: str, like: torch.Tensor) -> _HostBuffer:
         nbytes = like.numel() * like.element_size()
@@ -164,16 +179,14 @@ class MPIComm(Comm):
             self._flip = 1 - getattr(self, "_flip", 0)
             hs = self._to_host(send, "send")
             hr = self._host(slot, recv).view(recv)
-            reqs = [self.mpi.Irecv(self._bytes(self._mpi_buf(hr)), source=source, tag=7),
-                    self.mpi.Isend(self._bytes(self._mpi_buf(hs)), dest=dest, tag=7)]
+            reqs = self._p2p(hs, dest, hr, source)
 
             def wait():
                 MPI.Request.Waitall(reqs)
                 self._from_host(hr, recv, slot)
             return Request(wait)
         self._sync(send)
-        reqs = [self.mpi.Irecv(self._bytes(self._mpi_buf(recv)), source=source, tag=7),
-                self.mpi.Isend(self._bytes(self._mpi_buf(send)), dest=dest, tag=7)]
+        reqs = self._p2p(send, dest, recv, source)
         return Request(lambda: MPI.Request.Waitall(reqs))
 
 

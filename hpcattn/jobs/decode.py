@@ -46,7 +46,8 @@ class DecodeJob:
             a, b = bounds[0]
             return src.range("k", a, b), src.range("v", a, b)
         width = max(b - a for a, b in bounds)
-        k = torch.zeros(s.batch, width, s.heads_kv, s.head_dim, dtype=DTYPES[s.dtype], device=self.ctx.device)
+        k = torch.zeros(s.batch, s.heads_kv, width, s.head_dim, dtype=DTYPES[s.dtype],
+                        device=self.ctx.device).transpose(1, 2)          # head-major storage
         v = torch.zeros_like(k)
         for i, (a, b) in enumerate(bounds):
             k[i, : b - a] = src.range("k", a, b)[i]

@@ -40,7 +40,9 @@ def synth_tokens(name: str, seed: int, batch: int, heads: int, dim: int, index: 
                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Rows ``index`` (global token indices) of synthetic tensor ``name``: (B, len(index), H, d)."""
     index = index.to(torch.long).cpu()
-    out = torch.empty(batch, len(index), heads, dim, dtype=dtype, device=device)
+    # stored head-major: a (B, S, H, d) view of a contiguous (B, H, S, d) buffer, which the aten
+    # kernels read without a per-call copy (hpcattn.kernels.head_major)
+    out = torch.empty(batch, heads, len(index), dim, dtype=dtype, device=device).transpose(1, 2)
     if len(index) == 0:
         return out
     chunks = torch.unique(index // CHUNK).tolist()
@@ -126,6 +128,11 @@ def read_tokens(path: str, name: str, index: torch.Tensor, *, dtype: torch.dtype
         return _read(ds, np.s_[:, idx], dtype, device)
 
 
+def _head_major(t: torch.Tensor) -> torch.Tensor:
+    from hpcattn.kernels import head_major
+    return head_major(t)
+
+
 class InputSource:
     """Where a job's q/k/v come from: ``tokens(name, index)`` -> (B, len(index), H, d)."""
 
@@ -139,7 +146,7 @@ class InputSource:
     def tokens(self, name: str, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dtype
         if self.cfg.inputs.source == "file":
-            return read_tokens(self.cfg.inputs.path, name, index, dtype=dtype, device=self.device)
+            return _head_major(read_tokens(self.cfg.inputs.path, name, index, dtype=dtype, device=self.device))
         s = self.cfg.shape
         return synth_tokens(name, self.cfg.inputs.seed, s.batch, self.heads[name], s.head_dim, index,
                             dtype=dtype, device=self.device)

@@ -115,6 +115,18 @@ def _selftest(name: str, device: torch.device, dtype: torch.dtype, head_dim: int
     return True, native, "ok"
 
 
+def head_major(t: torch.Tensor) -> torch.Tensor:
+    """The same (B, S, H, d) tensor stored head-major: a (B, S, H, d) view of a contiguous
+    (B, H, S, d) buffer, so the aten kernels read it without a copy. Use it for KV caches,
+    ring buffers and prefill shards (one copy at set-up instead of one per kernel call)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def empty_head_major(B: int, S: int, H: int, d: int, *, dtype, device, lead: tuple = ()) -> torch.Tensor:
+    """Uninitialised (*lead, B, S, H, d) view of a contiguous (*lead, B, H, S, d) buffer."""
+    return torch.empty(*lead, B, H, S, d, dtype=dtype, device=device).transpose(-3, -2)
+
+
 _CACHE: dict = {}
 
 

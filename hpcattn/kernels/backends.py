@@ -1,5 +1,9 @@
 """Adapters from each attention kernel to hpcattn's ``(out, lse)`` convention.
 
+Performance note: the aten ops take (B, H, S, d). hpcattn tensors are (B, S, H, d) *views*; when
+they are physically head-major (see :func:`hpcattn.kernels.head_major`) the transposes below are
+free, otherwise the op copies its input (for a decode step that copy costs more than the kernel).
+
 Every backend function here has the signature of :func:`hpcattn.kernels.attn_with_lse` minus the
 backend name, and returns::
 
@@ -64,12 +68,11 @@ def _call_raw(raw: RawKernel, q, k, v, is_causal: bool, scale: float, native_gqa
     Hkv = k.shape[2]
     g = Hq // Hkv
     if g > 1 and not is_causal:
-        # Fold the g query heads of each KV head into the row dimension: exact without a mask.
-        qf = q.view(B, Sq, Hkv, g, d).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Sq * g, d)
+        # Fold the g query heads of each KV head into the row dimension, rows ordered (g, s):
+        # exact without a mask, each KV head read once, and free (no copy) for head-major q.
+        qf = q.transpose(1, 2).reshape(B, Hkv, g * Sq, d)
         o, lse = raw(qf, k.transpose(1, 2), v.transpose(1, 2), False, scale)
-        out = o.view(B, Hkv, Sq, g, d).permute(0, 2, 1, 3, 4).reshape(B, Sq, Hq, d)
-        lse = lse.reshape(B, Hkv, Sq, g).permute(0, 1, 3, 2).reshape(B, Hq, Sq)
-        return out, lse
+        return o.view(B, Hq, Sq, d).transpose(1, 2), lse.reshape(B, Hq, Sq)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
     if g > 1 and not native_gqa:
         kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)

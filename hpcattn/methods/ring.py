@@ -25,6 +25,24 @@ from hpcattn.methods.sharding import contiguous_bounds
 from hpcattn.timing import NullTimer
 
 
+def _kv_buffer(k: torch.Tensor, tmax: int) -> torch.Tensor:
+    """Contiguous head-major [K | V] buffer (2, B, Hkv, tmax, d): the wire format, and what the
+    kernel reads without a copy through :func:`_kv_views`."""
+    B, _, Hkv, d = k.shape
+    return torch.empty(2, B, Hkv, tmax, d, dtype=k.dtype, device=k.device)
+
+
+def _kv_views(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n tokens of a [K | V] buffer as (B, n, Hkv, d) views."""
+    return buf[0, :, :, :n].transpose(1, 2), buf[1, :, :, :n].transpose(1, 2)
+
+
+def _fill(buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    n = k.shape[1]
+    buf[0, :, :, :n] = k.transpose(1, 2)
+    buf[1, :, :, :n] = v.transpose(1, 2)
+
+
 def _fold(acc_o, acc_l, o, l, rows: slice | None = None):
     """Merge block state (o, l) into the accumulator, in place, for query rows ``rows``."""
     if rows is None:
@@ -56,9 +74,9 @@ def ring_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCon
         n = comm.mpi.allreduce(t)
         sizes = [b - a for a, b in (contiguous_bounds(n, p, i) for i in range(p))]
     tmax = max(sizes)
-    cur = torch.empty(2, B, tmax, Hkv, d, dtype=k.dtype, device=k.device)
-    cur[0, :, :t], cur[1, :, :t] = k, v
-    nxt = torch.empty_like(cur) if p > 1 else None
+    cur = _kv_buffer(k, tmax)
+    _fill(cur, k, v)
+    nxt = _kv_buffer(k, tmax) if p > 1 else None
     half = t // 2
     for step in range(p):
         req = None
@@ -67,7 +85,7 @@ def ring_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCon
                 req = comm.sendrecv_start(cur, (r + 1) % p, nxt, (r - 1) % p)
         src = (r - step) % p
         ts = sizes[src]
-        kb, vb = cur[0, :, :ts], cur[1, :, :ts]
+        kb, vb = _kv_views(cur, ts)
         with tm("compute"):
             if not causal:
                 o, l = kernel(q, kb, vb, scale=scale, causal="none")
@@ -115,9 +133,9 @@ def ring_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
     B, Sq, Hq, d = q.shape
     Hkv = k.shape[2]
     tmax = max(max(ls) if ls else 0 for ls in shard_lengths)
-    cur = torch.zeros(2, B, tmax, Hkv, d, dtype=k.dtype, device=k.device)
-    cur[0, :, : k.shape[1]], cur[1, :, : v.shape[1]] = k, v
-    nxt = torch.empty_like(cur) if p > 1 else None
+    cur = _kv_buffer(k, tmax).zero_()
+    _fill(cur, k, v)
+    nxt = _kv_buffer(k, tmax) if p > 1 else None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc_o = torch.zeros(B, Sq, Hq, d, dtype=acc, device=q.device)
     acc_l = torch.full((B, Hq, Sq), float("-inf"), dtype=acc, device=q.device)
@@ -129,7 +147,8 @@ def ring_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
         lens = shard_lengths[(r - step) % p]
         width = max(lens) if lens else 0
         with tm("compute"):
-            o, l = kernel(q, cur[0, :, :width], cur[1, :, :width], scale=scale, causal="none", k_lengths=lens)
+            kb, vb = _kv_views(cur, width)
+            o, l = kernel(q, kb, vb, scale=scale, causal="none", k_lengths=lens)
             acc_o, acc_l = merge_pair(acc_o, acc_l, o, l)
         if req is not None:
             with tm("comm"):
