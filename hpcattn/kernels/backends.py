@@ -72,7 +72,7 @@ def _call_raw(raw: RawKernel, q, k, v, is_causal: bool, scale: float, native_gqa
         # exact without a mask, each KV head read once, and free (no copy) for head-major q.
         qf = q.transpose(1, 2).reshape(B, Hkv, g * Sq, d)
         o, lse = raw(qf, k.transpose(1, 2), v.transpose(1, 2), False, scale)
-        return o.view(B, Hq, Sq, d).transpose(1, 2), lse.reshape(B, Hq, Sq)
+        return o.reshape(B, Hq, Sq, d).transpose(1, 2), lse.reshape(B, Hq, Sq)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
     if g > 1 and not native_gqa:
         kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
