@@ -67,6 +67,11 @@ def _call_raw(raw: RawKernel, q, k, v, is_causal: bool, scale: float, native_gqa
     B, Sq, Hq, d = q.shape
     Hkv = k.shape[2]
     g = Hq // Hkv
+    if g > 1 and native_gqa:
+        # measured (H200, cuDNN 9.19, decode 1M tokens): native GQA 0.97 ms, fold 12 ms - the
+        # folded call gets only B*Hkv thread blocks. So native GQA whenever the kernel has it.
+        o, lse = raw(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal, scale)
+        return o.transpose(1, 2), lse
     if g > 1 and not is_causal:
         # Fold the g query heads of each KV head into the row dimension, rows ordered (g, s):
         # exact without a mask, each KV head read once, and free (no copy) for head-major q.
