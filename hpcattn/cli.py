@@ -98,7 +98,7 @@ def _resolve(args, world_size: int):
     if args.output:
         cfg.run.output = args.output
     if not cfg.run.output:
-        cfg.run.output = f"runs/{cfg.job}-{time.strftime('%Y%m%d-%H%M%S')}.h5"
+        cfg.run.output = f"runs/{cfg.job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.h5"
     if cfg.inputs.source == "file" and cfg.inputs.path:
         from pathlib import Path
         if not Path(cfg.inputs.path).is_file():
@@ -247,6 +247,12 @@ def _run(cfg, world, args) -> int:
     log.info(f"hpcattn: {cfg.job}, {ctx.size} ranks on {len(ctx.node_ranks)} node(s), device {ctx.device.type}, "
              f"transport {ctx.transport} (gpu-aware MPI: {ctx.gpu_aware}, by {ctx.gpu_aware_method}), "
              f"kernel {first.name}, {len(cases)} cases")
+    # the stored config carries what "auto" resolved to, so re-running from it reproduces the run
+    cfg.run.device = ctx.device.type
+    cfg.comm.backend = ctx.backend
+    cfg.comm.gpu_aware_mpi = "true" if ctx.gpu_aware else "false"
+    if cfg.kernel.backend == "auto" and len({k.name for k in kernels.values()}) == 1:
+        cfg.kernel.backend = first.name
     hosts = world.gather(host_info(ctx), root=0)
     writer = None
     if rank == 0:

@@ -52,7 +52,10 @@ def plan_cases(cfg: Config, p: int) -> list[Case]:
     cases, seen = [], set()
     groups: dict = {}
     for point, c in expand_points(cfg):
-        shape_key = json.dumps(dataclasses.asdict(c.shape), sort_keys=True) + c.kernel.backend + \
+        shape = dataclasses.asdict(c.shape)
+        if c.job == "decode":
+            shape.pop("causal")              # decode ignores it: a causal sweep adds no case
+        shape_key = json.dumps(shape, sort_keys=True) + c.kernel.backend + \
             json.dumps(dataclasses.asdict(c.inputs), sort_keys=True)
         g = groups.setdefault(shape_key, len(groups))
         for m in c.methods:
