@@ -21,7 +21,7 @@ RANKS ?= 4
 ifeq ($(HPCATTN_PYTHON),)
 PY := $(abspath $(VENV))/bin/python
 SETUP := $(VENV)/.hpcattn-setup
-BIN := $(abspath $(VENV))/bin/
+BIN := $(abspath $(VENV))/bin:
 else
 PY := $(HPCATTN_PYTHON)
 SETUP :=

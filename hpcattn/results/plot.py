@@ -24,9 +24,10 @@ def plot(paths: list[str], out: str) -> str:
     for label, rs in sorted(series.items()):
         rs.sort(key=lambda r: r["context"])
         x = [r["context"] for r in rs]
-        ax_t.plot(x, [r["time_median_s"] * 1e3 for r in rs], marker="o", label=label)
+        (line,) = ax_t.plot(x, [r["time_median_s"] * 1e3 for r in rs], marker="o", label=label)
         if any(r.get("speedup") for r in rs) and rs[0]["method"] != "local":
-            ax_s.plot(x, [r.get("speedup") or float("nan") for r in rs], marker="o", label=label)
+            ax_s.plot(x, [r.get("speedup") or float("nan") for r in rs], marker="o", label=label,
+                      color=line.get_color())
     for ax in (ax_t, ax_s):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")

@@ -28,9 +28,16 @@ def _rate(row: dict) -> str:
     B, N, Hq, Hkv, d = row["batch"], row["context"], row["heads_q"], row["heads_kv"], row["head_dim"]
     if row["job"] == "decode":
         lengths = row.get("lengths") or [N] * B
-        return f"{2 * sum(lengths) * Hkv * d * e / t / 1e12:.3f} TB/s"
+        return _si(2 * sum(lengths) * Hkv * d * e / t, "B/s")
     flops = 4 * B * N * N * Hq * d * (0.5 if row.get("causal") else 1.0)
-    return f"{flops / t / 1e12:.1f} TF/s"
+    return _si(flops / t, "F/s")
+
+
+def _si(x: float, unit: str) -> str:
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if x >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
 
 
 def rows_from_files(paths: list[str]) -> list[dict]:

@@ -1,0 +1,423 @@
+"""LeanAttention-style stream-K decode attention in Triton (spec ``lean_attention.md``, issue 6).
+
+Public entry: :func:`lean_decode`. Layouts are hpcattn's convention (``kernels/__init__.py``)::
+
+    q      (B, Sq, Hq, d)    any strides; Sq = 1 for decode, small Sq (<= 128 / G) for speculative
+                             verification
+    k, v   (B, Sk, Hkv, d)   any strides; fastest when physically head-major (a (B, S, H, d) view of
+                             a contiguous (B, H, S, d) buffer, see ``kernels.head_major``): one KV
+                             tile of one head is then one contiguous block
+    out    (B, Sq, Hq, d)    in q.dtype
+    lse    (B, Hq, Sq)       float32, natural log, softmax scale included; empty state (0, -inf)
+
+Schedule (stream-K). A *work unit* (LeanTile) is one tile of ``BLOCK_N`` keys of one *segment*
+(sequence b, KV head h). The units of all segments are laid end to end in (b, h, tile) order::
+
+    seg_start[s] = sum_{s' < s} ceil(len(s') / BLOCK_N),   s = b * Hkv + h,   T = seg_start[S]
+
+and the T units are cut into P (= ``num_programs``) contiguous ranges whose sizes differ by at most
+one: program c owns units [c*base + min(c, rem), ... + base + (c < rem)) with base = T // P,
+rem = T % P. Sequences of length 0 own no unit; tile counts come from the real lengths, so no
+padding is ever read. Each program walks its range one segment at a time: for every (program c,
+segment s) *piece* it loads the G*Sq packed query rows of (b, h) once (GQA packing: every KV tile is
+read once for all G query heads of its KV head), runs base-2 online softmax over its tiles and
+stores the piece's partial state (normalised o, base-2 lse) in fp32 scratch slot ``c + s``.
+
+Slot ``c + s`` is unique: if c < c' both touch segments s and s', then s <= s' (ranges are
+contiguous and ordered), so c + s = c' + s' is impossible unless (c, s) = (c', s'). Hence S + P
+slots always suffice, whatever the lengths, and the pieces of segment s sit in slots c + s for
+c = prog_of(seg_start[s]) .. prog_of(seg_start[s+1] - 1).
+
+Reduction (``reduction=``):
+
+* ``"two_kernel"`` (default, portable): a second Triton kernel, one program per segment, merges
+  the segment's pieces (README section 2 merge in base 2, empty-state safe), converts lse to natural
+  log and writes (out, lse). Segments of length 0 get (0, -inf) here.
+* ``"fused"``: no second launch. A program whose piece covers a whole segment writes the final
+  state directly; otherwise it stores its partial, then increments a per-segment arrival counter
+  (``atomic_add``, acq_rel); the program that arrives last merges all pieces and resets the
+  counter to 0. Nobody waits for anybody, so there is no co-residency requirement and no deadlock
+  (unlike the host/spin-wait protocols of ORT and AITER). Counters live in a cached zeroed int32
+  buffer per (device, stream); do not launch the same device/stream concurrently from two host
+  threads. Checked in the interpreter (sequential programs); GPU memory ordering is the CUDA
+  "threadfence reduction" pattern (barrier, release/acquire atomic, L1-bypassing partial loads).
+
+The host builds a small int32 plan per (lengths, Hkv, BLOCK_N, P) - segment starts, each program's
+first segment, the lengths - and caches it on the device, so a repeated call launches only the
+kernels (CUDA-graph capturable once the plan is cached). The only torch code here is argument
+checking and allocation; all attention math is in the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+MAX_ROWS = 128          # G * Sq packed query rows per program (decode / speculative verification)
+MAX_HEAD_DIM = 256
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _prog_of(t, base, rem):
+    """Index of the program that owns unit t (t < T), for the balanced split of T over P."""
+    big = rem * (base + 1)
+    return tl.where(t < big, t // (base + 1), rem + (t - big) // tl.maximum(base, 1))
+
+
+@triton.jit
+def _merge_pieces(PO, PL, slot0, npieces, rows, dd, row_ok, d_ok, R, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the partial states in slots slot0 .. slot0+npieces-1 (base-2 lse): returns the
+    normalised out (BLOCK_M, BLOCK_D) fp32 and base-2 lse (BLOCK_M,), (0, -inf) if empty."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for i in range(0, npieces):
+        slot = (slot0 + i).to(tl.int64)
+        lse_i = tl.load(PL + slot * R + rows, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        o_i = tl.load(PO + slot * R * D + rows[:, None] * D + dd[None, :],
+                      mask=row_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_i)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_use)
+        w = tl.math.exp2(lse_i - m_use)
+        den = den * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_i
+        m = m_new
+    ok = den > 0
+    safe = tl.where(ok, den, 1.0)
+    out = acc / safe[:, None]
+    lse2 = tl.where(ok, m + tl.log2(safe), float("-inf"))
+    return out, lse2
+
+
+@triton.jit
+def _store_final(OUT, LSE, o, lse2, b, h, gi, sq, dd, row_ok, d_ok,
+                 sob, sos, soh, sod, slb, slh, sls, G: tl.constexpr):
+    """Write a segment's final state: out[b, sq, h*G+gi, :] (q dtype), lse[b, h*G+gi, sq] (natural)."""
+    b64 = b.to(tl.int64)
+    head = h * G + gi
+    optr = OUT + b64 * sob + sq[:, None] * sos + head[:, None] * soh + dd[None, :] * sod
+    tl.store(optr, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b64 * slb + head * slh + sq * sls, lse2 * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, SEG, FIRST, LENS, CNT,
+              sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd,
+              sob, sos, soh, sod, slb, slh, sls,
+              qk_scale, P, S, Hkv,
+              G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              CAUSAL: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Stream-K main pass: program c walks units [start, end) and stores one state per piece."""
+    c = tl.program_id(0)
+    R = G * SQ
+    T = tl.load(SEG + S)
+    base = T // P
+    rem = T % P
+    start = c * base + tl.minimum(c, rem)
+    end = start + base + (c < rem).to(tl.int32)
+
+    rows = tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = rows < R
+    d_ok = dd < D
+    gi = rows // SQ                       # packed row r = gi * Sq + sq
+    sq = rows % SQ
+
+    if FUSED:
+        # segments of length 0 own no unit: their empty state is written by program s % P
+        for s0 in range(c, S, P):
+            if tl.load(SEG + s0 + 1) == tl.load(SEG + s0):
+                _store_final(OUT, LSE, tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                             tl.full([BLOCK_M], float("-inf"), tl.float32), s0 // Hkv, s0 % Hkv,
+                             gi, sq, dd, row_ok, d_ok, sob, sos, soh, sod, slb, slh, sls, G)
+
+    g = start
+    s = tl.load(FIRST + c)
+    while g < end:
+        while tl.load(SEG + s + 1) <= g:  # skip segments of length 0
+            s += 1
+        seg_lo = tl.load(SEG + s)
+        seg_hi = tl.load(SEG + s + 1)
+        stop = tl.minimum(end, seg_hi)
+        b = s // Hkv
+        h = s - b * Hkv
+        L = tl.load(LENS + b)
+        n_lo = (g - seg_lo) * BLOCK_N
+        n_hi = tl.minimum((stop - seg_lo) * BLOCK_N, L)
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+
+        head = h * G + gi
+        q = tl.load(Q + b64 * sqb + sq[:, None] * sqs + head[:, None] * sqh + dd[None, :] * sqd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b64 * skb + h64 * skh
+        v_base = V + b64 * svb + h64 * svh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        lim = L - SQ + sq                 # bottom-right causal: key n visible to row iff n <= lim
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            n = n0 + offs_n
+            n_ok = n < n_hi
+            n64 = n0.to(tl.int64)
+            kt = tl.load(k_base + n64 * sks + offs_n[None, :] * sks + dd[:, None] * skd,
+                         mask=d_ok[:, None] & n_ok[None, :], other=0.0)          # (BLOCK_D, BLOCK_N)
+            qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale               # base-2 scores
+            valid = n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (n[None, :] <= lim[:, None])
+            qk = tl.where(valid, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(qk - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + n64 * svs + offs_n[:, None] * svs + dd[None, :] * svd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)          # (BLOCK_N, BLOCK_D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            m_i = m_new
+
+        ok = l_i > 0
+        l_safe = tl.where(ok, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        lse2 = tl.where(ok, m_i + tl.log2(l_safe), float("-inf"))
+        slot = (c + s).to(tl.int64)
+        if FUSED:
+            if (seg_lo >= start) & (seg_hi <= end):   # the whole segment is ours: final state
+                _store_final(OUT, LSE, o, lse2, b, h, gi, sq, dd, row_ok, d_ok,
+                             sob, sos, soh, sod, slb, slh, sls, G)
+            else:
+                tl.store(PO + slot * R * D + rows[:, None] * D + dd[None, :], o,
+                         mask=row_ok[:, None] & d_ok[None, :])
+                tl.store(PL + slot * R + rows, lse2, mask=row_ok)
+                tl.debug_barrier()        # all threads' partial stores precede the release
+                arrived = tl.atomic_add(CNT + s, 1, sem="acq_rel", scope="gpu")
+                c0 = _prog_of(seg_lo, base, rem)
+                npieces = _prog_of(seg_hi - 1, base, rem) - c0 + 1
+                if arrived == npieces - 1:  # the last piece of this segment to arrive merges
+                    tl.debug_barrier()
+                    mo, ml = _merge_pieces(PO, PL, c0 + s, npieces, rows, dd, row_ok, d_ok, R, D,
+                                           BLOCK_M, BLOCK_D)
+                    _store_final(OUT, LSE, mo, ml, b, h, gi, sq, dd, row_ok, d_ok,
+                                 sob, sos, soh, sod, slb, slh, sls, G)
+                    tl.atomic_xchg(CNT + s, 0)
+        else:
+            tl.store(PO + slot * R * D + rows[:, None] * D + dd[None, :], o,
+                     mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(PL + slot * R + rows, lse2, mask=row_ok)
+        g = stop
+        s += 1
+
+
+@triton.jit
+def _lean_merge(PO, PL, OUT, LSE, SEG, sob, sos, soh, sod, slb, slh, sls, P, S, Hkv,
+                G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Second pass: one program per segment s = b*Hkv + h merges its pieces into (out, lse)."""
+    s = tl.program_id(0)
+    R = G * SQ
+    T = tl.load(SEG + S)
+    base = T // P
+    rem = T % P
+    lo = tl.load(SEG + s)
+    hi = tl.load(SEG + s + 1)
+    c0 = _prog_of(lo, base, rem)
+    npieces = tl.where(hi > lo, _prog_of(hi - 1, base, rem) - c0 + 1, 0)
+    rows = tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    d_ok = dd < D
+    o, lse2 = _merge_pieces(PO, PL, c0 + s, npieces, rows, dd, row_ok, d_ok, R, D, BLOCK_M, BLOCK_D)
+    b = s // Hkv
+    _store_final(OUT, LSE, o, lse2, b, s - b * Hkv, rows // SQ, rows % SQ, dd, row_ok, d_ok,
+                 sob, sos, soh, sod, slb, slh, sls, G)
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+_COUNTERS: dict = {}
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile configuration before GPU tuning (``benchmarks/lean_decode.py --tune`` sweeps these)."""
+    return {"block_n": 128 if head_dim <= 64 else 64, "num_warps": 4, "num_stages": 3}
+
+
+def default_num_programs(device: torch.device) -> int:
+    """Two programs per SM on CUDA (the ORT choice); a handful under the CPU interpreter."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _plan(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int, device: torch.device):
+    """Cached int32 device plan: (seg_start (S+1,), first segment of each program (P,), lengths (B,), T)."""
+    key = (lengths, Hkv, block_n, P, str(device))
+    hit = _PLANS.get(key)
+    if hit is not None:
+        _PLANS.move_to_end(key)
+        return hit
+    seg = [0]
+    for n in lengths:
+        tiles = -(-n // block_n)
+        for _ in range(Hkv):
+            seg.append(seg[-1] + tiles)
+    T = seg[-1]
+    base, rem = divmod(T, P)
+    first = []
+    for c in range(P):
+        st = c * base + min(c, rem)
+        # the non-empty segment containing unit st (upper bound - 1); 0 for idle programs
+        first.append(bisect.bisect_right(seg, st) - 1 if st < T else 0)
+    buf = torch.tensor(seg + first + list(lengths), dtype=torch.int32).to(device)
+    S = len(seg) - 1
+    plan = (buf[:S + 1], buf[S + 1:S + 1 + P], buf[S + 1 + P:], T)
+    _PLANS[key] = plan
+    if len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _counters(S: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the fused reduction (self-resetting, cached per stream)."""
+    sid = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), sid)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < S:
+        buf = torch.zeros(max(S, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _check_args(q, k, v, scale, k_lengths, causal, reduction):
+    """Argument validation (pure torch / Python); returns the per-sequence lengths tuple."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, S, H, d); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, Sq, Hq, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if k.shape[0] != B or k.shape[3] != d:
+        raise ValueError(f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head_dim")
+    Hkv = k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"lean_decode supports fp16/bf16/fp32, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"devices differ: q {q.device}, k {k.device}, v {v.device}")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("lean_decode needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d} > {MAX_HEAD_DIM}")
+    if (Hq // Hkv) * Sq > MAX_ROWS:
+        raise ValueError(f"G*Sq = {(Hq // Hkv) * Sq} > {MAX_ROWS}: lean_decode is a decode kernel "
+                         "(use a prefill kernel for long query blocks)")
+    if causal not in ("none", "bottom_right"):
+        raise ValueError(f"causal must be 'none' or 'bottom_right', got {causal!r}")
+    if reduction not in ("two_kernel", "fused"):
+        raise ValueError(f"reduction must be 'two_kernel' or 'fused', got {reduction!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    Sk = k.shape[1]
+    if k_lengths is None:
+        return (Sk,) * B
+    if isinstance(k_lengths, torch.Tensor):
+        k_lengths = k_lengths.tolist()
+    lengths = tuple(int(n) for n in k_lengths)
+    if len(lengths) != B:
+        raise ValueError(f"k_lengths has {len(lengths)} entries for batch {B}")
+    if any(n < 0 or n > Sk for n in lengths):
+        raise ValueError(f"k_lengths must lie in [0, Sk={Sk}], got {list(lengths)}")
+    return lengths
+
+
+def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                k_lengths: list[int] | None = None, num_programs: int | None = None,
+                causal: str = "none", reduction: str = "two_kernel", block_n: int | None = None,
+                num_warps: int | None = None, num_stages: int | None = None):
+    """Stream-K decode attention state of q over (k, v); see the module docstring.
+
+    Args:
+        q: (B, Sq, Hq, d) fp16/bf16 (fp32 allowed), any strides; G*Sq <= 128 with G = Hq/Hkv.
+        k, v: (B, Sk, Hkv, d), same dtype/device, any strides (head-major storage is fastest).
+        scale: softmax scale tau (included in lse).
+        k_lengths: optional (B,) ints in [0, Sk]: sequence b sees keys [0, k_lengths[b]); keys
+            past a length are never read. None means every sequence sees all Sk keys.
+        num_programs: grid size P of the stream-K pass (default: 2 x SMs, capped at the number
+            of work units); any P >= 1 is valid.
+        causal: ``none``, or ``bottom_right`` (row i of Sq sees keys j <= len - Sq + i; for
+            speculative verification).
+        reduction: ``two_kernel`` (second Triton pass) or ``fused`` (last-arriving program
+            merges; one launch); see the module docstring.
+        block_n, num_warps, num_stages: tile configuration (default :func:`default_config`).
+
+    Returns:
+        out (B, Sq, Hq, d) in q.dtype and lse (B, Hq, Sq) float32 (natural log); a row that sees
+        no key gets (0, -inf).
+    """
+    lengths = _check_args(q, k, v, scale, k_lengths, causal, reduction)
+    B, Sq, Hq, d = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    out = torch.empty(B, Sq, Hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    if B == 0 or Sq == 0:
+        return out, lse
+    cfg = default_config(d, q.dtype)
+    block_n = block_n or cfg["block_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    S = B * Hkv
+    T = Hkv * sum(-(-n // block_n) for n in lengths)
+    if num_programs is None:
+        num_programs = max(1, min(default_num_programs(q.device), T))
+    P = int(num_programs)
+    if P < 1:
+        raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+    seg, first, lens, _ = _plan(lengths, Hkv, block_n, P, q.device)
+
+    R = G * Sq
+    BLOCK_M = max(16, triton.next_power_of_2(R))
+    BLOCK_D = max(16, triton.next_power_of_2(d))
+    part_o = torch.empty(S + P, R, d, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(S + P, R, dtype=torch.float32, device=q.device)
+    fused = reduction == "fused"
+    cnt = _counters(S, q.device) if fused else lens      # CNT unused by the two-kernel path
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _lean_fwd[(P,)](
+        q, k, v, part_o, part_l, out, lse, seg, first, lens, cnt,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        float(scale) * LOG2E, P, S, Hkv,
+        G=G, SQ=Sq, D=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        CAUSAL=causal == "bottom_right", FUSED=fused, DOT_PREC=dot_prec,
+        num_warps=num_warps, num_stages=num_stages)
+    if not fused:
+        _lean_merge[(S,)](
+            part_o, part_l, out, lse, seg, *out.stride(), *lse.stride(), P, S, Hkv,
+            G=G, SQ=Sq, D=d, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4)
+    return out, lse
