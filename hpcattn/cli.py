@@ -104,6 +104,9 @@ def _resolve(args, world_size: int):
         if not Path(cfg.inputs.path).is_file():
             raise HpcattnError(f"{args.config}: inputs.path: file not found: {cfg.inputs.path}")
         apply_file_shape(cfg, cfg.inputs.path)
+    if cfg.job == "generate":
+        from hpcattn.jobs.generate import resolve_shape
+        resolve_shape(cfg)
     cuda = torch.cuda.is_available()
     p = args.ranks if (args.dry_run and args.ranks) else world_size
     cases = plan_cases(cfg, p)
@@ -260,7 +263,11 @@ def _run(cfg, world, args) -> int:
                  "; ".join(f"{n}: {r}" for n, r in k.selftest.items()) for (b, dt, d), k in kernels.items()}
         writer = RecordWriter(cfg.run.output, run_metadata(cfg, ctx, first.name), config.to_yaml(cfg), hosts, kinfo)
     progress = _progress(len(cases)) if rank == 0 else (lambda case, row: None)
-    rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)
+    if cfg.job == "generate":
+        from hpcattn.jobs.generate import run_generate_cases
+        rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress)
+    else:
+        rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)
     comm_mod.teardown(ctx)
     if rank == 0:
         path = writer.close()

@@ -32,8 +32,9 @@ import yaml
 from hpcattn.errors import ConfigError
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
-JOBS = ("decode", "prefill")
-METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring")}
+JOBS = ("decode", "prefill", "generate")
+METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring"),
+                  "generate": ("local", "tree", "ring")}
 KERNEL_BACKENDS = (
     "auto", "torch_ref", "cpu_flash", "aten_cudnn", "aten_flash", "aten_efficient", "fa2",
 )
@@ -99,6 +100,28 @@ class InputConfig:
 
 
 @dataclass
+class ModelConfig:
+    preset: str = _f("tiny", doc="model shape from configs/models/<preset>.yaml (random weights), or a YAML path")
+    path: typing.Optional[str] = _f(None, doc="Hugging Face checkpoint directory (config.json + *.safetensors); "
+                                              "overrides preset")
+    seed: int = _f(0, doc="seed of the random weights (identical on every rank)")
+    layers: typing.Optional[int] = _f(None, doc="use only this many layers (benchmarks of big shapes)")
+
+
+@dataclass
+class GenerateConfig:
+    prefill: str = _f("ring", choices=("local", "ring"), sweep=True, doc="prefill method in every layer")
+    decode: str = _f("tree", choices=("local", "tree", "ring"), sweep=True,
+                     doc="decode method in every layer (local needs prefill local)")
+    new_tokens: int = _f(8, doc="greedy tokens to generate (the first comes from the prefill)")
+    prompt_ids: typing.Optional[str] = _f(None, doc="file of prompt token ids (.txt of integers, or .npy); "
+                                                    "default: shape.context random ids from inputs.seed")
+    prompt_text: typing.Optional[str] = _f(None, doc="prompt text, tokenized with model.path's tokenizer.json")
+    kv_placement: str = _f("last", choices=("last", "round_robin"),
+                           doc="which rank stores generated tokens' KV")
+
+
+@dataclass
 class RunConfig:
     warmup: int = _f(2, doc="untimed iterations per case")
     repeats: int = _f(10, doc="timed iterations per case")
@@ -111,14 +134,17 @@ class RunConfig:
 
 @dataclass
 class Config:
-    job: str = _f("decode", choices=JOBS, doc="decode (one query token) or prefill")
-    methods: list[str] = _f(["local", "tree"], doc="methods run on every sweep point; local is the baseline")
+    job: str = _f("decode", choices=JOBS, doc="decode (one query token), prefill, or generate (whole model)")
+    methods: list[str] = _f(["local", "tree"], doc="attention jobs: methods run on every sweep point; local is "
+                                                   "the baseline (generate uses generate.prefill/decode)")
     shape: ShapeConfig = field(default_factory=ShapeConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     ring: RingConfig = field(default_factory=RingConfig)
     inputs: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -359,6 +385,8 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
                               f"(choose from {', '.join(allowed)}){hint}")
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ConfigError(f"{source}: methods lists a method twice: {cfg.methods}")
+    if cfg.job == "generate":
+        _validate_generate(cfg, world_size, source)
     if s.lengths is not None:
         if cfg.job != "decode":
             raise ConfigError(f"{source}: shape.lengths (ragged batch) is for job: decode only")
@@ -399,6 +427,29 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
         raise ConfigError(f"{source}: inputs.source=file needs inputs.path (an HDF5 file with q, k, v)")
     if cfg.inputs.source == "file" and not Path(cfg.inputs.path).is_file():
         raise ConfigError(f"{source}: inputs.path: file not found: {cfg.inputs.path}")
+
+
+def _validate_generate(cfg: Config, world_size: int, source: str) -> None:
+    g, s = cfg.generate, cfg.shape
+    if g.decode == "local" and g.prefill != "local" and world_size > 1:
+        raise ConfigError(f"{source}: generate.decode=local needs generate.prefill=local "
+                          f"(after a ring prefill the KV cache is sharded)")
+    if g.new_tokens < 1:
+        raise ConfigError(f"{source}: generate.new_tokens must be >= 1")
+    if g.prefill == "ring" and world_size > 1:
+        if s.context < world_size:
+            raise ConfigError(f"{source}: ring prefill needs at least one prompt token per rank: "
+                              f"context={s.context} < {world_size} ranks")
+        if cfg.ring.layout == "zigzag" and s.context % (2 * world_size):
+            raise ConfigError(f"{source}: ring.layout=zigzag needs the prompt length (shape.context={s.context}) "
+                              f"divisible by 2 x ranks = {2 * world_size}")
+    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"{source}: model.path: not a directory: {cfg.model.path}")
+    if g.prompt_ids is not None and not Path(g.prompt_ids).is_file():
+        raise ConfigError(f"{source}: generate.prompt_ids: file not found: {g.prompt_ids}")
+    if g.prompt_text is not None and (cfg.model.path is None or not (Path(cfg.model.path) / "tokenizer.json").is_file()):
+        raise ConfigError(f"{source}: generate.prompt_text needs model.path with a tokenizer.json "
+                          f"(or give token ids with generate.prompt_ids)")
 
 
 def resolve_device(cfg: Config, cuda_available: bool) -> str:

@@ -20,10 +20,11 @@ import torch
 
 from hpcattn.config import Config
 from hpcattn.config import expand_cases as expand_points
-from hpcattn.jobs import decode, prefill
+from hpcattn.jobs import decode, generate, prefill
 from hpcattn.timing import PHASES, PhaseTimer
 
-JOBS = {"decode": (decode.DecodeJob, decode.estimate), "prefill": (prefill.PrefillJob, prefill.estimate)}
+JOBS = {"decode": (decode.DecodeJob, decode.estimate), "prefill": (prefill.PrefillJob, prefill.estimate),
+        "generate": (None, generate.estimate)}
 
 
 @dataclass
@@ -38,6 +39,15 @@ class Case:
 
 
 def variant_of(cfg: Config, method: str, p: int) -> str:
+    if cfg.job == "generate":
+        parts = []
+        if cfg.generate.prefill == "ring" and p > 1:
+            parts.append(cfg.ring.layout)
+        if cfg.generate.decode == "tree" and p > 1:
+            parts += [cfg.tree.reduction, cfg.tree.topology]
+        if cfg.generate.decode != "local" and p > 1:
+            parts.append(f"kv-{cfg.generate.kv_placement}")
+        return "/".join(parts)
     if cfg.job == "decode" and method == "tree":
         return f"{cfg.tree.reduction}/{cfg.tree.topology}"
     if cfg.job == "prefill" and method == "ring":
@@ -57,8 +67,14 @@ def plan_cases(cfg: Config, p: int) -> list[Case]:
             shape.pop("causal")              # decode ignores it: a causal sweep adds no case
         shape_key = json.dumps(shape, sort_keys=True) + c.kernel.backend + \
             json.dumps(dataclasses.asdict(c.inputs), sort_keys=True)
+        methods = c.methods
+        if c.job == "generate":
+            gen = dataclasses.asdict(c.generate)
+            shape_key += json.dumps(dataclasses.asdict(c.model), sort_keys=True) + json.dumps(
+                {k: v for k, v in gen.items() if k not in ("prefill", "decode", "kv_placement")}, sort_keys=True)
+            methods = [f"{c.generate.prefill}+{c.generate.decode}"]
         g = groups.setdefault(shape_key, len(groups))
-        for m in c.methods:
+        for m in methods:
             var = variant_of(c, m, p)
             key = (shape_key, m, var)
             if key in seen:

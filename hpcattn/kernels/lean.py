@@ -86,7 +86,7 @@ def _merge_pieces(PO, PL, slot0, npieces, rows, dd, row_ok, d_ok, R, D: tl.const
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for i in range(0, npieces):
-        slot = (slot0 + i).to(tl.int64)
+        slot = tl.cast(slot0 + i, tl.int64)
         lse_i = tl.load(PL + slot * R + rows, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
         o_i = tl.load(PO + slot * R * D + rows[:, None] * D + dd[None, :],
                       mask=row_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
@@ -108,7 +108,7 @@ def _merge_pieces(PO, PL, slot0, npieces, rows, dd, row_ok, d_ok, R, D: tl.const
 def _store_final(OUT, LSE, o, lse2, b, h, gi, sq, dd, row_ok, d_ok,
                  sob, sos, soh, sod, slb, slh, sls, G: tl.constexpr):
     """Write a segment's final state: out[b, sq, h*G+gi, :] (q dtype), lse[b, h*G+gi, sq] (natural)."""
-    b64 = b.to(tl.int64)
+    b64 = tl.cast(b, tl.int64)
     head = h * G + gi
     optr = OUT + b64 * sob + sq[:, None] * sos + head[:, None] * soh + dd[None, :] * sod
     tl.store(optr, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -122,7 +122,8 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, SEG, FIRST, LENS, CNT,
               qk_scale, P, S, Hkv,
               G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr):
+              CAUSAL: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr,
+              UPCAST_DOT: tl.constexpr):
     """Stream-K main pass: program c walks units [start, end) and stores one state per piece."""
     c = tl.program_id(0)
     R = G * SQ
@@ -173,13 +174,18 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, SEG, FIRST, LENS, CNT,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         lim = L - SQ + sq                 # bottom-right causal: key n visible to row iff n <= lim
+        # 64-bit tile pointers, advanced by BLOCK_N keys per step (no int32 overflow at 1M+ keys)
+        kp = k_base + n_lo.to(tl.int64) * sks + offs_n[None, :] * sks + dd[:, None] * skd
+        vp = v_base + n_lo.to(tl.int64) * svs + offs_n[:, None] * svs + dd[None, :] * svd
         for n0 in range(n_lo, n_hi, BLOCK_N):
             n = n0 + offs_n
             n_ok = n < n_hi
-            n64 = n0.to(tl.int64)
-            kt = tl.load(k_base + n64 * sks + offs_n[None, :] * sks + dd[:, None] * skd,
-                         mask=d_ok[:, None] & n_ok[None, :], other=0.0)          # (BLOCK_D, BLOCK_N)
-            qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale               # base-2 scores
+            kt = tl.load(kp, mask=d_ok[:, None] & n_ok[None, :], other=0.0)     # (BLOCK_D, BLOCK_N)
+            if UPCAST_DOT:  # interpreter: its tl.dot multiplies bf16 bit patterns (stored as uint16)
+                qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+            else:
+                qk = tl.dot(q, kt, input_precision=DOT_PREC)
+            qk = qk * qk_scale                                                    # base-2 scores
             valid = n_ok[None, :]
             if CAUSAL:
                 valid = valid & (n[None, :] <= lim[:, None])
@@ -189,10 +195,15 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, SEG, FIRST, LENS, CNT,
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(qk - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + n64 * svs + offs_n[:, None] * svs + dd[None, :] * svd,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)          # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            vt = tl.load(vp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)     # (BLOCK_N, BLOCK_D)
+            if UPCAST_DOT:  # same rounding of p as on the GPU, fp32 product
+                pv = tl.dot(p.to(vt.dtype).to(tl.float32), vt.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
+            kp += BLOCK_N * sks
+            vp += BLOCK_N * svs
 
         ok = l_i > 0
         l_safe = tl.where(ok, l_i, 1.0)
@@ -309,6 +320,37 @@ def _counters(S: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
+def _interpreter_shim() -> None:
+    """Work around triton#9171 (fixed upstream by PR #9172, not in triton 3.6.0): with numpy >= 2.4
+    the interpreter's ``tensor.__index__`` does ``int(array_of_shape_(1,))``, which now raises, so
+    any ``range()`` with run-time bounds fails under TRITON_INTERPRET=1. Re-register ``__index__``
+    with the upstream fix. Only touches the interpreter, only when the bug is present."""
+    global _SHIM_DONE
+    if _SHIM_DONE:
+        return
+    _SHIM_DONE = True
+    import numpy as np
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return                                        # numpy < 2.4: nothing to fix
+    except TypeError:
+        pass
+    from triton.runtime import interpreter as ti
+    orig = getattr(ti, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_hpcattn_shim", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._hpcattn_shim = True
+    ti._patch_lang_tensor = patched
+
+
+_SHIM_DONE = False
+
+
 def _check_args(q, k, v, scale, k_lengths, causal, reduction):
     """Argument validation (pure torch / Python); returns the per-sequence lengths tuple."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -328,8 +370,10 @@ def _check_args(q, k, v, scale, k_lengths, causal, reduction):
         raise ValueError(f"lean_decode supports fp16/bf16/fp32, got {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"devices differ: q {q.device}, k {k.device}, v {v.device}")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("lean_decode needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if q.device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("lean_decode needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+        _interpreter_shim()
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} > {MAX_HEAD_DIM}")
     if (Hq // Hkv) * Sq > MAX_ROWS:
@@ -415,6 +459,7 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         float(scale) * LOG2E, P, S, Hkv,
         G=G, SQ=Sq, D=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
         CAUSAL=causal == "bottom_right", FUSED=fused, DOT_PREC=dot_prec,
+        UPCAST_DOT=q.device.type != "cuda",
         num_warps=num_warps, num_stages=num_stages)
     if not fused:
         _lean_merge[(S,)](

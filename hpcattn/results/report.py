@@ -26,6 +26,8 @@ def _rate(row: dict) -> str:
         return ""
     e = {"float64": 8, "float32": 4}.get(row["dtype"], 2)
     B, N, Hq, Hkv, d = row["batch"], row["context"], row["heads_q"], row["heads_kv"], row["head_dim"]
+    if row["job"] == "generate":
+        return f"{row['throughput_tok_s']:.4g} tok/s"
     if row["job"] == "decode":
         lengths = row.get("lengths") or [N] * B
         return _si(2 * sum(lengths) * Hkv * d * e / t, "B/s")

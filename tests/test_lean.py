@@ -1,0 +1,269 @@
+"""LeanAttention stream-K decode kernel (hpcattn.kernels.lean) through Triton's CPU interpreter.
+
+TRITON_INTERPRET=1 is set before triton is imported, so the very kernels that run on GPUs run
+here on CPU tensors (numpy). Every case is checked against the float64 reference with
+flash-attn's tolerance rule, as in test_kernels.py:
+
+    err_impl = max |lean_decode(q, k, v) - attn_reference(q.double(), ...)|
+    err_base = max |same-dtype plain torch attention - reference|
+    assert err_impl <= 2 * err_base + 1e-5          (for out and for lse)
+
+Shapes are small (the interpreter is slow) but cut into several KV tiles (block_n = 16/32) and
+split over 1, 3, 7 and more-than-work-units programs, so partial pieces, segments spanning many
+programs, programs spanning many segments and idle programs are all exercised.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from hpcattn.kernels import attn_reference, head_major  # noqa: E402
+from hpcattn.kernels import lean  # noqa: E402
+from hpcattn.kernels.lean import lean_decode  # noqa: E402
+from hpcattn.kernels.reference import causal_offset  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def same_dtype_attention(q, k, v, *, scale, lengths, causal="none"):
+    """Plain torch attention with every op in q.dtype (the tolerance rule's baseline), ragged.
+
+    q (B,Sq,Hq,d), k/v (B,Sk,Hkv,d); returns out (B,Sq,Hq,d) and lse (B,Hq,Sq) in q.dtype.
+    """
+    dt = q.dtype
+    B, Sq, Hq, d = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    k = k.repeat_interleave(g, dim=2)
+    v = v.repeat_interleave(g, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    kpos = torch.arange(Sk).view(1, 1, 1, Sk)
+    n = torch.tensor(lengths).view(B, 1, 1, 1)
+    keep = kpos < n
+    if causal == "bottom_right":
+        qpos = torch.arange(Sq).view(1, 1, Sq, 1)
+        keep = keep & (kpos <= qpos + n - Sq)
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    out = torch.einsum("bhqk,bkhd->bqhd", p.to(dt), v)
+    return out.to(dt), lse.to(dt)
+
+
+def reference(q, k, v, *, scale, lengths, causal="none"):
+    """float64 ground truth; bottom-right causal is aligned per sequence, so call per sequence."""
+    if causal == "none":
+        return attn_reference(q.double(), k.double(), v.double(), scale=scale,
+                              k_lengths=torch.tensor(lengths))
+    outs, lses = [], []
+    for b, n in enumerate(lengths):
+        assert causal_offset(causal, q.shape[1], n) == n - q.shape[1]
+        o, l = attn_reference(q[b:b + 1].double(), k[b:b + 1, :n].double(), v[b:b + 1, :n].double(),
+                              scale=scale, causal=causal)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def max_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    both_inf = torch.isneginf(a) & torch.isneginf(b)
+    d = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
+    return d.max().item() if d.numel() else 0.0
+
+
+def make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, *, seed, kv_layout):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Sq, Hq, d, generator=g).to(dtype)
+    k = torch.randn(B, Sk, Hkv, d, generator=g).to(dtype)
+    v = torch.randn(B, Sk, Hkv, d, generator=g).to(dtype)
+    if kv_layout == "head_major":
+        q, k, v = head_major(q), head_major(k), head_major(v)
+        assert k.transpose(1, 2).is_contiguous()
+    return q, k, v
+
+
+def check(q, k, v, lengths, *, causal="none", **kw):
+    """Run lean_decode and apply the tolerance rule to out and lse."""
+    d = q.shape[-1]
+    scale = d ** -0.5
+    out, lse = lean_decode(q, k, v, scale=scale, k_lengths=lengths, causal=causal, **kw)
+    B, Sq, Hq, _ = q.shape
+    assert out.shape == (B, Sq, Hq, d) and out.dtype == q.dtype
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    full = [k.shape[1]] * B if lengths is None else lengths
+    ro, rl = reference(q, k, v, scale=scale, lengths=full, causal=causal)
+    bo, bl = same_dtype_attention(q, k, v, scale=scale, lengths=full, causal=causal)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rl)), "empty rows must be exactly -inf"
+    assert (out[lse.transpose(1, 2).isneginf()] == 0).all(), "empty rows must have out = 0"
+    eo, eb = max_err(out, ro), max_err(bo, ro)
+    lo, lb = max_err(lse, rl), max_err(bl, rl)
+    assert eo <= 2 * eb + 1e-5, f"out: err_impl={eo:.3e} err_base={eb:.3e}"
+    assert lo <= 2 * lb + 1e-5, f"lse: err_impl={lo:.3e} err_base={lb:.3e}"
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------
+# correctness grid (decode, Sq = 1)
+
+# (B, Hq, Hkv, d, Sk, lengths, dtype, kv layout, num_programs, block_n)
+CASES = [
+    (3, 8, 2, 64, 77, [0, 1, 77], torch.bfloat16, "head_major", 3, 16),       # G=4, ragged 0/1
+    (3, 2, 2, 128, 50, [33, 0, 50], torch.float32, "contiguous", 7, 16),      # G=1
+    (1, 8, 1, 128, 100, [100], torch.bfloat16, "head_major", 1, 32),          # G=8, one program
+    (1, 16, 2, 64, 40, [40], torch.float32, "contiguous", 64, 16),            # P >> 6 units
+    (3, 8, 2, 128, 20, [1, 1, 1], torch.bfloat16, "contiguous", 7, 16),       # length 1 only
+    (3, 4, 4, 64, 45, None, torch.float32, "head_major", 3, 16),              # dense, G=1
+    (2, 4, 2, 64, 61, [61, 17], torch.float16, "head_major", 5, 16),          # fp16
+    (3, 8, 1, 64, 130, [130, 0, 2], torch.bfloat16, "head_major", 7, 32),     # G=8, B=3
+]
+IDS = [f"B{c[0]}-G{c[1] // c[2]}-d{c[3]}-{str(c[6])[6:]}-{c[7]}-P{c[8]}" for c in CASES]
+
+
+@pytest.mark.parametrize("reduction", ["two_kernel", "fused"])
+@pytest.mark.parametrize("B,hq,hkv,d,sk,lengths,dtype,layout,P,bn", CASES, ids=IDS)
+def test_matches_reference(B, hq, hkv, d, sk, lengths, dtype, layout, P, bn, reduction):
+    q, k, v = make_qkv(B, 1, sk, hq, hkv, d, dtype, seed=B * 100 + hq + d + sk, kv_layout=layout)
+    check(q, k, v, lengths, num_programs=P, block_n=bn, reduction=reduction)
+
+
+def test_num_programs_do_not_change_the_result_much():
+    """Different splits of the same problem agree to fp32 merge-order noise (not bitwise)."""
+    q, k, v = make_qkv(2, 1, 90, 8, 2, 64, torch.float32, seed=7, kv_layout="head_major")
+    ref, _ = lean_decode(q, k, v, scale=0.125, k_lengths=[90, 37], num_programs=1, block_n=16)
+    for P in (2, 3, 7, 50):
+        o, _ = lean_decode(q, k, v, scale=0.125, k_lengths=[90, 37], num_programs=P, block_n=16)
+        assert max_err(o, ref) < 1e-5
+
+
+def test_default_config_and_odd_head_dim():
+    """Default block_n / num_programs, and a head_dim that is not a power of two (masked)."""
+    q, k, v = make_qkv(2, 1, 70, 4, 2, 40, torch.float32, seed=3, kv_layout="contiguous")
+    check(q, k, v, [70, 9])
+
+
+def test_all_empty_and_zero_keys():
+    q, k, v = make_qkv(2, 1, 8, 4, 2, 64, torch.bfloat16, seed=1, kv_layout="head_major")
+    out, lse = lean_decode(q, k, v, scale=0.125, k_lengths=[0, 0], num_programs=3)
+    assert torch.isneginf(lse).all() and (out == 0).all()
+    out, lse = lean_decode(q, k[:, :0], v[:, :0], scale=0.125)
+    assert torch.isneginf(lse).all() and (out == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# small Sq (speculative verification)
+
+
+@pytest.mark.parametrize("causal", ["none", "bottom_right"])
+def test_small_sq(causal):
+    """Sq = 3 query rows packed with the G heads; bottom-right causal per sequence; a sequence
+    shorter than Sq has rows that see no key (empty state)."""
+    q, k, v = make_qkv(3, 3, 40, 8, 2, 64, torch.float32, seed=11, kv_layout="head_major")
+    check(q, k, v, [40, 2, 17], causal=causal, num_programs=5, block_n=16)
+
+
+# ------------------------------------------------------------------------------------------------
+# schedule, plan and fused-counter invariants (host side, no kernel math)
+
+
+def _walk(lengths, Hkv, bn, P):
+    """Pure-Python replay of the kernel's walk: returns {(c, s): (t0, t1)} pieces."""
+    seg, first, _, T = lean._plan(tuple(lengths), Hkv, bn, P, torch.device("cpu"))
+    seg, first = seg.tolist(), first.tolist()
+    base, rem = divmod(T, P)
+    pieces = {}
+    for c in range(P):
+        start = c * base + min(c, rem)
+        end = start + base + (c < rem)
+        g, s = start, first[c]
+        if start < end:
+            assert seg[s] <= start < seg[s + 1]
+        while g < end:
+            while seg[s + 1] <= g:
+                s += 1
+            stop = min(end, seg[s + 1])
+            pieces[(c, s)] = (g - seg[s], stop - seg[s])
+            g, s = stop, s + 1
+    return seg, T, pieces
+
+
+def test_schedule_covers_every_tile_once_and_slots_are_unique():
+    rnd = random.Random(0)
+    for _ in range(200):
+        B, Hkv, bn = rnd.randint(1, 5), rnd.randint(1, 4), rnd.choice([16, 64])
+        lengths = [rnd.choice([0, 1, rnd.randint(0, 400)]) for _ in range(B)]
+        P = rnd.randint(1, 40)
+        seg, T, pieces = _walk(lengths, Hkv, bn, P)
+        sizes = [min(end, T) - start for start, end in
+                 ((c * (T // P) + min(c, T % P), (c + 1) * (T // P) + min(c + 1, T % P)) for c in range(P))]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == T          # balanced stream-K split
+        covered = sorted((seg[s] + t0, seg[s] + t1) for (c, s), (t0, t1) in pieces.items())
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))   # contiguous, no overlap
+        if T:
+            assert covered[0][0] == 0 and covered[-1][1] == T
+        else:
+            assert not covered
+        slots = [c + s for c, s in pieces]
+        assert len(set(slots)) == len(slots) and all(x < len(seg) - 1 + P for x in slots)
+        for s in range(len(seg) - 1):                                    # merge pass finds them
+            owners = sorted(c for c, s2 in pieces if s2 == s)
+            if seg[s + 1] > seg[s]:
+                base, rem = divmod(T, P)
+
+                def prog_of(t):
+                    big = rem * (base + 1)
+                    return t // (base + 1) if t < big else rem + (t - big) // max(base, 1)
+                assert owners == list(range(prog_of(seg[s]), prog_of(seg[s + 1] - 1) + 1))
+            else:
+                assert owners == []
+
+
+def test_fused_counters_reset_after_each_call():
+    q, k, v = make_qkv(2, 1, 64, 4, 2, 64, torch.float32, seed=5, kv_layout="head_major")
+    for _ in range(2):
+        lean_decode(q, k, v, scale=0.125, k_lengths=[64, 50], num_programs=5, block_n=16,
+                    reduction="fused")
+        assert (lean._counters(4, q.device) == 0).all()
+
+
+def test_argument_validation():
+    q, k, v = make_qkv(2, 1, 8, 4, 2, 64, torch.float32, seed=0, kv_layout="contiguous")
+    bad = [
+        dict(k_lengths=[8]),                       # wrong count
+        dict(k_lengths=[9, 1]),                    # longer than Sk
+        dict(k_lengths=[-1, 1]),
+        dict(causal="square"),
+        dict(reduction="atomic"),
+        dict(num_programs=0),
+        dict(block_n=24),
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            lean_decode(q, k, v, scale=0.125, **kw)
+    with pytest.raises(ValueError):                # Hq % Hkv
+        lean_decode(q[:, :, :3], k, v, scale=0.125)
+    with pytest.raises(ValueError):                # dtype mismatch
+        lean_decode(q.double(), k, v, scale=0.125)
+    with pytest.raises(ValueError):                # G * Sq too large for a decode kernel
+        lean_decode(q.expand(2, 65, 4, 64), k, v, scale=0.125)
