@@ -149,11 +149,13 @@ def test_set_dotted_overrides(tmp_path):
 
 
 def test_set_bare_unique_leaf_name():
-    cfg = C.load(None, ["context=65536", "seed=7", "layout=contiguous", "repeats=3"])
+    cfg = C.load(None, ["context=65536", "reduction=allreduce", "layout=contiguous", "repeats=3"])
     assert cfg.shape.context == 65536
-    assert cfg.inputs.seed == 7
+    assert cfg.tree.reduction == "allreduce"
     assert cfg.ring.layout == "contiguous"
     assert cfg.run.repeats == 3
+    with pytest.raises(C.ConfigError, match="ambiguous, use one of inputs.seed, model.seed"):
+        C.load(None, ["seed=7"])
 
 
 def test_set_override_wins_over_file(tmp_path):

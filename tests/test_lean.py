@@ -148,6 +148,19 @@ def test_matches_reference(B, hq, hkv, d, sk, lengths, dtype, layout, P, bn, red
     check(q, k, v, lengths, num_programs=P, block_n=bn, reduction=reduction)
 
 
+def test_random_schedules():
+    """Random ragged batches, grids and tile sizes (fp32, d=32): both reductions vs the reference."""
+    rnd = random.Random(1)
+    for it in range(12):
+        B, hkv, G = rnd.randint(1, 4), rnd.choice([1, 2]), rnd.choice([1, 2, 4, 8])
+        lengths = [rnd.choice([0, 1, 16, 17, rnd.randint(0, 120)]) for _ in range(B)]
+        sk = max(lengths + [1])
+        q, k, v = make_qkv(B, 1, sk, G * hkv, hkv, 32, torch.float32, seed=it,
+                           kv_layout=rnd.choice(["head_major", "contiguous"]))
+        check(q, k, v, lengths, num_programs=rnd.randint(1, 20), block_n=rnd.choice([16, 32]),
+              reduction=rnd.choice(["two_kernel", "fused"]))
+
+
 def test_num_programs_do_not_change_the_result_much():
     """Different splits of the same problem agree to fp32 merge-order noise (not bitwise)."""
     q, k, v = make_qkv(2, 1, 90, 8, 2, 64, torch.float32, seed=7, kv_layout="head_major")

@@ -66,7 +66,7 @@ def prompt_ids(cfg) -> torch.Tensor | None:
         arr = np.broadcast_to(arr, (cfg.shape.batch, arr.shape[0]))
     if arr.ndim != 2 or arr.shape[1] == 0:
         raise InputError(f"generate prompt: expected a non-empty 1-D or 2-D array of ids, got shape {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(np.array(arr, dtype=np.int64, copy=True))
 
 
 def resolve_shape(cfg) -> None:
@@ -226,6 +226,6 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int]:
     per_rank = n if (prefill == "local" and decode == "local") or p == 1 else -(-n // p) + cfg.generate.new_tokens
     kv = 2 * a.n_layers * cfg.shape.batch * per_rank * a.n_kv_heads * a.head_dim * e
     state = cfg.shape.batch * a.n_heads * (a.head_dim + 1) * 4
-    step = {"tree": a.n_layers * state, "ring": a.n_layers * (p - 1) * kv // max(a.n_layers, 1) // 2,
-            "local": 0}[decode] if p > 1 else 0
+    # per decode step: tree sends one state per layer; ring moves every other rank's KV shard
+    step = {"tree": a.n_layers * state, "ring": (p - 1) * kv, "local": 0}[decode] if p > 1 else 0
     return weights + kv, step

@@ -68,6 +68,9 @@ def plan_cases(cfg: Config, p: int) -> list[Case]:
         shape_key = json.dumps(shape, sort_keys=True) + c.kernel.backend + \
             json.dumps(dataclasses.asdict(c.inputs), sort_keys=True)
         methods = c.methods
+        if c.job == "generate" and p > 1 and c.generate.prefill != "local" and c.generate.decode == "local" \
+                and ("generate.prefill" in point or "generate.decode" in point):
+            continue                      # impossible pair inside a prefill x decode sweep: skip it
         if c.job == "generate":
             gen = dataclasses.asdict(c.generate)
             shape_key += json.dumps(dataclasses.asdict(c.model), sort_keys=True) + json.dumps(

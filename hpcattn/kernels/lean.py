@@ -37,9 +37,8 @@ Reduction (``reduction=``):
   state directly; otherwise it stores its partial, then increments a per-segment arrival counter
   (``atomic_add``, acq_rel); the program that arrives last merges all pieces and resets the
   counter to 0. Nobody waits for anybody, so there is no co-residency requirement and no deadlock
-  (unlike the host/spin-wait protocols of ORT and AITER). Counters live in a cached zeroed int32
-  buffer per (device, stream); do not launch the same device/stream concurrently from two host
-  threads. Checked in the interpreter (sequential programs); GPU memory ordering is the CUDA
+  (unlike the host/spin-wait protocols of ORT and AITER). Counters live in one cached zeroed int32
+  buffer per device; do not run two fused launches concurrently on two streams of one device. Checked in the interpreter (sequential programs); GPU memory ordering is the CUDA
   "threadfence reduction" pattern (barrier, release/acquire atomic, L1-bypassing partial loads).
 
 The host builds a small int32 plan per (lengths, Hkv, BLOCK_N, P) - segment starts, each program's
@@ -310,12 +309,15 @@ def _plan(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int, device: torc
 
 
 def _counters(S: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the fused reduction (self-resetting, cached per stream)."""
-    sid = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), sid)
+    """Zeroed int32 arrival counters for the fused reduction, one cached buffer per device.
+
+    The last-arriving program of each segment resets its counter, so the buffer is zero again
+    after every launch (and a CUDA-graph replay needs no memset). Two fused launches running
+    concurrently on different streams of one device would share it: don't do that."""
+    key = str(device)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < S:
-        buf = torch.zeros(max(S, 1024), dtype=torch.int32, device=device)
+        buf = torch.zeros(max(S, 4096), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
 

@@ -109,7 +109,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
     rot = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos[:, None, :] + rot.float() * sin[:, None, :]).to(x.dtype)
+    acc = cos.dtype                          # float32, or float64 for a float64 model
+    return (x.to(acc) * cos[:, None, :] + rot.to(acc) * sin[:, None, :]).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -180,7 +181,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable) -> torch.Tensor:
         """tokens (B, S), positions (S,) -> hidden (B, S, dim) before the final norm."""
         x = self.tok_embeddings(tokens)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, torch.float64 if x.dtype == torch.float64 else torch.float32)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attend, i)
         return x

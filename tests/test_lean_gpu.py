@@ -1,0 +1,101 @@
+"""LeanAttention kernel compiled for the GPU (``pytest -m gpu tests/test_lean_gpu.py``; device machine).
+
+tests/test_lean.py sets TRITON_INTERPRET=1 for its whole pytest process, so the compiled kernels
+are checked in a fresh subprocess with that variable removed. Cases: bf16/fp16, GQA 1/4/8,
+d 64/128, ragged lengths incl. 0 and 1, tile-boundary lengths, several grid sizes, both reductions,
+small Sq with bottom-right causal, and repeated launches of the fused reduction (its arrival
+counters must reset, its cross-program memory ordering must hold).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+SCRIPT = textwrap.dedent(r"""
+    import random, torch
+    from hpcattn.kernels import attn_reference, head_major
+    from hpcattn.kernels.lean import lean_decode
+
+    def err(a, b):
+        a, b = a.double(), b.double()
+        both = torch.isneginf(a) & torch.isneginf(b)
+        return torch.where(both, torch.zeros_like(a), (a - b).abs()).max().item()
+
+    def same_dtype(q, k, v, scale, lengths):
+        B, Sq, Hq, d = q.shape
+        g = Hq // k.shape[2]
+        kk, vv = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+        keep = torch.arange(k.shape[1], device=q.device).view(1, 1, 1, -1) < torch.tensor(lengths, device=q.device).view(B, 1, 1, 1)
+        s = s.masked_fill(~keep, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+        return torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), vv), lse.to(q.dtype)
+
+    rnd = random.Random(0)
+    n_checked = 0
+    for dtype in (torch.bfloat16, torch.float16):
+        for (hq, hkv, d) in ((8, 8, 128), (32, 8, 128), (16, 2, 64), (8, 1, 128)):
+            for lengths in ([0, 1, 4097, 300], [64 * 3, 128 * 5, 1], [20000]):
+                B, Sk = len(lengths), max(lengths)
+                q = torch.randn(B, 1, hq, d, device="cuda").to(dtype)
+                k = head_major(torch.randn(B, Sk, hkv, d, device="cuda").to(dtype))
+                v = head_major(torch.randn(B, Sk, hkv, d, device="cuda").to(dtype))
+                scale = d ** -0.5
+                ro, rl = attn_reference(q.double(), k.double(), v.double(), scale=scale,
+                                        k_lengths=torch.tensor(lengths))
+                bo, bl = same_dtype(q, k, v, scale, lengths)
+                for P in (1, 7, 132, 264, 1000):
+                    for red in ("two_kernel", "fused"):
+                        o, l = lean_decode(q, k, v, scale=scale, k_lengths=lengths, num_programs=P,
+                                           reduction=red)
+                        assert not torch.isnan(o).any() and not torch.isnan(l).any()
+                        assert torch.equal(torch.isneginf(l.cpu()), torch.isneginf(rl.cpu()))
+                        eo, lo = err(o, ro), err(l, rl)
+                        assert eo <= 2 * err(bo, ro) + 1e-5, (dtype, hq, hkv, d, lengths, P, red, eo)
+                        assert lo <= 2 * err(bl, rl) + 1e-5, (dtype, hq, hkv, d, lengths, P, red, lo)
+                        n_checked += 1
+    # contiguous (non-head-major) KV and q, small Sq bottom-right causal
+    q = torch.randn(2, 4, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 3000, 4, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    for n0 in (3000, 2):
+        lengths = [n0, 1777]
+        o, l = lean_decode(q, k, v, scale=0.1, k_lengths=lengths, causal="bottom_right", num_programs=50)
+        for b, n in enumerate(lengths):
+            ro, rl = attn_reference(q[b:b+1].double(), k[b:b+1, :n].double(), v[b:b+1, :n].double(),
+                                    scale=0.1, causal="bottom_right")
+            assert err(o[b:b+1], ro) < 2e-2 and err(l[b:b+1], rl) < 1e-3, (n, err(o[b:b+1], ro))
+    # fused reduction stress: many launches, random lengths, must match the two-kernel result
+    for it in range(200):
+        B = rnd.randint(1, 6)
+        lengths = [rnd.choice([0, 1, rnd.randint(1, 6000)]) for _ in range(B)]
+        Sk = max(max(lengths), 1)
+        q = torch.randn(B, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k = head_major(torch.randn(B, Sk, 8, 128, device="cuda", dtype=torch.bfloat16))
+        v = head_major(torch.randn(B, Sk, 8, 128, device="cuda", dtype=torch.bfloat16))
+        P = rnd.choice([3, 64, 132, 264, 528])
+        o1, l1 = lean_decode(q, k, v, scale=0.09, k_lengths=lengths, num_programs=P, reduction="fused")
+        o2, l2 = lean_decode(q, k, v, scale=0.09, k_lengths=lengths, num_programs=P, reduction="two_kernel")
+        assert err(o1, o2) < 1e-2 and err(l1, l2) < 1e-4, (it, lengths, P)
+    print("LEAN_GPU_OK", n_checked)
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lean_compiled_kernels_match_reference():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0 and "LEAN_GPU_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
