@@ -33,7 +33,7 @@ from hpcattn.errors import ConfigError
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 JOBS = ("decode", "prefill", "generate")
-METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring"),
+METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring", "star", "apb"),
                   "generate": ("local", "tree", "ring")}
 KERNEL_BACKENDS = (
     "auto", "torch_ref", "cpu_flash", "aten_cudnn", "aten_flash", "aten_efficient", "fa2",
@@ -59,6 +59,8 @@ class ShapeConfig:
         None, doc="decode only: per-sequence KV lengths (ragged batch), each <= context")
     dtype: str = _f("bfloat16", choices=DTYPES, sweep=True, doc="tensor dtype")
     causal: bool = _f(True, sweep=True, doc="prefill only: causal mask")
+    query_len: int = _f(0, sweep=True, doc="prefill: query rows after the context (Star/APB query pass and "
+                                            "APB's anchor); star/apb need >= 1")
     scale: typing.Optional[float] = _f(None, doc="softmax scale; default head_dim**-0.5")
 
 
@@ -93,10 +95,39 @@ class RingConfig:
 
 
 @dataclass
+class StarConfig:
+    block: typing.Optional[int] = _f(None, sweep=True, doc="phase-1 block in tokens (default context/ranks, "
+                                                           "as APB ran Star; the Star README uses context/4)")
+    anchor: typing.Optional[int] = _f(None, sweep=True, doc="anchor tokens (default = block)")
+    compat_remote_causal_quirk: bool = _f(False, doc="the public code's bottom-right causal mask on remote "
+                                                     "caches in the query pass (default: intended non-causal)")
+
+
+@dataclass
+class APBConfig:
+    anchor_len: typing.Optional[int] = _f(None, sweep=True, doc="la (default: paper preset, else block/4)")
+    passing_len: typing.Optional[int] = _f(None, sweep=True, doc="lp per rank and KV head (default: preset, "
+                                                                 "else block/8)")
+    query_offset: int = _f(0, doc="s: header tokens before the query inside the anchor")
+    compressor: str = _f("query_aware", choices=("query_aware", "retaining_heads", "random"), sweep=True,
+                         doc="how local KV is scored for the passing blocks")
+    retaining_heads_path: typing.Optional[str] = _f(None, doc="safetensors file with fc1/fc2 per layer")
+    retaining_heads_regex: str = _f(r"layers\.(\d+)\..*?(fc1|fc2)\.weight",
+                                    doc="regex capturing (layer, fc1|fc2) in the heads file's keys")
+    layer: int = _f(0, doc="attention level: which layer's retaining heads score the inputs")
+    anchor: bool = _f(True, sweep=True, doc="ablation: use an anchor block")
+    passing: bool = _f(True, sweep=True, doc="ablation: pass compressed blocks")
+    query_in_anchor: bool = _f(True, sweep=True, doc="ablation: embed the query in the anchor")
+    score_pool: int = _f(5, doc="max-pool window of the scores along the sequence (odd)")
+    seed: int = _f(0, doc="seed of the random compressor")
+
+
+@dataclass
 class InputConfig:
     source: str = _f("synthetic", choices=("synthetic", "file"), doc="synthetic from seed, or an HDF5 file")
     seed: int = _f(0, doc="seed of the synthetic inputs (results do not depend on the rank count)")
     path: typing.Optional[str] = _f(None, doc="HDF5 file with datasets q, k, v (see docs/inputs.md)")
+    needles: int = _f(0, doc="prefill: plant this many far-away keys aligned with the query (needle recall)")
 
 
 @dataclass
@@ -142,6 +173,8 @@ class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     ring: RingConfig = field(default_factory=RingConfig)
+    star: StarConfig = field(default_factory=StarConfig)
+    apb: APBConfig = field(default_factory=APBConfig)
     inputs: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -387,6 +420,8 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
         raise ConfigError(f"{source}: methods lists a method twice: {cfg.methods}")
     if cfg.job == "generate":
         _validate_generate(cfg, world_size, source)
+    if cfg.job == "prefill" and ("star" in cfg.methods or "apb" in cfg.methods):
+        _validate_approx(cfg, world_size, source)
     if s.lengths is not None:
         if cfg.job != "decode":
             raise ConfigError(f"{source}: shape.lengths (ragged batch) is for job: decode only")
@@ -427,6 +462,42 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
         raise ConfigError(f"{source}: inputs.source=file needs inputs.path (an HDF5 file with q, k, v)")
     if cfg.inputs.source == "file" and not Path(cfg.inputs.path).is_file():
         raise ConfigError(f"{source}: inputs.path: file not found: {cfg.inputs.path}")
+
+
+def _validate_approx(cfg: Config, world_size: int, source: str) -> None:
+    s = cfg.shape
+    if s.query_len < 1:
+        raise ConfigError(f"{source}: methods star/apb need query rows: set shape.query_len >= 1")
+    if not s.causal:
+        raise ConfigError(f"{source}: star/apb are causal prefill methods (shape.causal must be true)")
+    if cfg.inputs.source == "file":
+        raise ConfigError(f"{source}: star/apb need query rows; inputs.source=file is not supported for them yet")
+    if "star" in cfg.methods:
+        block = cfg.star.block or s.context // world_size
+        anchor = cfg.star.anchor if cfg.star.anchor is not None else block
+        if block < 1 or block > s.context:
+            raise ConfigError(f"{source}: star.block={block} must be in [1, context={s.context}]")
+        if anchor > block:
+            raise ConfigError(f"{source}: star.anchor={anchor} must be <= star.block={block}")
+    if "apb" in cfg.methods:
+        from hpcattn.methods.apb import validate as apb_validate
+        apb_validate(s.context, world_size, s.query_len, apb_params(cfg, world_size))
+        if cfg.apb.compressor == "retaining_heads" and not (cfg.apb.retaining_heads_path and
+                                                             Path(cfg.apb.retaining_heads_path).is_file()):
+            raise ConfigError(f"{source}: apb.compressor=retaining_heads needs apb.retaining_heads_path "
+                              f"(a safetensors file), got {cfg.apb.retaining_heads_path!r}")
+
+
+def apb_params(cfg: Config, world_size: int):
+    """APBParams of a concrete config (presets filled in, ablation switches applied)."""
+    from hpcattn.methods.apb import APBParams, preset
+
+    la, lp = preset(cfg.shape.context, world_size)
+    a = cfg.apb
+    la = a.anchor_len if a.anchor_len is not None else la
+    lp = a.passing_len if a.passing_len is not None else lp
+    return APBParams(la=la if a.anchor else 0, lp=lp if a.passing else 0, query_offset=a.query_offset,
+                     query_in_anchor=a.query_in_anchor, pool=a.score_pool)
 
 
 def _validate_generate(cfg: Config, world_size: int, source: str) -> None:

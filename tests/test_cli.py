@@ -135,3 +135,41 @@ def test_dry_run_plans_without_mpi_launch(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "8 cases" in r.stdout and "mem/rank" in r.stdout and "tree-allreduce-flat" in r.stdout
     assert "# resolved config" in r.stdout
+
+
+APPROX = """
+job: prefill
+methods: [local, star, apb]
+shape: {batch: 1, heads_q: 8, heads_kv: 2, head_dim: 16, context: 192, query_len: 6, dtype: float64}
+apb: {compressor: [query_aware, random]}
+inputs: {needles: 4}
+run: {warmup: 0, repeats: 1, check_rows: 48}
+"""
+
+
+def test_star_apb_prefill_job_records_fidelity(tmp_path):
+    cfg = write(tmp_path, "a.yaml", APPROX)
+    out = tmp_path / "a.h5"
+    r = run_ranks(3, ["-m", "hpcattn", "run", cfg, "-o", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta, rows = read_cases(str(out))
+    by = {row["id"]: row for row in rows}
+    assert [row["method"] for row in rows] == ["local", "star", "apb", "apb"]
+    for row in rows[1:]:
+        assert row["check_passed"] and row["query_err_out"] < 1e-12       # the exact query pass
+        assert 0 < row["fidelity_rel_err"] < 1                             # approximate context rows
+    apb = [row for row in rows if row["method"] == "apb"]
+    assert {row["variant"] for row in apb} == {"la16/lp8/query_aware", "la16/lp8/random"}
+    qa = next(row for row in apb if "query_aware" in row["variant"])
+    rnd = next(row for row in apb if "random" in row["variant"])
+    # max-pooling spreads a needle's score over 5 tokens, so top-lp may drop one: recall <= 1
+    assert 0.5 <= qa["needle_recall"] <= 1.0 and rnd["needle_recall"] < qa["needle_recall"]
+    assert by[qa["id"]]["bytes_per_step"] == 8 * 2 * 16 * 2 * 8        # lp * Hkv * 2d * 8 bytes
+
+
+def test_apb_bad_setting_one_message(tmp_path):
+    cfg = write(tmp_path, "a.yaml", APPROX)
+    r = run_ranks(3, ["-m", "hpcattn", "run", cfg, "--set", "apb.passing_len=60"], timeout=60)
+    assert r.returncode == 2
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and "apb.passing_len=60 is larger than the selectable block rows" in err[0], r.stderr

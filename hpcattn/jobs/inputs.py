@@ -128,6 +128,39 @@ def read_tokens(path: str, name: str, index: torch.Tensor, *, dtype: torch.dtype
         return _read(ds, np.s_[:, idx], dtype, device)
 
 
+def needle_positions(n: int, p: int, count: int) -> torch.Tensor:
+    """Where ``count`` needles go: evenly over the middle halves of the blocks of ranks 0..p-2 (far
+    from the query at the end; away from block edges and anchors). Same on every rank."""
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    lb = n // max(p, 1)
+    span = [(r * lb + lb // 4, r * lb + 3 * lb // 4) for r in range(max(p - 1, 1))]
+    pos = []
+    for i in range(count):
+        a, b = span[i % len(span)]
+        j = i // len(span)
+        per = -(-count // len(span))
+        pos.append(a + (b - a) * (j + 1) // (per + 1))
+    return torch.tensor(sorted(set(pos)), dtype=torch.long)
+
+
+def plant_needles(k: torch.Tensor, index: torch.Tensor, positions: torch.Tensor, qq: torch.Tensor,
+                  strength: float = 4.0) -> None:
+    """In place: the keys at global ``positions`` (those among ``index``, the rows k holds) become
+    ``strength`` * sqrt(d) * unit(mean query of the head's group), so the query must find them.
+
+    k: (B, len(index), Hkv, d); qq: (B, ql, Hq, d)."""
+    if len(positions) == 0 or len(index) == 0:
+        return
+    B, ql, Hq, d = qq.shape
+    Hkv = k.shape[2]
+    qbar = qq.float().view(B, ql, Hkv, Hq // Hkv, d).mean((1, 3))              # (B, Hkv, d)
+    direction = qbar / qbar.norm(dim=-1, keepdim=True) * strength * d ** 0.5
+    local = torch.isin(index.cpu(), positions).nonzero().flatten().to(k.device)
+    if len(local):
+        k[:, local] = direction[:, None].to(k.dtype)
+
+
 def _head_major(t: torch.Tensor) -> torch.Tensor:
     from hpcattn.kernels import head_major
     return head_major(t)
@@ -141,7 +174,8 @@ class InputSource:
         self.device = device
         self.dtype = DTYPES[cfg.shape.dtype]
         s = cfg.shape
-        self.heads = {"q": s.heads_q, "k": s.heads_kv, "v": s.heads_kv}
+        self.heads = {"q": s.heads_q, "k": s.heads_kv, "v": s.heads_kv,      # context
+                      "qq": s.heads_q, "kq": s.heads_kv, "vq": s.heads_kv}   # query rows after it
 
     def tokens(self, name: str, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dtype

@@ -1,19 +1,25 @@
 """The attention-level prefill job: causal (or full) attention of a sequence of ``shape.context``
-tokens, sharded over ranks in the ring layout (zigzag or contiguous).
+tokens, sharded over ranks.
 
-Methods: ``local`` (rank 0 computes the whole sequence: the single-device baseline) and ``ring``.
-The check compares ``run.check_rows`` evenly spaced query rows (gathered from the ranks that own
-them) with a float64 reference computed on rank 0.
+Methods: ``local`` (rank 0 computes the whole sequence: the single-device baseline), ``ring``
+(exact), and the approximate ``star`` (phase 1) and ``apb``, which also get ``shape.query_len``
+query rows after the context. The check compares ``run.check_rows`` evenly spaced rows (gathered
+from the ranks that own them) with a float64 reference computed on rank 0: exact methods must pass
+flash-attention's tolerance rule; approximate ones record their fidelity (relative and max error
+of the context rows) and must pass the rule on their exact part, the query pass (Star phase 2).
+With ``inputs.needles`` planted keys, APB also records the needle recall of its passing blocks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hpcattn.jobs.check import max_err, reference_state
-from hpcattn.jobs.inputs import DTYPES, InputSource
+from hpcattn.jobs.check import max_err, passes, reference_state
+from hpcattn.jobs.inputs import DTYPES, InputSource, needle_positions, plant_needles
 from hpcattn.methods import local_attention, ring_prefill
 from hpcattn.methods.sharding import layout_indices
+
+APPROX = ("star", "apb")
 
 
 def check_rows(n: int, count: int) -> torch.Tensor:
@@ -37,11 +43,22 @@ class PrefillJob:
         self.layout = layout
         self.index = layout_indices(layout, self.n, self.p, self.r)
         src = InputSource(cfg, ctx.device)
-        self.q, self.k, self.v = (src.tokens(x, self.index) for x in ("q", "k", "v"))
+        self.ql = s.query_len
+        self.query = tuple(src.range(x, 0, self.ql) for x in ("qq", "kq", "vq")) if self.ql else None
+        self.needles = needle_positions(self.n, self.p, cfg.inputs.needles) if self.ql else needle_positions(0, 1, 0)
+
+        def load(index):
+            q, k, v = (src.tokens(x, index) for x in ("q", "k", "v"))
+            if len(self.needles):
+                plant_needles(k, index, self.needles, self.query[0])
+            return q, k, v
+
+        self.q, self.k, self.v = load(self.index)
         self.full = None
-        if self.r == 0 and ("local" in cfg.methods or cfg.run.check):
-            self.full = tuple(src.range(x, 0, self.n) for x in ("q", "k", "v"))
+        if any(m in APPROX for m in cfg.methods) or (self.r == 0 and ("local" in cfg.methods or cfg.run.check)):
+            self.full = load(torch.arange(self.n))
         self.rows = check_rows(self.n, cfg.run.check_rows)
+        self.recall = None
 
     def method(self, case):
         kern, sc = self.kernel, self.scale
@@ -54,14 +71,64 @@ class PrefillJob:
         if case.method == "ring":
             return lambda tm: ring_prefill(self.q, self.k, self.v, self.ctx, kernel=kern, scale=sc,
                                            causal=self.causal, layout=self.layout, tm=tm)
+        if case.method == "star":
+            from hpcattn.methods.star import star_phase1
+
+            q, k, v = self.full
+            blocks = self.star_blocks(case)
+            anchor = star_anchor(case.cfg, self.p)
+            return lambda tm: star_phase1(q, k, v, blocks=blocks, anchor=anchor, kernel=kern, scale=sc, tm=tm)
+        if case.method == "apb":
+            from hpcattn.config import apb_params
+            from hpcattn.methods.apb import apb_prefill
+
+            q, k, v = self.full
+            prm = apb_params(case.cfg, self.p)
+            comp = self.compressor(case)
+
+            def run(tm):
+                o, l, idx = apb_prefill(q, k, v, *self.query, self.ctx, prm, kernel=kern, scale=sc,
+                                        compressor=comp, tm=tm)
+                self.last_idx = idx
+                return o, l
+            return run
         raise ValueError(case.method)
+
+    def star_blocks(self, case):
+        from hpcattn.methods.star import star_blocks
+
+        return star_blocks(self.n, case.cfg.star.block or self.n // self.p, self.p)[self.r]
+
+    def compressor(self, case):
+        """compressor(q_loc, k_loc, v_loc, rank) -> scores (B, S, Hkv) for APB."""
+        from hpcattn.methods.apb import RetainingHeads, score_query_aware, score_random
+
+        a, s = case.cfg.apb, case.cfg.shape
+        if a.compressor == "query_aware":
+            qq = self.query[0]
+            return lambda ql_, kl, vl, rank: score_query_aware(kl, qq)
+        if a.compressor == "random":
+            return lambda ql_, kl, vl, rank: score_random((kl.shape[0], kl.shape[1], kl.shape[2]), a.seed, rank,
+                                                          kl.device)
+        heads = RetainingHeads(a.retaining_heads_path, a.retaining_heads_regex, s.heads_q, s.heads_kv,
+                               s.head_dim, [a.layer])
+        self.heads_sha256 = heads.sha256
+        return lambda ql_, kl, vl, rank: heads.score(a.layer, ql_, kl, vl)
 
     def _owned(self, case, result):
         """(global indices, out, lse) of the rows this rank computed for ``case``."""
         if result is None:
             return None
         out, lse = result
-        index = torch.arange(self.n) if case.method == "local" else self.index
+        if case.method == "local":
+            index = torch.arange(self.n)
+        elif case.method == "star":
+            index = torch.cat([torch.arange(a, b) for a, b in self.star_blocks(case)] or [torch.zeros(0, dtype=torch.long)])
+        elif case.method == "apb":
+            lb = self.n // self.p
+            index = torch.arange(self.r * lb, (self.r + 1) * lb)
+        else:
+            index = self.index
         return index, out, lse
 
     # -- correctness -----------------------------------------------------------------------------
@@ -95,9 +162,59 @@ class PrefillJob:
         order = torch.argsort(idx)
         if not torch.equal(idx[order], self.rows):
             raise RuntimeError(f"{case.method}: gathered rows do not cover the checked rows")
-        return {"err_out": max_err(out[:, order], ref["out"].cpu()),
-                "err_lse": max_err(lse[:, :, order], ref["lse"].cpu()),
-                "base_err_out": ref["base_err_out"], "base_err_lse": ref["base_err_lse"]}
+        o, ro = out[:, order].double(), ref["out"].cpu().double()
+        res = {"err_out": max_err(o, ro), "err_lse": max_err(lse[:, :, order], ref["lse"].cpu()),
+               "base_err_out": ref["base_err_out"], "base_err_lse": ref["base_err_lse"]}
+        if case.method in APPROX:
+            res["fidelity_rel_err"] = float((o - ro).norm() / ro.norm())
+        return res
+
+    def approx_extras(self, case, result, ref) -> dict:
+        """Star/APB (collective): the query pass (Star phase 2, exact) against the reference, and
+        APB's needle recall. Rank 0 gets the dict; other ranks {}."""
+        from hpcattn.methods.star import star_query
+
+        if case.method not in APPROX:
+            return {}
+        q, k, v = self.full
+        qq, kq, vq = self.query
+        if case.method == "star":
+            blocks = self.star_blocks(case)
+            sel = torch.cat([torch.arange(a, b) for a, b in blocks] or [torch.zeros(0, dtype=torch.long)])
+            last = max(i for i in range(self.p) if __import__("hpcattn.methods.star", fromlist=["x"]).star_blocks(
+                self.n, case.cfg.star.block or self.n // self.p, self.p)[i])
+        else:
+            lb = self.n // self.p
+            sel, last = torch.arange(self.r * lb, (self.r + 1) * lb), self.p - 1
+        sel = sel.to(k.device)
+        oq, lq = star_query(qq, kq, vq, k[:, sel], v[:, sel], self.ctx, kernel=self.kernel, scale=self.scale,
+                            is_last=self.r == last, quirk=case.cfg.star.compat_remote_causal_quirk)
+        recall = None
+        if case.method == "apb" and len(self.needles) and getattr(self, "last_idx", None) is not None:
+            from hpcattn.config import apb_params
+
+            la = apb_params(case.cfg, self.p).la if self.r > 0 else 0
+            lb = self.n // self.p
+            glob = self.r * lb + (self.last_idx.cpu() - la)                      # (B, lp, Hkv) global rows
+            mine = self.needles[(self.needles >= self.r * lb) & (self.needles < (self.r + 1) * lb)]
+            hit = sum(int((glob[b, :, h] == n).any()) for n in mine.tolist()
+                      for b in range(glob.shape[0]) for h in range(glob.shape[2]))
+            recall = (hit, len(mine) * glob.shape[0] * glob.shape[2]) if self.r < self.p - 1 else (0, 0)
+        parts = self.ctx.world.mpi.gather(recall, root=0)
+        if self.r != 0:
+            return {}
+        rq = reference_state(qq, torch.cat([k, kq], 1), torch.cat([v, vq], 1), scale=self.scale,
+                             q_pos=torch.arange(self.n, self.n + self.ql))
+        bq, blq = self.kernel(qq, torch.cat([k, kq], 1), torch.cat([v, vq], 1), scale=self.scale,
+                              causal="bottom_right")
+        e = {"query_err_out": max_err(oq, rq[0]), "query_err_lse": max_err(lq, rq[1]),
+             "query_base_err_out": max_err(bq, rq[0]), "query_base_err_lse": max_err(blq, rq[1])}
+        e["check_passed"] = passes(e["query_err_out"], e["query_err_lse"], e["query_base_err_out"],
+                                   e["query_base_err_lse"])
+        if case.method == "apb" and any(pp for pp in parts):
+            hits, total = map(sum, zip(*[pp for pp in parts if pp]))
+            e["needle_recall"] = hits / total if total else None
+        return e
 
     def gathered_outputs(self, case, result):
         """All rows gathered to rank 0 in global order (collective): dict of float32 numpy, or None."""
@@ -114,6 +231,11 @@ class PrefillJob:
         return {"out": out.numpy(), "lse": lse.numpy()}
 
 
+def star_anchor(cfg, p: int) -> int:
+    block = cfg.star.block or cfg.shape.context // p
+    return cfg.star.anchor if cfg.star.anchor is not None else block
+
+
 def estimate(cfg, method: str, p: int) -> tuple[int, int]:
     """(peak bytes of tensors on the busiest rank, payload bytes per rank per step) - a plan."""
     s = cfg.shape
@@ -126,4 +248,10 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int]:
     kvblock = 2 * s.batch * t * s.heads_kv * s.head_dim * e
     if method == "ring":
         return qkv(t) + 2 * kvblock + acc(t), (p - 1) * kvblock
+    if method == "star":      # the whole context is held (inputs), anchor + block computed
+        return qkv(s.context) + acc(2 * t), 0
+    if method == "apb":
+        from hpcattn.config import apb_params
+        lp = apb_params(cfg, p).lp
+        return qkv(s.context) + acc(2 * t), 2 * s.batch * lp * s.heads_kv * s.head_dim * e
     raise ValueError(method)

@@ -50,6 +50,15 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
         return "/".join(parts)
     if cfg.job == "decode" and method == "tree":
         return f"{cfg.tree.reduction}/{cfg.tree.topology}"
+    if cfg.job == "prefill" and method == "star":
+        from hpcattn.jobs.prefill import star_anchor
+        return f"block{cfg.star.block or cfg.shape.context // p}/anchor{star_anchor(cfg, p)}" + \
+            ("/quirk" if cfg.star.compat_remote_causal_quirk else "")
+    if cfg.job == "prefill" and method == "apb":
+        from hpcattn.config import apb_params
+        prm = apb_params(cfg, p)
+        flags = "" if cfg.apb.query_in_anchor or not prm.la else "/noquery"
+        return f"la{prm.la}/lp{prm.lp}/{cfg.apb.compressor}{flags}"
     if cfg.job == "prefill" and method == "ring":
         return (cfg.ring.layout if p > 1 else "contiguous") + ("/causal" if cfg.shape.causal else "/full")
     if cfg.job == "prefill":
@@ -160,11 +169,13 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
             result, times, phases, bytes_step = time_case(fn, ctx, case.cfg.run.warmup, case.cfg.run.repeats)
             errs = job.errors(case, result, ref)
             err_all = ctx.world.mpi.gather(errs, root=0)
+            extras = job.approx_extras(case, result, ref) if hasattr(job, "approx_extras") and \
+                case.cfg.run.check else {}
             outputs = job.gathered_outputs(case, result) if case.cfg.run.save_outputs else None
             per_rank = ctx.world.mpi.gather((times, phases, [bytes_step[x] for x in PHASES],
                                              _peak_memory(ctx.device)), root=0)
             if ctx.rank == 0:
-                row = _record(case, kernel, ctx, per_rank, err_all, outputs, writer)
+                row = _record(case, kernel, ctx, per_rank, err_all, outputs, writer, extras)
                 rows.append(row)
                 progress(case, row)
             del fn, result
@@ -184,7 +195,7 @@ def _fault_injection(rank: int, _done=[0]) -> None:  # noqa: B006 (a call counte
         raise RuntimeError("injected failure (HPCATTN_TEST_FAIL_RANK)")
 
 
-def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer) -> dict:
+def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=None) -> dict:
     times = np.stack([pr[0] for pr in per_rank], axis=1)              # (repeats, ranks)
     phases = np.stack([pr[1] for pr in per_rank], axis=1)             # (repeats, ranks, P)
     bytes_ = np.asarray([pr[2] for pr in per_rank], dtype=np.int64)   # (ranks, P)
@@ -193,7 +204,7 @@ def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer) -> dict
     attrs = {"method": case.method, "variant": case.variant, "job": case.cfg.job,
              "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv, "head_dim": s.head_dim,
              "context": s.context, "lengths": s.lengths, "dtype": s.dtype,
-             "causal": s.causal if case.cfg.job == "prefill" else False,
+             "causal": s.causal if case.cfg.job == "prefill" else False, "query_len": s.query_len,
              "kernel": kernel.name, "world_size": ctx.size, "warmup": case.cfg.run.warmup,
              "repeats": case.cfg.run.repeats, "sweep_point": case.point, "group": case.group,
              "bytes_per_step": int(bytes_.sum(axis=1).max()), "peak_mem_bytes": int(mem.max())}
@@ -203,6 +214,8 @@ def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer) -> dict
         e = {k: max(x[k] for x in errs) for k in errs[0]}
         from hpcattn.jobs.check import passes
         attrs |= e | {"check_passed": passes(e["err_out"], e["err_lse"], e["base_err_out"], e["base_err_lse"])}
+    if extras:                 # approximate methods: the check is on the exact query pass
+        attrs |= extras
     datasets = {"time_s": (times, {"units": "s", "warmup_excluded": case.cfg.run.warmup}),
                 "phase_s": (phases, {"units": "s", "phases": list(PHASES)}),
                 "bytes_per_step": (bytes_, {"units": "bytes", "phases": list(PHASES)}),

@@ -82,7 +82,9 @@ def format_csv(rows: list[dict]) -> str:
     keys = ["file", "id", "method", "variant", "job", "batch", "heads_q", "heads_kv", "head_dim", "context",
             "dtype", "causal", "world_size", "kernel", "transport", "time_median_s", "time_p10_s",
             "time_p90_s", "comm_fraction", "speedup", "bytes_per_step", "peak_mem_bytes", "err_out",
-            "err_lse", "base_err_out", "base_err_lse", "check_passed"]
+            "err_lse", "base_err_out", "base_err_lse", "check_passed", "fidelity_rel_err", "query_err_out",
+            "needle_recall", "prefill_median_s", "decode_step_median_s", "throughput_tok_s", "token_agreement",
+            "logits_rel_err"]
     w.writerow(keys)
     for r in rows:
         w.writerow(["" if r.get(k) is None else r.get(k) for k in keys])

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Run ON the GPU machine (nvidia-h200-x2), from the repo root, with the tarball
+# made by scripts/build-cuda-mpi.sh carried along (issue 8; docs/cuda-aware-mpi.md).
+#
+# The device tool carries ignored paths named in `carry`; build/ is ignored, so
+# carry the tarball where the build left it (about 10 MiB of the 64 MiB a call):
+#
+#   run(kind="nvidia-h200-x2", carry=["build/cuda-mpi.tar.xz"],
+#       command="bash scripts/cuda-mpi-on-device.sh 2>&1 | tee $OUT/cuda-mpi.log")
+#
+# (or put it at .cudampi/cuda-mpi.tar.xz after `echo /.cudampi/ >> .git/info/exclude`
+# and carry ".cudampi"). Results go to $OUT (the device tool's folder that comes
+# back) when set, else to runs/cuda-mpi/.
+#
+# Environment (optional):
+#   CUDA_MPI_TARBALL  tarball path (default: first of .cudampi/cuda-mpi.tar.xz, build/cuda-mpi.tar.xz)
+#   CUDA_MPI_DEST     where to unpack (default: /tmp; the prefix is $CUDA_MPI_DEST/cuda-mpi)
+#   STEPS             which steps to run (default: "check probe comm decode prefill")
+set -euo pipefail
+
+# --- 0. safety: NVLink multicast stays off on these shared hosts (KINDS.md) ---------
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+STEPS="${STEPS:-check probe comm decode prefill}"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+step() { printf '\n===== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# --- 1. unpack the prebuilt Open MPI into /tmp ---------------------------------------
+TARBALL="${CUDA_MPI_TARBALL:-}"
+if [[ -z "$TARBALL" ]]; then
+    for t in .cudampi/cuda-mpi.tar.xz build/cuda-mpi.tar.xz; do
+        [[ -f "$t" ]] && { TARBALL="$t"; break; }
+    done
+fi
+[[ -n "$TARBALL" && -f "$TARBALL" ]] || { echo "no cuda-mpi.tar.xz carried (see header)" >&2; exit 1; }
+DEST="${CUDA_MPI_DEST:-/tmp}"
+PREFIX="$DEST/cuda-mpi"              # the tarball holds one top-level dir, cuda-mpi/
+step "unpack $TARBALL -> $PREFIX"
+rm -rf "$PREFIX"
+tar -C "$DEST" -xJf "$TARBALL"
+[[ -x "$PREFIX/bin/mpirun" ]] || { echo "unpack did not give $PREFIX/bin/mpirun" >&2; exit 1; }
+
+# --- 2. run-time variables -------------------------------------------------------------
+# PATH: our mpirun/orted/ompi_info before Debian's /usr/bin ones.
+# LD_LIBRARY_PATH: mpi4py's MPI.openmpi*.so needs libmpi.so.40; this makes the
+#   loader take ours instead of /usr/lib/x86_64-linux-gnu/libmpi.so.40 (Debian's,
+#   not CUDA-aware). Our libs carry no RPATH to a path that exists here.
+# OPAL_PREFIX: the build was installed under build/cuda-mpi on another machine;
+#   OPAL_PREFIX relocates it (help files, MCA components in lib/openmpi3, etc/).
+# MPI4PY_MPIABI=openmpi: the mpi4py 4.1 wheel holds an MPICH-ABI and an Open MPI
+#   ABI extension and picks one by probing libmpi; this pins the Open MPI one
+#   (harmless for an mpi4py built from source).
+# OMPI_MCA_opal_cuda_support=true: already the default of a CUDA build (it also
+#   raises btl/smcuda above btl/vader so device buffers use CUDA IPC); explicit.
+# OMPI_ALLOW_RUN_AS_ROOT*: commands run as root there.
+export PATH="$PREFIX/bin:$PATH"
+export LD_LIBRARY_PATH="$PREFIX/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export OPAL_PREFIX="$PREFIX"
+export MPI4PY_MPIABI=openmpi
+export OMPI_MCA_opal_cuda_support=true
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"    # hpcattn from this checkout
+export PYTHONUNBUFFERED=1
+PY="$(command -v python3)"           # the image's python3 (holds torch and mpi4py)
+RESULTS="${OUT:-$PWD/runs/cuda-mpi}"
+mkdir -p "$RESULTS"
+
+# mpirun: 2 ranks (one per GPU; hpcattn maps rank -> local GPU), no core binding,
+# and every variable above forwarded to the ranks with -x.
+MPIRUN=(mpirun --allow-run-as-root -n 2 --bind-to none
+        --mca opal_cuda_support 1
+        -x PATH -x LD_LIBRARY_PATH -x OPAL_PREFIX -x PYTHONPATH -x PYTHONUNBUFFERED
+        -x MPI4PY_MPIABI -x OMPI_MCA_opal_cuda_support
+        -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS)
+
+# --- 3. what is there: GPUs, which mpirun, CUDA support built in ------------------------
+if want check; then
+    step "machine and library"
+    nvidia-smi -L || true
+    "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
+    "$PY" -c 'import mpi4py; print("mpi4py", mpi4py.__version__, mpi4py.__file__)'
+    command -v mpirun
+    ompi_info --parsable --all | grep -E 'mpi_built_with_cuda_support|opal_built_with_cuda_support'
+    ompi_info | grep -E 'Open MPI:|Ident string|btl: smcuda|coll: cuda' || true
+fi
+
+# --- 4. mpi4py loads OUR libmpi.so.40, and hpcattn's probe says CUDA-aware -------------
+if want probe; then
+    step "MPI.Get_library_version() (singleton, no mpirun)"
+    "$PY" -c "from mpi4py import MPI; print(MPI.Get_library_version())"
+    step "which libmpi is mapped, and hpcattn's probe"
+    "$PY" -c "from mpi4py import MPI; from hpcattn.comm.gpu_aware import _loaded_libmpi; print(_loaded_libmpi())"
+    "$PY" -c "from hpcattn.comm.gpu_aware import probe; from mpi4py import MPI; print(probe(MPI.COMM_WORLD))"
+    # expected: (True, 'MPIX_query'); Debian's own 4.1.6 would give (False, 'MPIX_query').
+fi
+
+# --- 5. hpcattn's transport check on device buffers through MPI -------------------------
+# gpu-aware true: device pointers go straight to MPI (transport mpi_device);
+# then auto (must resolve true by the probe) and false (mpi_staged) for comparison.
+if want comm; then
+    step "check-comm --backend mpi --gpu-aware-mpi true"
+    "${MPIRUN[@]}" "$PY" -m hpcattn check-comm --backend mpi --device cuda --gpu-aware-mpi true \
+        2>&1 | tee "$RESULTS/check-comm-mpi-device.txt"
+    step "check-comm --backend mpi --gpu-aware-mpi auto"
+    "${MPIRUN[@]}" "$PY" -m hpcattn check-comm --backend mpi --device cuda --gpu-aware-mpi auto \
+        2>&1 | tee "$RESULTS/check-comm-mpi-auto.txt"
+    step "check-comm --backend mpi --gpu-aware-mpi false (host-staged)"
+    "${MPIRUN[@]}" "$PY" -m hpcattn check-comm --backend mpi --device cuda --gpu-aware-mpi false \
+        2>&1 | tee "$RESULTS/check-comm-mpi-staged.txt"
+fi
+
+# --- 6. tree decode (all-reduce / all-gather of the merge messages) over GPU-aware MPI ---
+if want decode; then
+    step "decode_2gpu.yaml, comm.backend=mpi, gpu_aware_mpi=true"
+    "${MPIRUN[@]}" "$PY" -m hpcattn run configs/bench/decode_2gpu.yaml \
+        --set comm.backend=mpi --set comm.gpu_aware_mpi=true -o "$RESULTS/decode-mpi-device.h5"
+    "$PY" -m hpcattn report "$RESULTS/decode-mpi-device.h5" | tee "$RESULTS/decode-mpi-device.txt"
+fi
+
+# --- 7. ring prefill (send/recv of KV blocks) over GPU-aware MPI --------------------------
+if want prefill; then
+    step "prefill_2gpu.yaml, comm.backend=mpi, gpu_aware_mpi=true"
+    "${MPIRUN[@]}" "$PY" -m hpcattn run configs/bench/prefill_2gpu.yaml \
+        --set comm.backend=mpi --set comm.gpu_aware_mpi=true -o "$RESULTS/prefill-mpi-device.h5"
+    "$PY" -m hpcattn report "$RESULTS/prefill-mpi-device.h5" | tee "$RESULTS/prefill-mpi-device.txt"
+fi
+
+step "done; results in $RESULTS"
