@@ -13,6 +13,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.6.0
 MPI_EXTRA ?= mpich
 HPCATTN_SYSTEM_SITE ?= 0
 HPCATTN_PYTHON ?=
@@ -38,6 +39,8 @@ $(VENV)/.hpcattn-setup: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@# the local CPU wheel, not the multi-GB CUDA build (kept if torch already imports)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	@# Triton runs the LeanAttention kernel's tests on CPU through its interpreter
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==$(TRITON_VERSION)"
 	$(PY) -m pip install -q -e ".[test,plot$(if $(MPI_EXTRA),$(comma)$(MPI_EXTRA))]"
 	$(PY) -c "import torch, mpi4py.MPI, h5py, yaml; print('hpcattn set-up ok: torch', torch.__version__, '|', mpi4py.MPI.Get_library_version().splitlines()[0])"
 	touch $@
@@ -52,7 +55,7 @@ test-mpi: $(SETUP)
 	PATH="$(BIN)$$PATH" $(PY) -m pytest -q -m mpi
 
 test-gpu:
-	PATH="$(BIN)$$PATH" $(PY) -m pytest -q -ra -m gpu tests/test_gpu.py
+	PATH="$(BIN)$$PATH" $(PY) -m pytest -q -ra -m gpu tests/test_gpu.py tests/test_lean_gpu.py
 
 demo: $(SETUP)
 	mkdir -p runs

@@ -36,7 +36,7 @@ JOBS = ("decode", "prefill", "generate")
 METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring", "star", "apb"),
                   "generate": ("local", "tree", "ring")}
 KERNEL_BACKENDS = (
-    "auto", "torch_ref", "cpu_flash", "aten_cudnn", "aten_flash", "aten_efficient", "fa2",
+    "auto", "torch_ref", "cpu_flash", "aten_cudnn", "aten_flash", "aten_efficient", "fa2", "lean",
 )
 
 
@@ -450,6 +450,8 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     if device == "cuda" and s.dtype == "float64" and cfg.kernel.backend not in ("auto", "torch_ref"):
         raise ConfigError(f"{source}: shape.dtype=float64 on GPU needs kernel.backend=torch_ref")
     cpu_kernels = ("auto", "torch_ref", "cpu_flash")
+    if cfg.kernel.backend == "lean" and cfg.job != "decode":
+        raise ConfigError(f"{source}: kernel.backend=lean is a decode kernel (job: decode only)")
     if device == "cpu" and cfg.kernel.backend not in cpu_kernels:
         raise ConfigError(f"{source}: kernel.backend={cfg.kernel.backend} needs a GPU; "
                           f"on CPU ranks use one of {', '.join(cpu_kernels)}")

@@ -12,7 +12,8 @@ last key). ``k_lengths`` (B,) makes a ragged batch: sequence b sees keys [0, k_l
 
 Backends: ``torch_ref`` (plain torch math, CPU/GPU, any dtype), ``cpu_flash`` (aten's CPU flash
 kernel), ``aten_cudnn`` / ``aten_flash`` / ``aten_efficient`` (PyTorch's GPU ops), ``fa2``
-(flash-attn, when importable). ``auto`` picks, in order of measured speed, the first one that is
+(flash-attn, when importable), ``lean`` (hpcattn's stream-K Triton decode kernel, GPU, decode
+shapes only; explicit until its GPU benchmark has been run). ``auto`` picks, in order of measured speed, the first one that is
 present and passes a startup self-test against ``torch_ref`` for the run's dtype and head size.
 """
 
@@ -50,6 +51,9 @@ class Kernel:
         if Sk == 0 or Sq == 0:
             out, lse = empty_state(B, Sq, Hq, d, dtype=q.dtype, device=q.device)
             return out, lse.to(torch.float64) if q.dtype == torch.float64 else lse
+        if self.name == "lean":                       # stream-K decode kernel: ragged natively
+            from hpcattn.kernels.lean import lean_decode
+            return lean_decode(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
         if k_lengths is not None and any(n != Sk for n in k_lengths):
             return self._ragged(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
         return self._dense(q, k, v, scale=scale, causal=causal)
@@ -91,6 +95,8 @@ def _selftest(name: str, device: torch.device, dtype: torch.dtype, head_dim: int
         (37, 37, 4, 4, "square"), (37, 37, 4, 2, "none"), (5, 70, 4, 2, "bottom_right"),
         (1, 45, 8, 2, "none"), (33, 33, 4, 4, "none"),
     ]
+    if name == "lean":         # a decode kernel: decode-shaped cases only
+        cases = [(1, 45, 8, 2, "none"), (1, 300, 32, 8, "none"), (3, 200, 8, 2, "bottom_right")]
     tol = _tolerance(dtype)
     kern = Kernel(name, native_gqa=False)
     try:
