@@ -141,7 +141,9 @@ class ModelConfig:
 
 @dataclass
 class GenerateConfig:
-    prefill: str = _f("ring", choices=("local", "ring"), sweep=True, doc="prefill method in every layer")
+    prefill: str = _f("ring", choices=("local", "ring", "star", "apb"), sweep=True,
+                      doc="prefill method in every layer (star/apb: approximate, settings in star.*/apb.*)")
+    query_len: int = _f(16, doc="star/apb: the last query_len prompt tokens are the query (anchor, query pass)")
     decode: str = _f("tree", choices=("local", "tree", "ring"), sweep=True,
                      doc="decode method in every layer (local needs prefill local)")
     new_tokens: int = _f(8, doc="greedy tokens to generate (the first comes from the prefill)")
@@ -490,11 +492,12 @@ def _validate_approx(cfg: Config, world_size: int, source: str) -> None:
                               f"(a safetensors file), got {cfg.apb.retaining_heads_path!r}")
 
 
-def apb_params(cfg: Config, world_size: int):
-    """APBParams of a concrete config (presets filled in, ablation switches applied)."""
+def apb_params(cfg: Config, world_size: int, context: int | None = None):
+    """APBParams of a concrete config (presets filled in, ablation switches applied); ``context``
+    is the context length (default shape.context; the generate job passes prompt - query)."""
     from hpcattn.methods.apb import APBParams, preset
 
-    la, lp = preset(cfg.shape.context, world_size)
+    la, lp = preset(context if context is not None else cfg.shape.context, world_size)
     a = cfg.apb
     la = a.anchor_len if a.anchor_len is not None else la
     lp = a.passing_len if a.passing_len is not None else lp
@@ -516,6 +519,20 @@ def _validate_generate(cfg: Config, world_size: int, source: str) -> None:
         if cfg.ring.layout == "zigzag" and s.context % (2 * world_size):
             raise ConfigError(f"{source}: ring.layout=zigzag needs the prompt length (shape.context={s.context}) "
                               f"divisible by 2 x ranks = {2 * world_size}")
+    if g.prefill in ("star", "apb"):
+        n = s.context - g.query_len
+        if world_size < 2:
+            raise ConfigError(f"{source}: generate.prefill={g.prefill} needs at least 2 ranks")
+        if g.query_len < 1 or n < world_size:
+            raise ConfigError(f"{source}: generate.query_len={g.query_len} must be >= 1 and leave at least "
+                              f"one context token per rank (prompt length {s.context})")
+        if g.prefill == "apb":
+            from hpcattn.methods.apb import validate as apb_validate
+            apb_validate(n, world_size, g.query_len, apb_params(cfg, world_size, n))
+            if cfg.apb.compressor == "query_aware" and apb_params(cfg, world_size, n).lp and \
+                    not (apb_params(cfg, world_size, n).la and cfg.apb.query_in_anchor):
+                raise ConfigError(f"{source}: apb.compressor=query_aware in the model needs the query in the "
+                                  f"anchor (apb.anchor and apb.query_in_anchor true)")
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"{source}: model.path: not a directory: {cfg.model.path}")
     if g.prompt_ids is not None and not Path(g.prompt_ids).is_file():

@@ -154,7 +154,7 @@ def test_set_bare_unique_leaf_name():
     assert cfg.tree.reduction == "allreduce"
     assert cfg.ring.layout == "contiguous"
     assert cfg.run.repeats == 3
-    with pytest.raises(C.ConfigError, match="ambiguous, use one of inputs.seed, model.seed"):
+    with pytest.raises(C.ConfigError, match="ambiguous, use one of apb.seed, inputs.seed, model.seed"):
         C.load(None, ["seed=7"])
 
 

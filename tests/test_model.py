@@ -22,7 +22,7 @@ def tiny(**over) -> ModelArgs:
     return a
 
 
-def plain_attend(layer, q, k, v):
+def plain_attend(layer, q, k, v, **_):
     """Full causal attention over the tokens of this call (no cache)."""
     return attn_reference(q, k, v, scale=q.shape[-1] ** -0.5, causal="square")[0]
 

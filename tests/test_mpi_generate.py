@@ -16,6 +16,25 @@ def test_generate_matches_one_process(ranks, backend):
     assert f"matched one process on {ranks} ranks" in r.stdout
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_star_apb_in_the_model(ranks):
+    r = run_ranks(ranks, ["-m", "mpi4py", "tests/mpi_progs/check_generate_approx.py"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"passed on {ranks} ranks" in r.stdout
+
+
+def test_generate_job_star_apb_cli(tmp_path):
+    out = tmp_path / "g.h5"
+    r = run_ranks(2, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", "generate.prefill=[star,apb]",
+                      "--set", "generate.decode=tree", "--set", "generate.query_len=8", "--set", "context=264",
+                      "--set", "run.repeats=1", "-o", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta, rows = read_cases(str(out))
+    assert [row["method"] for row in rows] == ["star+tree", "apb+tree"]
+    for row in rows:
+        assert 0 <= row["token_agreement"] <= 1 and row["logits_rel_err"] >= 0
+
+
 def test_generate_job_cli(tmp_path):
     out = tmp_path / "g.h5"
     r = run_ranks(2, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", "shape.dtype=float64",

@@ -43,6 +43,12 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
         parts = []
         if cfg.generate.prefill == "ring" and p > 1:
             parts.append(cfg.ring.layout)
+        if cfg.generate.prefill == "star":
+            parts.append(f"block{cfg.star.block or 'auto'}-anchor{cfg.star.anchor or 'block'}")
+        if cfg.generate.prefill == "apb":
+            from hpcattn.config import apb_params
+            prm = apb_params(cfg, p, cfg.shape.context - cfg.generate.query_len)
+            parts.append(f"la{prm.la}-lp{prm.lp}-{cfg.apb.compressor}")
         if cfg.generate.decode == "tree" and p > 1:
             parts += [cfg.tree.reduction, cfg.tree.topology]
         if cfg.generate.decode != "local" and p > 1:

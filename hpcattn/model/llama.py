@@ -3,7 +3,9 @@
 RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, with Llama-3 rope scaling),
 grouped-query attention, SwiGLU MLP. The model does not compute attention itself: every layer
 hands its post-RoPE q, k, v to an ``attend(layer, q, k, v)`` callable, so that any method (local,
-ring, tree, ...) and any KV-cache placement plug in per layer.
+ring, tree, ...) and any KV-cache placement plug in per layer. ``attend(layer, q, k, v, pre=(q, k, v))``
+gets the post-RoPE q, k and v and, as ``pre``, the same projections before RoPE (APB's compressors
+score those).
 
 Shapes: tokens (B, S) int64, positions (S,) int64 (absolute RoPE positions of these tokens),
 hidden (B, S, dim); attention tensors (B, S, H, head_dim) as everywhere in hpcattn.
@@ -129,8 +131,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, S, a.n_heads, a.head_dim)
         k = self.wk(x).view(B, S, a.n_kv_heads, a.head_dim)
         v = self.wv(x).view(B, S, a.n_kv_heads, a.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(layer, q, k, v)                                  # (B, S, Hq, hd)
+        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(layer, qr, kr, v, pre=(q, k, v))                 # (B, S, Hq, hd)
         return self.wo(out.reshape(B, S, a.n_heads * a.head_dim))
 
 

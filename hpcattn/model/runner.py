@@ -1,5 +1,6 @@
-"""Distributed inference with a sharded KV cache: prefill by ``local`` or ``ring``, decode by
-``local``, ``tree`` or ``ring``, chosen per run and applied in every layer.
+"""Distributed inference with a sharded KV cache: prefill by ``local``, ``ring``, ``star`` or
+``apb`` (the last two in :mod:`hpcattn.model.approx_prefill`), decode by ``local``, ``tree`` or
+``ring``, chosen per run and applied in every layer.
 
 * Prefill ``ring``: rank r runs all layers on its shard of the prompt (zigzag or contiguous, with
   the tokens' true positions); attention is ring attention; its KV stays in its cache.
@@ -64,12 +65,19 @@ class ModelRunner:
 
     def __init__(self, model: Transformer, ctx, kernel: Kernel, *, prefill: str = "ring", decode: str = "tree",
                  layout: str = "zigzag", reduction: str = "allgather", topology: str = "flat",
-                 placement: str = "last"):
+                 placement: str = "last", query_len: int = 1, star_block: int | None = None,
+                 star_anchor: int | None = None, star_quirk: bool = False, apb=None,
+                 compressor="query_aware", apb_seed: int = 0):
         if decode == "local" and prefill != "local" and ctx is not None and ctx.size > 1:
             raise ValueError("decode=local needs prefill=local (the cache must be whole on every rank)")
         self.model, self.ctx, self.kernel = model, ctx, kernel
         self.prefill_method, self.decode_method = prefill, decode
         self.layout, self.reduction, self.topology, self.placement = layout, reduction, topology, placement
+        # star / apb prefill (hpcattn.model.approx_prefill): the last query_len prompt tokens are the query
+        self.query_len, self.star_block, self.star_anchor, self.star_quirk = query_len, star_block, star_anchor, star_quirk
+        self.apb, self.compressor, self.apb_seed = apb, compressor, apb_seed
+        if prefill in ("star", "apb") and decode == "local" and ctx is not None and ctx.size > 1:
+            raise ValueError("decode=local needs prefill=local (the cache must be whole on every rank)")
         self.p = ctx.size if ctx is not None else 1
         self.r = ctx.rank if ctx is not None else 0
         a = model.args
@@ -94,6 +102,11 @@ class ModelRunner:
     def prefill(self, tokens: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """tokens (B, N) identical on every rank -> float32 logits (B, vocab) of the last prompt
         token, identical on every rank. Allocates the cache for ``new_tokens`` more tokens."""
+        if self.prefill_method in ("star", "apb"):
+            from hpcattn.model.approx_prefill import approx_prefill
+            if self.p == 1:
+                raise ValueError("star/apb prefill needs at least 2 ranks")
+            return approx_prefill(self, tokens, new_tokens)
         B, N = tokens.shape
         a = self.model.args
         dev = tokens.device
@@ -106,7 +119,7 @@ class ModelRunner:
         self.n_prompt, self.step = N, 0
         causal_layout = self.layout if self.p > 1 else "contiguous"
 
-        def attend(layer, q, k, v):
+        def attend(layer, q, k, v, **_):
             self.cache.write(layer, k[:, keep], v[:, keep], 0)
             if self.prefill_method == "ring" and self.p > 1:
                 out, _ = ring_prefill(q, k, v, self.ctx, kernel=self.kernel, scale=self.scale, causal=True,
@@ -149,7 +162,7 @@ class ModelRunner:
         if not local:
             lengths[owner] += 1
 
-        def attend(layer, q, k, v):
+        def attend(layer, q, k, v, **_):
             if mine:
                 self.cache.write(layer, k, v, self.cache.length)
             kc, vc = self.cache.view(layer, n_mine)
