@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cc.add_argument("--gpu-aware-mpi", default="auto", choices=("auto", "true", "false"))
     cc.add_argument("--repeats", type=int, default=50)
+    pj = sub.add_parser("project", help="project a P-host ring/Star/APB prefill from one device "
+                                        "(runs every host's work here; one process)")
+    pj.add_argument("config", help="prefill job config")
+    pj.add_argument("--hosts", type=int, default=8)
+    pj.add_argument("--link-gbps", type=float, default=150.0,
+                    help="link bandwidth for the comm model, GB/s (measure with check-comm)")
+    pj.add_argument("--latency-us", type=float, default=30.0, help="per-collective latency for the comm model")
+    pj.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pj.add_argument("-o", "--output", help="write the projection to this HDF5 file")
     cfg = sub.add_parser("config", help="print the config reference (every key, type, default)")
     cfg.add_argument("--defaults", action="store_true", help="print the default config as YAML instead")
     return p
@@ -55,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "check-comm":
             from hpcattn.jobs.check_comm import check_comm
             return _abort_on_error(lambda: check_comm(args))
+        if args.cmd == "project":
+            from hpcattn import config as config_mod
+            from hpcattn.jobs.projection import run_projection
+            cfg = config_mod.load(args.config, args.set)
+            if cfg.job != "prefill":
+                raise HpcattnError(f"{args.config}: hpcattn project needs a prefill job config")
+            run_projection(cfg, args.hosts, args.link_gbps, args.latency_us, args.output)
+            return 0
         if args.cmd == "report":
             from hpcattn.results.report import format_csv, format_table, rows_from_files
             rows = rows_from_files(args.files)
