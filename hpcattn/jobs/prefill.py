@@ -172,7 +172,7 @@ class PrefillJob:
     def approx_extras(self, case, result, ref) -> dict:
         """Star/APB (collective): the query pass (Star phase 2, exact) against the reference, and
         APB's needle recall. Rank 0 gets the dict; other ranks {}."""
-        from hpcattn.methods.star import star_query
+        from hpcattn.methods.star import star_blocks, star_query
 
         if case.method not in APPROX:
             return {}
@@ -181,8 +181,8 @@ class PrefillJob:
         if case.method == "star":
             blocks = self.star_blocks(case)
             sel = torch.cat([torch.arange(a, b) for a, b in blocks] or [torch.zeros(0, dtype=torch.long)])
-            last = max(i for i in range(self.p) if __import__("hpcattn.methods.star", fromlist=["x"]).star_blocks(
-                self.n, case.cfg.star.block or self.n // self.p, self.p)[i])
+            every = star_blocks(self.n, case.cfg.star.block or self.n // self.p, self.p)
+            last = max(i for i in range(self.p) if every[i])        # the query host
         else:
             lb = self.n // self.p
             sel, last = torch.arange(self.r * lb, (self.r + 1) * lb), self.p - 1
