@@ -305,7 +305,9 @@ def _progress(total: int):
 
     def show(case, row):
         ok = {True: "check ok", False: "check FAILED"}.get(row.get("check_passed"), "")
-        log.info(f"[{len(show.done) + 1}/{total}] {case.id:34} "
+        done = len(show.done) + 1
+        bar = "#" * (20 * done // total) + "-" * (20 - 20 * done // total)
+        log.info(f"[{bar}] {done}/{total} {case.id:34} "
                  f"N={case.cfg.shape.context:<8} B={case.cfg.shape.batch:<3} "
                  f"{row['time_median_s'] * 1e3:10.3f} ms  {ok}  ({time.time() - start:.0f} s)")
         show.done.append(case.id)
