@@ -125,6 +125,8 @@ def _resolve(args, world_size: int):
         from hpcattn.jobs.generate import resolve_shape
         resolve_shape(cfg)
     cuda = torch.cuda.is_available()
+    if args.dry_run and (cfg.run.device == "cuda" or cfg.comm.backend == "nccl"):
+        cuda = True            # planning a GPU job on a CPU login node
     p = args.ranks if (args.dry_run and args.ranks) else world_size
     cases = plan_cases(cfg, p)
     for c in cases:

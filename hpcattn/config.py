@@ -446,6 +446,8 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     if cfg.comm.backend == "nccl" and device != "cuda":
         raise ConfigError(f"{source}: comm.backend=nccl needs GPUs (run.device resolved to {device}); "
                           f"use comm.backend=mpi or gloo on CPU ranks")
+    if cfg.comm.backend == "gloo" and device == "cuda":
+        raise ConfigError(f"{source}: comm.backend=gloo is the CPU stand-in for nccl; on GPUs use nccl or mpi")
     if device == "cpu" and s.dtype == "float16":
         raise ConfigError(f"{source}: shape.dtype=float16 is not supported on CPU ranks; "
                           f"use float32, float64 or bfloat16")
