@@ -269,6 +269,10 @@ def _run(cfg, world, args) -> int:
     log.info(f"hpcattn: {cfg.job}, {ctx.size} ranks on {len(ctx.node_ranks)} node(s), device {ctx.device.type}, "
              f"transport {ctx.transport} (gpu-aware MPI: {ctx.gpu_aware}, by {ctx.gpu_aware_method}), "
              f"kernel {first.name}, {len(cases)} cases")
+    model = None
+    if cfg.job == "generate":      # a bad checkpoint is reported once, before any file is written
+        from hpcattn.model.weights import build_model
+        model = _collective_check(world, lambda: build_model(cfg, DTYPES[cfg.shape.dtype], ctx.device))
     # the stored config carries what "auto" resolved to, so re-running from it reproduces the run
     cfg.run.device = ctx.device.type
     cfg.comm.backend = ctx.backend
@@ -284,7 +288,7 @@ def _run(cfg, world, args) -> int:
     progress = _progress(len(cases)) if rank == 0 else (lambda case, row: None)
     if cfg.job == "generate":
         from hpcattn.jobs.generate import run_generate_cases
-        rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress)
+        rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
     else:
         rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)
     comm_mod.teardown(ctx)

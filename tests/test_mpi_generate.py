@@ -50,3 +50,36 @@ def test_generate_job_cli(tmp_path):
 def test_generate_bad_combination(tmp_path):
     r = run_ranks(2, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", "generate.decode=local"], timeout=60)
     assert r.returncode == 2 and "generate.decode=local needs generate.prefill=local" in r.stderr
+
+
+def test_generate_from_checkpoint_and_bad_checkpoint(tmp_path):
+    """The issue's user path: a checkpoint on disk -> tokens and a record; a checkpoint with a
+    missing tensor -> one clear error line, exit 2 on every rank, no result file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hpcattn.model.llama import ModelArgs
+    from hpcattn.model.weights import random_model, save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    args = ModelArgs.from_preset("tiny")
+    args.qkv_bias = True                                  # Qwen2 has q/k/v biases
+    save_checkpoint(random_model(args, 9, torch.float32, "cpu"), ckpt, "Qwen2ForCausalLM")
+    out = tmp_path / "g.h5"
+    r = run_ranks(2, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", f"model.path={ckpt}",
+                      "--set", "generate.decode=tree", "--set", "run.repeats=1", "-o", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta, rows = read_cases(str(out))
+    assert rows[0]["model"] == str(ckpt) and rows[0]["check_passed"]
+    import h5py
+    with h5py.File(out) as f:
+        assert f["cases"][rows[0]["id"]]["tokens"].shape == (1, 8)
+    st = load_file(str(ckpt / "model.safetensors"))
+    del st["model.norm.weight"]
+    save_file(st, str(ckpt / "model.safetensors"))
+    bad = tmp_path / "bad.h5"
+    r = run_ranks(2, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", f"model.path={ckpt}",
+                      "-o", str(bad)], timeout=60)
+    err = [l for l in (r.stdout + r.stderr).splitlines() if "error" in l]
+    assert r.returncode == 2 and len(err) == 1 and "lacks tensor(s) model.norm.weight" in err[0], r.stdout + r.stderr
+    assert not bad.exists() and not (tmp_path / "bad.h5.tmp").exists()

@@ -177,10 +177,9 @@ class GenerateJob:
         return {"token_agreement": agree, "logits_max_err": err, "logits_rel_err": rel, "check_passed": passed}
 
 
-def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress) -> list[dict]:
+def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None) -> list[dict]:
     """Execute generate cases (collective); rank 0 writes each finished case."""
     rows = []
-    model = None
     for case in cases:
         kernel = kernel_for(case.cfg)
         job = GenerateJob(case.cfg, ctx, kernel, model)
