@@ -249,6 +249,8 @@ def _check_scalar(value, t, where: str):
 def _check_value(value, t, f: dataclasses.Field, where: str):
     """Type-check one leaf value; a sweepable field may hold a non-empty list of values."""
     sweep = f.metadata.get("sweep", False)
+    if isinstance(value, bool) and t is str and "true" in (f.metadata.get("choices") or ()):
+        value = "true" if value else "false"          # YAML reads `true` as a boolean
     if sweep and isinstance(value, list) and typing.get_origin(t) is not list:
         if not value:
             raise ConfigError(f"{where}: a sweep list must not be empty")

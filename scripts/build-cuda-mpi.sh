@@ -115,6 +115,10 @@ fi
 T_SRC=$(date +%s)
 
 # --- 4. configure --------------------------------------------------------------
+# Reproducible: Open MPI's config/getdate.sh honours SOURCE_DATE_EPOCH (default:
+# the Debian changelog date); configure records $HOSTNAME and $USER in ompi_info.
+SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(dpkg-parsechangelog -l "$SRC/debian/changelog" -STimestamp 2>/dev/null || echo 1653782400)}"
+export SOURCE_DATE_EPOCH
 OBJ="$WORK/obj"
 rm -rf "$OBJ" && mkdir -p "$OBJ"
 log "configure (prefix $PREFIX, cuda $CUDA_HOME)"
@@ -141,7 +145,8 @@ CONFIGURE_ARGS=(
     # Components that cannot help on one GPU node and pull in libraries:
     --enable-mca-no-build=btl-openib,btl-uct,btl-usnic,btl-portals4,mtl-ofi,mtl-psm,mtl-psm2,mtl-portals4,pml-ucx,osc-ucx,spml-ucx,plm-tm,ras-tm
 )
-(cd "$OBJ" && "$SRC/configure" "${CONFIGURE_ARGS[@]}" > "$WORK/configure.log" 2>&1) \
+(cd "$OBJ" && HOSTNAME=hpcattn-build USER=hpcattn \
+    "$SRC/configure" "${CONFIGURE_ARGS[@]}" > "$WORK/configure.log" 2>&1) \
     || { tail -60 "$WORK/configure.log"; die "configure failed (log: $WORK/configure.log)"; }
 grep -E "CUDA support|^Open MPI configuration" -A0 "$WORK/configure.log" || true
 grep -qE "CUDA support[ .:]*yes" "$WORK/configure.log" || die "configure did not enable CUDA support"
@@ -149,12 +154,12 @@ T_CONF=$(date +%s)
 
 # --- 5. build, install, strip, trim ----------------------------------------------
 log "make -j$JOBS"
-(cd "$OBJ" && make -j"$JOBS" > "$WORK/make.log" 2>&1) \
+(cd "$OBJ" && HOSTNAME=hpcattn-build USER=hpcattn make -j"$JOBS" > "$WORK/make.log" 2>&1) \
     || { grep -nE "error|Error" "$WORK/make.log" | tail -30; die "make failed (log: $WORK/make.log)"; }
 T_MAKE=$(date +%s)
 log "make install -> $PREFIX"
 rm -rf "$PREFIX"
-(cd "$OBJ" && make install > "$WORK/install.log" 2>&1) \
+(cd "$OBJ" && HOSTNAME=hpcattn-build USER=hpcattn make install > "$WORK/install.log" 2>&1) \
     || { tail -30 "$WORK/install.log"; die "make install failed"; }
 log "strip + trim"
 find "$PREFIX" -name '*.la' -delete
@@ -170,7 +175,7 @@ done
 log "verify"
 export PATH="$PREFIX/bin:$PATH" LD_LIBRARY_PATH="$PREFIX/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OPAL_PREFIX="$PREFIX"
-ompi_info --parsable --all | grep -E 'mpi_built_with_cuda_support|opal_built_with_cuda_support' | tee "$WORK/cuda-support.txt"
+ompi_info --parsable --all | grep -E '(mpi|opal)_built_with_cuda_support:value:' | tee "$WORK/cuda-support.txt"
 [[ "$(grep -c ':value:true' "$WORK/cuda-support.txt")" -ge 2 ]] || die "ompi_info: CUDA support is not built in"
 SONAME="$(objdump -p "$PREFIX/lib/libmpi.so" | awk '/SONAME/ {print $2}')"
 echo "libmpi SONAME: $SONAME"

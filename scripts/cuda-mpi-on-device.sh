@@ -6,7 +6,7 @@
 # carry the tarball where the build left it (about 10 MiB of the 64 MiB a call):
 #
 #   run(kind="nvidia-h200-x2", carry=["build/cuda-mpi.tar.xz"],
-#       command="bash scripts/cuda-mpi-on-device.sh 2>&1 | tee $OUT/cuda-mpi.log")
+#       command="set -o pipefail; bash scripts/cuda-mpi-on-device.sh 2>&1 | tee $OUT/cuda-mpi.log")
 #
 # (or put it at .cudampi/cuda-mpi.tar.xz after `echo /.cudampi/ >> .git/info/exclude`
 # and carry ".cudampi"). Results go to $OUT (the device tool's folder that comes
@@ -16,13 +16,22 @@
 #   CUDA_MPI_TARBALL  tarball path (default: first of .cudampi/cuda-mpi.tar.xz, build/cuda-mpi.tar.xz)
 #   CUDA_MPI_DEST     where to unpack (default: /tmp; the prefix is $CUDA_MPI_DEST/cuda-mpi)
 #   STEPS             which steps to run (default: "check probe comm decode prefill")
+#   DECODE_ARGS, PREFILL_ARGS  extra `hpcattn run` arguments, e.g. to keep a call
+#                     short: DECODE_ARGS="--set shape.context=1048576"
+#                            PREFILL_ARGS="--set shape.context=131072"
+#
+# What comes back from $OUT is at most 8 files: this writes 4 (two .h5 records and
+# their `hpcattn report` tables); everything else is on stdout (tee it to $OUT).
 set -euo pipefail
 
 # --- 0. safety: NVLink multicast stays off on these shared hosts (KINDS.md) ---------
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 STEPS="${STEPS:-check probe comm decode prefill}"
+DECODE_ARGS="${DECODE_ARGS:-}" PREFILL_ARGS="${PREFILL_ARGS:-}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
+FAILED=()                            # steps that failed; the script goes on and reports them at the end
+fail() { echo "!!!!! FAILED: $1 (exit $2)"; FAILED+=("$1"); }
 step() { printf '\n===== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 # --- 1. unpack the prebuilt Open MPI into /tmp ---------------------------------------
@@ -80,8 +89,8 @@ if want check; then
     "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
     "$PY" -c 'import mpi4py; print("mpi4py", mpi4py.__version__, mpi4py.__file__)'
     command -v mpirun
-    ompi_info --parsable --all | grep -E 'mpi_built_with_cuda_support|opal_built_with_cuda_support'
-    ompi_info | grep -E 'Open MPI:|Ident string|btl: smcuda|coll: cuda' || true
+    ompi_info --parsable --all | grep -E '(mpi|opal)_built_with_cuda_support:value:'
+    ompi_info | grep -E 'Package:|Prefix:|btl: smcuda|coll: cuda' || true
 fi
 
 # --- 4. mpi4py loads OUR libmpi.so.40, and hpcattn's probe says CUDA-aware -------------
@@ -100,29 +109,37 @@ fi
 if want comm; then
     step "check-comm --backend mpi --gpu-aware-mpi true"
     "${MPIRUN[@]}" "$PY" -m hpcattn check-comm --backend mpi --device cuda --gpu-aware-mpi true \
-        2>&1 | tee "$RESULTS/check-comm-mpi-device.txt"
+        || fail "check-comm mpi-device" $?
     step "check-comm --backend mpi --gpu-aware-mpi auto"
     "${MPIRUN[@]}" "$PY" -m hpcattn check-comm --backend mpi --device cuda --gpu-aware-mpi auto \
-        2>&1 | tee "$RESULTS/check-comm-mpi-auto.txt"
+        || fail "check-comm mpi-auto" $?
     step "check-comm --backend mpi --gpu-aware-mpi false (host-staged)"
     "${MPIRUN[@]}" "$PY" -m hpcattn check-comm --backend mpi --device cuda --gpu-aware-mpi false \
-        2>&1 | tee "$RESULTS/check-comm-mpi-staged.txt"
+        || fail "check-comm mpi-staged" $?
 fi
+
+# Note: `--set comm.gpu_aware_mpi=true` is refused ("expected str, got True
+# (bool)"): --set values are parsed as YAML, so the string must be quoted.
 
 # --- 6. tree decode (all-reduce / all-gather of the merge messages) over GPU-aware MPI ---
 if want decode; then
     step "decode_2gpu.yaml, comm.backend=mpi, gpu_aware_mpi=true"
-    "${MPIRUN[@]}" "$PY" -m hpcattn run configs/bench/decode_2gpu.yaml \
-        --set comm.backend=mpi --set comm.gpu_aware_mpi=true -o "$RESULTS/decode-mpi-device.h5"
-    "$PY" -m hpcattn report "$RESULTS/decode-mpi-device.h5" | tee "$RESULTS/decode-mpi-device.txt"
+    # shellcheck disable=SC2086  # DECODE_ARGS is a word list on purpose
+    "${MPIRUN[@]}" "$PY" -m hpcattn run configs/bench/decode_2gpu.yaml $DECODE_ARGS \
+        --set comm.backend=mpi --set 'comm.gpu_aware_mpi="true"' -o "$RESULTS/decode-mpi-device.h5" \
+        && "$PY" -m hpcattn report "$RESULTS/decode-mpi-device.h5" | tee "$RESULTS/decode-mpi-device.txt" \
+        || fail "decode" $?
 fi
 
 # --- 7. ring prefill (send/recv of KV blocks) over GPU-aware MPI --------------------------
 if want prefill; then
     step "prefill_2gpu.yaml, comm.backend=mpi, gpu_aware_mpi=true"
-    "${MPIRUN[@]}" "$PY" -m hpcattn run configs/bench/prefill_2gpu.yaml \
-        --set comm.backend=mpi --set comm.gpu_aware_mpi=true -o "$RESULTS/prefill-mpi-device.h5"
-    "$PY" -m hpcattn report "$RESULTS/prefill-mpi-device.h5" | tee "$RESULTS/prefill-mpi-device.txt"
+    # shellcheck disable=SC2086
+    "${MPIRUN[@]}" "$PY" -m hpcattn run configs/bench/prefill_2gpu.yaml $PREFILL_ARGS \
+        --set comm.backend=mpi --set 'comm.gpu_aware_mpi="true"' -o "$RESULTS/prefill-mpi-device.h5" \
+        && "$PY" -m hpcattn report "$RESULTS/prefill-mpi-device.h5" | tee "$RESULTS/prefill-mpi-device.txt" \
+        || fail "prefill" $?
 fi
 
 step "done; results in $RESULTS"
+if ((${#FAILED[@]})); then echo "failed steps: ${FAILED[*]}"; exit 1; fi

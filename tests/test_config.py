@@ -344,3 +344,9 @@ def test_leaf_paths_and_reference_text_cover_every_field():
     text = C.reference_text()
     for path in leaves:
         assert f"`{path}`" in text
+
+
+def test_auto_true_false_fields_accept_yaml_booleans(tmp_path):
+    cfg = C.load(None, ["comm.gpu_aware_mpi=true"])
+    assert cfg.comm.gpu_aware_mpi == "true"
+    assert load_text(tmp_path, "comm: {gpu_aware_mpi: false}\n").comm.gpu_aware_mpi == "false"
