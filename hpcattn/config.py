@@ -86,6 +86,8 @@ class TreeConfig:
                         doc="allreduce: MAX then packed SUM; allgather: one gather of states + local merge")
     topology: str = _f("flat", choices=("flat", "hierarchical"), sweep=True,
                        doc="hierarchical: node-local reduce -> leaders -> node-local broadcast")
+    fused_merge: bool = _f(False, sweep=True, doc="allgather/flat on GPUs: merge in one Triton kernel "
+                                                  "(off until measured; sweep [false, true] to compare)")
 
 
 @dataclass

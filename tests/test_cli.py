@@ -173,3 +173,18 @@ def test_apb_bad_setting_one_message(tmp_path):
     assert r.returncode == 2
     err = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(err) == 1 and "apb.passing_len=60 is larger than the selectable block rows" in err[0], r.stderr
+
+
+def test_tree_fused_merge_through_the_interpreter(tmp_path):
+    """tree.fused_merge=[false,true] in one run: the Triton merge (CPU interpreter here) passes the
+    float64 check like the torch merge."""
+    pytest.importorskip("triton")
+    cfg = write(tmp_path, "d.yaml", DECODE.replace("tree: {reduction: [allreduce, allgather]}",
+                                                   "tree: {reduction: allgather, fused_merge: [false, true]}"))
+    out = tmp_path / "f.h5"
+    r = run_ranks(2, ["-m", "hpcattn", "run", cfg, "--set", "methods=[tree]", "-o", str(out)],
+                  env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta, rows = read_cases(str(out))
+    assert {row["variant"] for row in rows} == {"allgather/flat", "allgather/flat/fused"}
+    assert all(row["check_passed"] for row in rows)

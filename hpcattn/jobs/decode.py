@@ -68,7 +68,7 @@ class DecodeJob:
             lens = self.my_lengths if ragged else None
             return lambda tm: tree_decode(self.q, self.k, self.v, self.ctx, kernel=kern, scale=sc,
                                           k_lengths=lens, reduction=c.tree.reduction,
-                                          topology=c.tree.topology, tm=tm)
+                                          topology=c.tree.topology, fused_merge=c.tree.fused_merge, tm=tm)
         if case.method == "ring":
             return lambda tm: ring_decode(self.q, self.k, self.v, self.ctx, kernel=kern, scale=sc,
                                           shard_lengths=self.all_shards, tm=tm)

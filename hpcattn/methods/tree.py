@@ -27,11 +27,12 @@ from hpcattn.timing import NullTimer
 
 
 def merge_over(comm: Comm, out: torch.Tensor, lse: torch.Tensor, *, reduction: str, tm=NullTimer(),
-               root: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               root: int | None = None, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of the ranks' states over ``comm``.
 
     out (B, Sq, H, d), lse (B, H, Sq) -> merged (out fp32, lse fp32), valid on every rank, or only
     on ``root`` when ``root`` is given and ``reduction == "allreduce"`` (a Reduce replaces the SUM).
+    ``fused``: merge the all-gathered states with one Triton kernel (GPU; float32 inputs to it).
     """
     B, Sq, H, d = out.shape
     acc = acc_dtype(out, lse)
@@ -43,6 +44,11 @@ def merge_over(comm: Comm, out: torch.Tensor, lse: torch.Tensor, *, reduction: s
         with tm("comm"):
             gathered = comm.allgather(buf)                           # (p, B*H*Sq, d+1)
         with tm("merge"):
+            if fused and gathered.dtype == torch.float32:
+                from hpcattn.kernels.merge_triton import available, merge_gathered
+                if available(gathered):
+                    o, l = merge_gathered(gathered, torch.float32)  # rows in (B, H, Sq) order
+                    return o.view(B, H, Sq, d).transpose(1, 2), l.view(B, H, Sq)
             outs, lses = unpack_states(gathered, B, Sq, H, d)
             return merge_states(outs, lses)
     if reduction != "allreduce":
@@ -64,7 +70,8 @@ def merge_over(comm: Comm, out: torch.Tensor, lse: torch.Tensor, *, reduction: s
 
 def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommContext, *, kernel: Kernel,
                 scale: float, k_lengths: list[int] | None = None, reduction: str = "allgather",
-                topology: str = "flat", tm=NullTimer()) -> tuple[torch.Tensor, torch.Tensor]:
+                topology: str = "flat", fused_merge: bool = False,
+                tm=NullTimer()) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact decode attention over a KV cache sharded across ``ctx.world``.
 
     Args:
@@ -72,6 +79,7 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
         k, v: (B, t_r, Hkv, d), this rank's contiguous shard (t_r may be 0).
         k_lengths: per-sequence valid tokens of this shard (ragged batch), each <= t_r.
         reduction: ``allreduce`` | ``allgather``; topology: ``flat`` | ``hierarchical``.
+        fused_merge: with ``allgather`` (flat), merge in one Triton kernel on GPUs.
     Returns:
         out (B, Sq, Hq, d) in q.dtype and lse (B, Hq, Sq) fp32 (fp64 for fp64 inputs), identical
         on every rank.
@@ -79,7 +87,7 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
     with tm("compute"):
         o, lse = kernel(q, k, v, scale=scale, causal="none", k_lengths=k_lengths)
     if topology == "flat":
-        out, lse = merge_over(ctx.world, o, lse, reduction=reduction, tm=tm)
+        out, lse = merge_over(ctx.world, o, lse, reduction=reduction, tm=tm, fused=fused_merge)
     elif topology == "hierarchical":
         out, lse = merge_over(ctx.node, o, lse, reduction=reduction, tm=tm, root=0)
         if ctx.leaders is not None and ctx.leaders.size > 1:
