@@ -55,7 +55,8 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
             parts.append(f"kv-{cfg.generate.kv_placement}")
         return "/".join(parts)
     if cfg.job == "decode" and method == "tree":
-        return f"{cfg.tree.reduction}/{cfg.tree.topology}" + ("/fused" if cfg.tree.fused_merge else "")
+        fused = cfg.tree.fused_merge and cfg.tree.reduction == "allgather" and cfg.tree.topology == "flat"
+        return f"{cfg.tree.reduction}/{cfg.tree.topology}" + ("/fused" if fused else "")   # same variant = one case
     if cfg.job == "prefill" and method == "star":
         from hpcattn.jobs.prefill import star_anchor
         return f"block{cfg.star.block or cfg.shape.context // p}/anchor{star_anchor(cfg, p)}" + \
