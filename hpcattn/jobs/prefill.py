@@ -108,8 +108,7 @@ class PrefillJob:
             qq = self.query[0]
             return lambda ql_, kl, vl, rank: score_query_aware(kl, qq)
         if a.compressor == "random":
-            return lambda ql_, kl, vl, rank: score_random((kl.shape[0], kl.shape[1], kl.shape[2]), a.seed, rank,
-                                                          kl.device)
+            return lambda ql_, kl, vl, rank: score_random(kl.shape[:3], a.seed, rank, kl.device)
         heads = RetainingHeads(a.retaining_heads_path, a.retaining_heads_regex, s.heads_q, s.heads_kv,
                                s.head_dim, [a.layer])
         self.heads_sha256 = heads.sha256

@@ -135,16 +135,12 @@ def star_hosts(q, k, v, P: int, *, block: int, anchor: int, kernel, scale, devic
 def apb_hosts(q, k, v, qq, kq, vq, P: int, prm, *, compressor, kernel, scale, device, repeats=3):
     """Two passes: every host's selection (to know what the all-gather delivers), then every host's
     whole APB prefill timed with the all-gather answered from pass 1."""
-    from hpcattn.methods.apb import anchor_rows, pool_scores, select_passing, apb_prefill
+    from hpcattn.methods.apb import apb_prefill, local_rows, pool_scores, select_passing
 
-    n = q.shape[1]
-    lb = n // P
+    lb = q.shape[1] // P
     sends = []
     for r in range(P):
-        blk = slice(r * lb, (r + 1) * lb)
-        la = prm.la if r > 0 else 0
-        loc = [torch.cat([anchor_rows(x, xq, prm), x[:, blk]], 1) if la else x[:, blk]
-               for x, xq in ((q, qq), (k, kq), (v, vq))]
+        _, *loc = local_rows(q, k, v, qq, kq, vq, r, P, prm)
         send, _ = select_passing(pool_scores(compressor(*loc, r), prm.pool), loc[1], loc[2], prm.lp, prm.la)
         sends.append(send)
     gathered = torch.stack(sends) if prm.lp else None

@@ -70,6 +70,25 @@ def validate(n: int, p: int, ql: int, prm: APBParams) -> None:
         raise ConfigError(f"apb.score_pool={prm.pool} must be an odd number >= 1")
 
 
+def local_rows(q, k, v, qq, kq, vq, r: int, p: int, prm: APBParams):
+    """Rank r's rows [anchor | block] of the context tensors (B, n, H, d) (no anchor on rank 0):
+    returns (la, q_loc, k_loc, v_loc)."""
+    lb = q.shape[1] // p
+    blk = slice(r * lb, (r + 1) * lb)
+    la = prm.la if r > 0 else 0
+    if not la:
+        return 0, q[:, blk], k[:, blk], v[:, blk]
+    return (la, *(torch.cat([anchor_rows(x, xq, prm), x[:, blk]], 1) for x, xq in ((q, qq), (k, kq), (v, vq))))
+
+
+def passing_from(recv: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The passing K and V rank r uses: blocks of ranks 0..r-1 of the all-gathered
+    (p, B, lp, Hkv, 2d) buffer, as (B, r*lp, Hkv, d) each."""
+    _, B, lp, H, d2 = recv.shape
+    prev = recv[:r].permute(1, 0, 2, 3, 4).reshape(B, r * lp, H, d2)
+    return prev[..., : d2 // 2], prev[..., d2 // 2:]
+
+
 def anchor_rows(x: torch.Tensor, xq: torch.Tensor | None, prm: APBParams) -> torch.Tensor:
     """The anchor's rows of a context tensor x (B, n, H, d) with the query xq (B, ql, H, d) spliced
     in after the header: ctx[:s] ++ query ++ ctx[s : la - ql]  ->  (B, la, H, d)."""
@@ -92,8 +111,9 @@ def score_query_aware(k: torch.Tensor, q_query: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bshd,bqhd->bsh", k.to(acc), qbar) / ql
 
 
-def score_random(shape: tuple[int, int, int], seed: int, rank: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1000003 + rank)
+def score_random(shape: tuple[int, int, int], seed: int, rank: int, device, layer: int = 0) -> torch.Tensor:
+    """Random scores (the ablation compressor), distinct per rank and layer, reproducible."""
+    g = torch.Generator().manual_seed(seed * 1000003 + rank + 7919 * layer)
     return torch.rand(shape, generator=g, dtype=torch.float64).to(device)
 
 
@@ -187,17 +207,8 @@ def apb_prefill(q, k, v, qq, kq, vq, ctx, prm: APBParams, *, kernel: Kernel, sca
     local row j is anchor row j for j < la on ranks r > 0, else block row j - la).
     """
     p, r = ctx.size, ctx.rank
-    n = q.shape[1]
-    lb = n // p
-    blk = slice(r * lb, (r + 1) * lb)
-    la = prm.la if r > 0 else 0
     with tm("compute"):
-        if la:
-            q_loc = torch.cat([anchor_rows(q, qq, prm), q[:, blk]], 1)
-            k_loc = torch.cat([anchor_rows(k, kq, prm), k[:, blk]], 1)
-            v_loc = torch.cat([anchor_rows(v, vq, prm), v[:, blk]], 1)
-        else:
-            q_loc, k_loc, v_loc = q[:, blk], k[:, blk], v[:, blk]
+        la, q_loc, k_loc, v_loc = local_rows(q, k, v, qq, kq, vq, r, p, prm)
     passing_k = passing_v = k_loc[:, :0]
     idx = None
     if prm.lp and p > 1:
@@ -206,9 +217,7 @@ def apb_prefill(q, k, v, qq, kq, vq, ctx, prm: APBParams, *, kernel: Kernel, sca
             send, idx = select_passing(score, k_loc, v_loc, prm.lp, prm.la)  # rank 0 masks its first la rows too
         with tm("comm"):
             recv = ctx.world.allgather(send)                                # (p, B, lp, Hkv, 2d)
-        d = k.shape[-1]
-        prev = recv[:r].permute(1, 0, 2, 3, 4).reshape(q.shape[0], r * prm.lp, k.shape[2], 2 * d)
-        passing_k, passing_v = prev[..., :d], prev[..., d:]
+        passing_k, passing_v = passing_from(recv, r)
     with tm("compute"):
         if r == 0:
             o, l = kernel(q_loc, k_loc, v_loc, scale=scale, causal="square")

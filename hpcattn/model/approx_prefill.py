@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from hpcattn.methods.apb import APBParams, apb_attention, pool_scores, score_query_aware, select_passing
+from hpcattn.methods.apb import (APBParams, apb_attention, passing_from, pool_scores, score_query_aware,
+                                 score_random, select_passing)
 from hpcattn.methods.star import star_blocks, star_query
 from hpcattn.model.runner import ShardedKVCache
 
@@ -96,15 +97,11 @@ def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> i
                 run.ctx.world.broadcast(qq, root=1)                 # rank 1's anchor holds the query
                 score = score_query_aware(kp, qq)
             elif run.compressor == "random":
-                g = torch.Generator().manual_seed(run.apb_seed * 1000003 + r * 1009 + layer)
-                score = torch.rand(kp.shape[:3], generator=g, dtype=torch.float64).to(dev)
+                score = score_random(kp.shape[:3], run.apb_seed, r, dev, layer)
             else:
                 score = run.compressor.score(layer, qp, kp, vp)      # RetainingHeads
             send, _ = select_passing(pool_scores(score, prm.pool), k, v, prm.lp, prm.la)
-            recv = run.ctx.world.allgather(send)                    # (p, B, lp, Hkv, 2d)
-            d = k.shape[-1]
-            prev = recv[:r].permute(1, 0, 2, 3, 4).reshape(B, r * prm.lp, k.shape[2], 2 * d)
-            pk, pv = prev[..., :d], prev[..., d:]
+            pk, pv = passing_from(run.ctx.world.allgather(send), r)  # all-gather (p, B, lp, Hkv, 2d)
         if r == 0:
             return run.kernel(q, k, v, scale=run.scale, causal="square")[0]
         out_b, _ = apb_attention(q, k, v, pk, pv, la, kernel=run.kernel, scale=run.scale)
