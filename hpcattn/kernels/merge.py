@@ -38,6 +38,19 @@ def sanitize_lse(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.full_like(lse, NEG_INF), lse)
 
 
+def safe_max(m: torch.Tensor) -> torch.Tensor:
+    """The common max with -inf (no key anywhere) replaced by 0, so exp(lse - m) is 0, not NaN."""
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
+def finish_sum(num: torch.Tensor, den: torch.Tensor, m_safe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """num = sum w*out (B, Sq, H, d), den = sum w (B, H, Sq), w = exp(lse - m_safe) -> (out, lse);
+    rows with den = 0 become the empty state (0, -inf)."""
+    safe = torch.where(den == 0, torch.ones_like(den), den)
+    lse = torch.where(den == 0, torch.full_like(den, NEG_INF), m_safe + torch.log(safe))
+    return num / lse_as_out(safe), lse
+
+
 def merge_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All-at-once merge of R states stacked on dim 0.
 
@@ -49,15 +62,10 @@ def merge_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, 
     """
     acc = acc_dtype(outs, lses)
     lses = lses.to(acc)
-    m = lses.amax(dim=0)
-    m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    m_safe = safe_max(lses.amax(dim=0))
     w = torch.exp(lses - m_safe)                                   # (R, B, H, Sq), 0 for empty
-    den = w.sum(dim=0)
     num = (outs.to(acc) * w.transpose(2, 3).unsqueeze(-1)).sum(dim=0)
-    safe = torch.where(den == 0, torch.ones_like(den), den)
-    out = num / lse_as_out(safe)
-    lse = torch.where(den == 0, torch.full_like(den, NEG_INF), m_safe + torch.log(safe))
-    return out, lse
+    return finish_sum(num, w.sum(dim=0), m_safe)
 
 
 def merge_pair(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
@@ -71,7 +79,7 @@ def merge_pair(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
     acc = acc_dtype(out, lse, out_b, lse_b)
     lse, lse_b = lse.to(acc), lse_b.to(acc)
     new = torch.logaddexp(lse, lse_b)
-    new_safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+    new_safe = safe_max(new)
     wa = lse_as_out(torch.exp(lse - new_safe))
     wb = lse_as_out(torch.exp(lse_b - new_safe))
     return out.to(acc) * wa + out_b.to(acc) * wb, new
@@ -106,8 +114,4 @@ def unpack_states(buf: torch.Tensor, B: int, Sq: int, H: int, d: int) -> tuple[t
 def normalize_sum(num_den: torch.Tensor, m_safe: torch.Tensor, B: int, Sq: int, H: int,
                   d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Finish the all-reduce merge: ``[sum w*out | sum w]`` and the common max -> (out, lse)."""
-    num, den = unpack_states(num_den, B, Sq, H, d)
-    safe = torch.where(den == 0, torch.ones_like(den), den)
-    out = num / lse_as_out(safe)
-    lse = torch.where(den == 0, torch.full_like(den, NEG_INF), m_safe + torch.log(safe))
-    return out, lse
+    return finish_sum(*unpack_states(num_den, B, Sq, H, d), m_safe)

@@ -22,7 +22,8 @@ import torch
 from hpcattn.comm import CommContext
 from hpcattn.comm.base import Comm
 from hpcattn.kernels import Kernel
-from hpcattn.kernels.merge import acc_dtype, merge_states, normalize_sum, pack_states, unpack_states
+from hpcattn.kernels.merge import (acc_dtype, merge_states, normalize_sum, pack_states, safe_max,
+                                   unpack_states)
 from hpcattn.timing import NullTimer
 
 
@@ -56,7 +57,7 @@ def merge_over(comm: Comm, out: torch.Tensor, lse: torch.Tensor, *, reduction: s
     with tm("comm"):
         m = comm.allreduce(lse.to(acc).contiguous().clone(), "max")  # collective 1: B*H*Sq fp32
     with tm("merge"):
-        m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        m_safe = safe_max(m)
         w = torch.exp(lse.to(acc) - m_safe)                          # 0 for empty shards
         buf = pack_states(out, lse, weight=w)                        # [w*out | w]
     with tm("comm"):
