@@ -5,25 +5,13 @@ and over host-staged mpi, checked against the float64 reference."""
 import pytest
 import torch
 
+from tests.tolerance import same_dtype_attention
+
 pytestmark = pytest.mark.gpu
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
-
-def same_dtype_attention(q, k, v, scale, causal):
-    """Plain attention computed in the input dtype (the baseline of the tolerance rule)."""
-    g = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if causal != "none":
-        off = k.shape[1] - q.shape[1] if causal == "bottom_right" else 0
-        i = torch.arange(q.shape[1], device=q.device)[:, None]
-        j = torch.arange(k.shape[1], device=q.device)[None, :]
-        s = s.masked_fill(j > i + off, float("-inf"))
-    lse = torch.logsumexp(s.float(), -1)
-    p = torch.softmax(s, -1)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
 @cuda
@@ -47,7 +35,7 @@ def test_aten_kernels_match_reference(backend, dtype, sq, sk, hq, hkv, causal):
     scale = 128 ** -0.5
     o, lse = kern(q, k, v, scale=scale, causal=causal)
     ro, rl = attn_reference(q.double(), k.double(), v.double(), scale=scale, causal=causal)
-    bo, bl = same_dtype_attention(q, k, v, scale, causal)
+    bo, bl = same_dtype_attention(q, k, v, scale=scale, causal=causal)
     assert o.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (2, hq, sq)
     err_o, base_o = (o.double() - ro).abs().max().item(), (bo.double() - ro).abs().max().item()
     err_l, base_l = (lse.double() - rl).abs().max().item(), (bl.double() - rl).abs().max().item()

@@ -20,55 +20,14 @@ import torch
 
 from hpcattn.kernels import Kernel, attn_reference, attn_with_lse, select_kernel
 from hpcattn.kernels.reference import causal_offset
+from tests.tolerance import max_err, same_dtype_attention
 
 CPU_BACKENDS = ("torch_ref", "cpu_flash")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The problems are tiny: one intra-op thread is faster than two on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def same_dtype_attention(q, k, v, *, scale, causal="none"):
-    """Plain torch attention with every op in q.dtype: the 'baseline' of the tolerance rule.
-
-    Returns (out (B,Sq,Hq,d) q.dtype, lse (B,Hq,Sq) q.dtype); empty rows give out=0, lse=-inf.
-    """
-    dt = q.dtype
-    B, Sq, Hq, d = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    k = k.repeat_interleave(g, dim=2)
-    v = v.repeat_interleave(g, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    assert s.dtype == dt
-    off = causal_offset(causal, Sq, Sk)
-    if off is not None:
-        qpos = torch.arange(Sq)[:, None]
-        kpos = torch.arange(Sk)[None, :]
-        s = s.masked_fill(~(kpos <= qpos + off), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = torch.einsum("bhqk,bkhd->bqhd", p.to(dt), v)
-    return out.to(dt), lse.to(dt)
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| in float64, with -inf == -inf counted as 0 (empty rows)."""
-    a, b = a.double(), b.double()
-    both_inf = torch.isneginf(a) & torch.isneginf(b)
-    d = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
-    if d.numel() == 0:
-        return 0.0
-    return d.max().item()
 
 
 def make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed=0):

@@ -31,43 +31,13 @@ from hpcattn.kernels import attn_reference, head_major  # noqa: E402
 from hpcattn.kernels import lean  # noqa: E402
 from hpcattn.kernels.lean import lean_decode  # noqa: E402
 from hpcattn.kernels.reference import causal_offset  # noqa: E402
+from tests.tolerance import max_err, same_dtype_attention  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def same_dtype_attention(q, k, v, *, scale, lengths, causal="none"):
-    """Plain torch attention with every op in q.dtype (the tolerance rule's baseline), ragged.
-
-    q (B,Sq,Hq,d), k/v (B,Sk,Hkv,d); returns out (B,Sq,Hq,d) and lse (B,Hq,Sq) in q.dtype.
-    """
-    dt = q.dtype
-    B, Sq, Hq, d = q.shape
-    Sk, Hkv = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    k = k.repeat_interleave(g, dim=2)
-    v = v.repeat_interleave(g, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    kpos = torch.arange(Sk).view(1, 1, 1, Sk)
-    n = torch.tensor(lengths).view(B, 1, 1, 1)
-    keep = kpos < n
-    if causal == "bottom_right":
-        qpos = torch.arange(Sq).view(1, 1, Sq, 1)
-        keep = keep & (kpos <= qpos + n - Sq)
-    s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = torch.einsum("bhqk,bkhd->bqhd", p.to(dt), v)
-    return out.to(dt), lse.to(dt)
 
 
 def reference(q, k, v, *, scale, lengths, causal="none"):
@@ -83,13 +53,6 @@ def reference(q, k, v, *, scale, lengths, causal="none"):
         outs.append(o)
         lses.append(l)
     return torch.cat(outs), torch.cat(lses)
-
-
-def max_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    both_inf = torch.isneginf(a) & torch.isneginf(b)
-    d = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
-    return d.max().item() if d.numel() else 0.0
 
 
 def make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, *, seed, kv_layout):
