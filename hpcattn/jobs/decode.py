@@ -88,8 +88,10 @@ class DecodeJob:
         """Errors of this rank's output (collective: the reference is broadcast to every rank)."""
         if not self.cfg.run.check:
             return None
-        ref = self.ctx.world.mpi.bcast(
-            None if ref is None else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in ref.items()}, root=0)
+        if getattr(self, "_ref_all", None) is None:     # one broadcast per sweep point, not per case
+            self._ref_all = self.ctx.world.mpi.bcast(
+                None if ref is None else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in ref.items()}, root=0)
+        ref = self._ref_all
         if result is None:                    # an idle rank (local method on rank > 0)
             return {"err_out": 0.0, "err_lse": 0.0, "base_err_out": ref["base_err_out"],
                     "base_err_lse": ref["base_err_lse"]}
