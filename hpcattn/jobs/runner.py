@@ -170,6 +170,7 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
         job = job_cls(gcfg, ctx, kernel)
         ref = job.reference()
         for case in group_cases:
+            _fault_injection(ctx)
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(ctx.device)
             fn = job.method(case)
@@ -186,19 +187,22 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
                 rows.append(row)
                 progress(case, row)
             del fn, result
-            _fault_injection(ctx.rank)
         del job, ref
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def _fault_injection(rank: int, _done=[0]) -> None:  # noqa: B006 (a call counter)
-    """Test hook: ``HPCATTN_TEST_FAIL_RANK=r`` makes rank r fail after its second case (by then
-    rank 0 has flushed the first), so tests can check that one failing rank aborts the whole job
-    and leaves a readable NAME.tmp."""
-    _done[0] += 1
-    if os.environ.get("HPCATTN_TEST_FAIL_RANK", "") == str(rank) and _done[0] >= 2:
+def _fault_injection(ctx, _started=[0]) -> None:  # noqa: B006 (a call counter)
+    """Test hook: ``HPCATTN_TEST_FAIL_RANK=r`` makes rank r fail as its third case starts, after a
+    barrier, so rank 0 has flushed the first two cases and is not writing; tests check that one
+    failing rank aborts the whole job and leaves a readable NAME.tmp. A no-op without the variable."""
+    target = os.environ.get("HPCATTN_TEST_FAIL_RANK")
+    if target is None:
+        return
+    ctx.world.barrier()
+    _started[0] += 1
+    if target == str(ctx.rank) and _started[0] >= 3:
         raise RuntimeError("injected failure (HPCATTN_TEST_FAIL_RANK)")
 
 
