@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import sys
 import time
 
@@ -232,15 +233,26 @@ def _abort_on_error(fn) -> int:
         return 2
     except HpcattnError as e:
         print(f"hpcattn: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
-        world.Abort(2)
+        _abort(world, 2)
     except BaseException:
         import traceback
 
         print(f"hpcattn: rank {rank} failed; aborting all ranks", file=sys.stderr)
         traceback.print_exc()
-        sys.stderr.flush()
-        world.Abort(1)
+        _abort(world, 1)
     return 1
+
+
+def _abort(world, code: int) -> None:
+    """Flush, give the launcher's output forwarder a moment, then ``MPI_Abort``.
+
+    Hydra (MPICH) and ORTE (Open MPI) forward rank output asynchronously and drop what is still in
+    flight when an abort kills the job; without the pause the one line that says why is often lost.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(float(os.environ.get("HPCATTN_ABORT_GRACE_S", "1.0")))
+    world.Abort(code)
 
 
 def _run(cfg, world, args) -> int:
