@@ -33,7 +33,7 @@ from hpcattn.errors import ConfigError
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 JOBS = ("decode", "prefill", "generate")
-METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring", "star", "apb"),
+METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring", "torch_cp", "star", "apb"),
                   "generate": ("local", "tree", "ring")}
 KERNEL_BACKENDS = (
     "auto", "torch_ref", "cpu_flash", "aten_cudnn", "aten_flash", "aten_efficient", "fa2", "lean",
@@ -94,6 +94,14 @@ class TreeConfig:
 class RingConfig:
     layout: str = _f("zigzag", choices=("zigzag", "contiguous"), sweep=True,
                      doc="prefill sequence layout over ranks (zigzag balances causal work)")
+
+
+@dataclass
+class TorchCPConfig:
+    sdpa: str = _f("cudnn", choices=("cudnn", "flash", "efficient"), sweep=True,
+                   doc="SDPA backend inside PyTorch's context_parallel ring (the torch_cp peer)")
+    native_gqa: bool = _f(False, sweep=True, doc="torch_cp: SDPA enable_gqa instead of K/V expanded to "
+                                                 "heads_q at set-up")
 
 
 @dataclass
@@ -177,6 +185,7 @@ class Config:
     kernel: KernelConfig = field(default_factory=KernelConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     ring: RingConfig = field(default_factory=RingConfig)
+    torch_cp: TorchCPConfig = field(default_factory=TorchCPConfig)
     star: StarConfig = field(default_factory=StarConfig)
     apb: APBConfig = field(default_factory=APBConfig)
     inputs: InputConfig = field(default_factory=InputConfig)
@@ -445,6 +454,13 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
                               f"2 x ranks = {2 * world_size}, got {s.context} "
                               f"(use another context or ring.layout=contiguous)")
     device = resolve_device(cfg, cuda_available)
+    if cfg.job == "prefill" and "torch_cp" in cfg.methods:
+        if device != "cuda":
+            raise ConfigError(f"{source}: methods: torch_cp (PyTorch's context_parallel) runs on GPUs only "
+                              f"(PyTorch has no CPU sharding rule for SDPA); drop it on CPU ranks")
+        if s.context % (2 * world_size):
+            raise ConfigError(f"{source}: torch_cp shards head-tail: shape.context must be divisible by "
+                              f"2 x ranks = {2 * world_size}, got {s.context}")
     if cfg.run.device == "cuda" and not cuda_available:
         raise ConfigError(f"{source}: run.device=cuda but no CUDA GPU is visible")
     if cfg.comm.backend == "nccl" and device != "cuda":

@@ -1,6 +1,8 @@
 """The CLI as a user runs it: real runs on MPI ranks, HDF5 records, report/plot, dry runs, and
 the error behaviour (one message from rank 0, non-zero exit everywhere, no hang, no file)."""
 
+import csv
+import io
 import subprocess
 import sys
 import textwrap
@@ -60,6 +62,11 @@ def test_decode_run_record_report_plot(tmp_path):
     rep = subprocess.run([sys.executable, "-m", "hpcattn", "report", str(out), "--csv"], capture_output=True,
                          text=True, cwd=ROOT)
     assert rep.returncode == 0 and rep.stdout.count("\n") == 9, rep.stdout + rep.stderr
+    table = list(csv.DictReader(io.StringIO(rep.stdout)))
+    ring = {(x["context"]): float(x["time_median_s"]) for x in table if x["method"] == "ring"}
+    for x in table:            # decode's peer is the KV-rotating ring: vs_peer = ring time / tree time
+        want = ring[x["context"]] / float(x["time_median_s"]) if x["method"] == "tree" else None
+        assert (x["vs_peer"] == "") if want is None else abs(float(x["vs_peer"]) - want) < 1e-9 * want, x
     png = tmp_path / "p.png"
     pl = subprocess.run([sys.executable, "-m", "hpcattn", "plot", str(out), "-o", str(png)], capture_output=True,
                         text=True, cwd=ROOT)
@@ -114,6 +121,13 @@ def test_zigzag_divisibility_error(tmp_path):
     cfg = write(tmp_path, "p.yaml", PREFILL)
     r = run_ranks(4, ["-m", "hpcattn", "run", cfg, "--set", "context=100"], timeout=60)
     assert r.returncode == 2 and "divisible by 2 x ranks = 8" in r.stderr
+
+
+def test_torch_cp_on_cpu_ranks_is_one_clear_error(tmp_path):
+    cfg = write(tmp_path, "p.yaml", PREFILL)
+    r = run_ranks(2, ["-m", "hpcattn", "run", cfg, "--set", "methods=[local,torch_cp]"], timeout=60)
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(err) == 1 and "torch_cp" in err[0] and "GPUs only" in err[0], r.stderr
 
 
 def test_failure_on_one_rank_aborts_all_and_keeps_finished_cases(tmp_path):

@@ -100,7 +100,7 @@ def test_two_gpus_match_reference(tmp_path, backend, job):
                        "tree: {reduction: [allreduce, allgather], topology: [flat, hierarchical]}\n"
                        "run: {warmup: 1, repeats: 3}\n")
     else:
-        cfg.write_text("job: prefill\nmethods: [local, ring]\n"
+        cfg.write_text("job: prefill\nmethods: [local, ring, torch_cp]\n"
                        "shape: {batch: 1, heads_q: 32, heads_kv: 8, head_dim: 128, context: 16384}\n"
                        "ring: {layout: [zigzag, contiguous]}\nrun: {warmup: 1, repeats: 3, check_rows: 512}\n")
     out = tmp_path / "r.h5"
@@ -111,6 +111,8 @@ def test_two_gpus_match_reference(tmp_path, backend, job):
     meta, rows = read_cases(str(out))
     assert meta["transport"] == ("nccl" if backend == "nccl" else "mpi_staged")
     assert all(row["check_passed"] for row in rows), [(row["id"], row["err_out"], row["base_err_out"]) for row in rows]
+    if job == "prefill":
+        assert any(row["method"] == "torch_cp" for row in rows)
 
 
 @two_gpus

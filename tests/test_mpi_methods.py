@@ -17,3 +17,10 @@ def test_methods_match_reference(ranks, backend):
     r = run_ranks(ranks, ["-m", "mpi4py", "tests/mpi_progs/check_methods.py", backend, "2"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"checks passed on {ranks} ranks" in r.stdout
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_torch_cp_shards_like_zigzag(ranks):
+    r = run_ranks(ranks, ["-m", "mpi4py", "tests/mpi_progs/check_torch_cp.py"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"torch_cp set-up checks passed on {ranks} ranks" in r.stdout

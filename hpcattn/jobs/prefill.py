@@ -2,8 +2,9 @@
 tokens, sharded over ranks.
 
 Methods: ``local`` (rank 0 computes the whole sequence: the single-device baseline), ``ring``
-(exact), and the approximate ``star`` (phase 1) and ``apb``, which also get ``shape.query_len``
-query rows after the context. The check compares ``run.check_rows`` evenly spaced rows (gathered
+(exact), ``torch_cp`` (PyTorch's own ring, ``context_parallel``: the peer; GPUs only), and the
+approximate ``star`` (phase 1) and ``apb``, which also get ``shape.query_len`` query rows after
+the context. The check compares ``run.check_rows`` evenly spaced rows (gathered
 from the ranks that own them) with a float64 reference computed on rank 0: exact methods must pass
 flash-attention's tolerance rule; approximate ones record their fidelity (relative and max error
 of the context rows) and must pass the rule on their exact part, the query pass (Star phase 2).
@@ -55,7 +56,8 @@ class PrefillJob:
 
         self.q, self.k, self.v = load(self.index)
         self.full = None
-        if any(m in APPROX for m in cfg.methods) or (self.r == 0 and ("local" in cfg.methods or cfg.run.check)):
+        if any(m in APPROX + ("torch_cp",) for m in cfg.methods) or \
+                (self.r == 0 and ("local" in cfg.methods or cfg.run.check)):
             self.full = load(torch.arange(self.n))
         self.rows = check_rows(self.n, cfg.run.check_rows)
         self.recall = None
@@ -71,6 +73,14 @@ class PrefillJob:
         if case.method == "ring":
             return lambda tm: ring_prefill(self.q, self.k, self.v, self.ctx, kernel=kern, scale=sc,
                                            causal=self.causal, layout=self.layout, tm=tm)
+        if case.method == "torch_cp":
+            from hpcattn.methods.torch_cp import TorchContextParallel
+
+            t = case.cfg.torch_cp
+            self.peer = None                      # free the previous case's shards first
+            self.peer = TorchContextParallel(*self.full, self.ctx, scale=sc, causal=self.causal,
+                                             sdpa=t.sdpa, native_gqa=t.native_gqa)
+            return lambda tm: (self.peer(tm), None)
         if case.method == "star":
             from hpcattn.methods.star import star_phase1
 
@@ -126,6 +136,8 @@ class PrefillJob:
         elif case.method == "apb":
             lb = self.n // self.p
             index = torch.arange(self.r * lb, (self.r + 1) * lb)
+        elif case.method == "torch_cp":
+            index = self.peer.index
         else:
             index = self.index
         return index, out, lse
@@ -151,19 +163,21 @@ class PrefillJob:
             index, out, lse = owned
             sel = torch.isin(index, self.rows).nonzero().flatten()
             sel_d = sel.to(out.device)
-            mine = (index[sel], out[:, sel_d].float().cpu(), lse[:, :, sel_d].float().cpu())
+            mine = (index[sel], out[:, sel_d].float().cpu(), None if lse is None else lse[:, :, sel_d].float().cpu())
         parts = self.ctx.world.mpi.gather(mine, root=0)
         if self.r != 0:
             return None
-        idx = torch.cat([pp[0] for pp in parts if pp is not None])
-        out = torch.cat([pp[1] for pp in parts if pp is not None], dim=1)
-        lse = torch.cat([pp[2] for pp in parts if pp is not None], dim=2)
+        parts = [pp for pp in parts if pp is not None]
+        idx = torch.cat([pp[0] for pp in parts])
+        out = torch.cat([pp[1] for pp in parts], dim=1)
         order = torch.argsort(idx)
         if not torch.equal(idx[order], self.rows):
             raise RuntimeError(f"{case.method}: gathered rows do not cover the checked rows")
         o, ro = out[:, order].double(), ref["out"].cpu().double()
-        res = {"err_out": max_err(o, ro), "err_lse": max_err(lse[:, :, order], ref["lse"].cpu()),
-               "base_err_out": ref["base_err_out"], "base_err_lse": ref["base_err_lse"]}
+        res = {"err_out": max_err(o, ro), "base_err_out": ref["base_err_out"], "base_err_lse": ref["base_err_lse"]}
+        if parts[0][2] is not None:                   # torch_cp returns no lse: outputs only
+            lse = torch.cat([pp[2] for pp in parts], dim=2)
+            res["err_lse"] = max_err(lse[:, :, order], ref["lse"].cpu())
         if case.method in APPROX:
             res["fidelity_rel_err"] = float((o - ro).norm() / ro.norm())
         return res
@@ -220,16 +234,18 @@ class PrefillJob:
     def gathered_outputs(self, case, result):
         """All rows gathered to rank 0 in global order (collective): dict of float32 numpy, or None."""
         owned = self._owned(case, result)
-        mine = None if owned is None else (owned[0], owned[1].float().cpu(), owned[2].float().cpu())
+        mine = None if owned is None else \
+            (owned[0], owned[1].float().cpu(), None if owned[2] is None else owned[2].float().cpu())
         parts = self.ctx.world.mpi.gather(mine, root=0)
         if self.r != 0:
             return None
         parts = [pp for pp in parts if pp is not None]
         idx = torch.cat([pp[0] for pp in parts])
         order = torch.argsort(idx)
-        out = torch.cat([pp[1] for pp in parts], dim=1)[:, order]
-        lse = torch.cat([pp[2] for pp in parts], dim=2)[:, :, order]
-        return {"out": out.numpy(), "lse": lse.numpy()}
+        res = {"out": torch.cat([pp[1] for pp in parts], dim=1)[:, order].numpy()}
+        if parts[0][2] is not None:
+            res["lse"] = torch.cat([pp[2] for pp in parts], dim=2)[:, :, order].numpy()
+        return res
 
 
 def star_anchor(cfg, p: int) -> int:
@@ -249,6 +265,9 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int]:
     kvblock = 2 * s.batch * t * s.heads_kv * s.head_dim * e
     if method == "ring":
         return qkv(t) + 2 * kvblock + acc(t), (p - 1) * kvblock
+    if method == "torch_cp":  # full inputs + (B, H, t, d) shards with K/V expanded to Hq heads
+        wire = kvblock * (s.heads_q // s.heads_kv if not cfg.torch_cp.native_gqa else 1)
+        return qkv(s.context) + qkv(t) + 2 * wire + acc(t), (p - 1) * wire
     if method == "star":      # the whole context is held (inputs), anchor + block computed
         return qkv(s.context) + acc(2 * t), 0
     if method == "apb":

@@ -2,7 +2,8 @@
 
 One row per case: method, variant, shape, world size, median/p10/p90 step time (max over ranks),
 communication share of the slowest rank, speedup against the ``local`` baseline of the same sweep
-point in the same file, achieved throughput (decode: KV bytes read per second over all ranks;
+point in the same file, the ratio to that point's peer (``vs_peer``: PyTorch's ``torch_cp`` ring
+for prefill, the KV-rotating ``ring`` for decode; peer time / case time), achieved throughput (decode: KV bytes read per second over all ranks;
 prefill: attention FLOP/s, causal counted as half), the check's max error and verdict.
 """
 
@@ -16,7 +17,7 @@ from hpcattn.results.hdf5 import read_cases
 COLUMNS = [  # (header, width, key or function)
     ("file", 14), ("case", 30), ("method", 6), ("variant", 18), ("B", 3), ("N", 8), ("p", 3),
     ("dtype", 8), ("median_ms", 10), ("p10_ms", 9), ("p90_ms", 9), ("comm%", 6), ("speedup", 8),
-    ("rate", 12), ("err_out", 9), ("check", 5),
+    ("vs_peer", 8), ("rate", 12), ("err_out", 9), ("check", 5),
 ]
 
 
@@ -42,15 +43,24 @@ def _si(x: float, unit: str) -> str:
     return f"{x:.3g} {unit}"
 
 
+PEERS = {"prefill": "torch_cp", "decode": "ring"}   # the method each job's cases are compared with
+
+
 def rows_from_files(paths: list[str]) -> list[dict]:
-    """Case rows of every file, with the speedup against the same file's local baseline."""
+    """Case rows of every file, with the speedup against the same file's local baseline and the
+    ratio to the same sweep point's peer (fastest peer case when it has several variants)."""
     out = []
     for path in paths:
         meta, rows = read_cases(path)
         base = {r["group"]: r["time_median_s"] for r in rows if r["method"] == "local"}
+        peer: dict = {}
         for r in rows:
-            b = base.get(r["group"])
-            r["speedup"] = (b / r["time_median_s"]) if b and r.get("time_median_s") else None
+            if r["method"] == PEERS.get(r["job"]) and r.get("time_median_s"):
+                peer[r["group"]] = min(peer.get(r["group"], float("inf")), r["time_median_s"])
+        for r in rows:
+            b, pt, t = base.get(r["group"]), peer.get(r["group"]), r.get("time_median_s")
+            r["speedup"] = (b / t) if b and t else None
+            r["vs_peer"] = (pt / t) if pt and t and r["method"] not in ("local", PEERS.get(r["job"])) else None
             r["status"] = meta.get("status")
             r["transport"] = meta.get("transport")
             out.append(r)
@@ -64,7 +74,7 @@ def _cells(r: dict) -> list[str]:
     return [name, r["id"], r["method"], r.get("variant") or "-", str(r["batch"]), str(r["context"]),
             str(r["world_size"]), r["dtype"], ms("time_median_s"), ms("time_p10_s"), ms("time_p90_s"),
             f"{100 * r.get('comm_fraction', 0):.1f}", f"{r['speedup']:.2f}x" if r.get("speedup") else "",
-            _rate(r), f"{r['err_out']:.2e}" if r.get("err_out") is not None else "", check]
+            f"{r['vs_peer']:.2f}x" if r.get("vs_peer") else "", _rate(r), f"{r['err_out']:.2e}" if r.get("err_out") is not None else "", check]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -81,7 +91,7 @@ def format_csv(rows: list[dict]) -> str:
     w = csv.writer(buf)
     keys = ["file", "id", "method", "variant", "job", "batch", "heads_q", "heads_kv", "head_dim", "context",
             "dtype", "causal", "world_size", "kernel", "transport", "time_median_s", "time_p10_s",
-            "time_p90_s", "comm_fraction", "speedup", "bytes_per_step", "peak_mem_bytes", "err_out",
+            "time_p90_s", "comm_fraction", "speedup", "vs_peer", "bytes_per_step", "peak_mem_bytes", "err_out",
             "err_lse", "base_err_out", "base_err_lse", "check_passed", "fidelity_rel_err", "query_err_out",
             "needle_recall", "prefill_median_s", "decode_step_median_s", "throughput_tok_s", "token_agreement",
             "logits_rel_err"]
