@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the table of one or more HDF5 records")
     rep.add_argument("files", nargs="+")
     rep.add_argument("--csv", action="store_true", help="CSV instead of the fixed-width table")
+    rc = sub.add_parser("recover", help="merge an unfinished run's NAME.tmp (+ NAME.tmp.d/) into NAME "
+                                        "(status incomplete)")
+    rc.add_argument("tmp", help="the NAME.tmp a crashed or killed run left")
+    rc.add_argument("-o", "--output", help="file to write (default NAME)")
     pl = sub.add_parser("plot", help="plot time vs context and speedup vs baseline to a PNG")
     pl.add_argument("files", nargs="+")
     pl.add_argument("-o", "--output", required=True, help="PNG file to write")
@@ -77,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             from hpcattn.results.report import format_csv, format_table, rows_from_files
             rows = rows_from_files(args.files)
             print(format_csv(rows) if args.csv else format_table(rows), end="\n" if not args.csv else "")
+            return 0
+        if args.cmd == "recover":
+            from hpcattn.results.hdf5 import recover
+            print(f"wrote {recover(args.tmp, args.output)}")
             return 0
         if args.cmd == "plot":
             from hpcattn.results.plot import plot

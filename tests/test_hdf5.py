@@ -1,4 +1,4 @@
-"""HDF5 run record (crash-safe NAME.tmp -> NAME) and HDF5 input files."""
+"""HDF5 run record (crash-safe NAME.tmp + NAME.tmp.d/ -> NAME) and HDF5 input files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import h5py
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from hpcattn.errors import InputError
 from hpcattn.jobs.inputs import file_shape, read_tokens, write_input_file
-from hpcattn.results.hdf5 import SCHEMA_VERSION, RecordWriter, read_cases
+from hpcattn.results.hdf5 import SCHEMA_VERSION, RecordWriter, read_cases, recover
 
 HOSTS = [
     {"rank": 0, "local_rank": 0, "node": 0, "hostname": "n0", "device": "cpu", "gpu_name": None},
@@ -49,9 +50,9 @@ READER = textwrap.dedent("""
     import h5py
     from hpcattn.results.hdf5 import read_cases
     path = sys.argv[1]
-    with h5py.File(path, "r", locking=False) as f:
+    with h5py.File(path, "r", locking=False) as f:      # the metadata file: no case inside yet
         res = {"status": str(f.attrs["status"]), "schema_version": int(f.attrs["schema_version"]),
-               "cases": list(f["cases"]), "time_s": f["cases/c000/time_s"][()].tolist()}
+               "cases": list(f["cases"])}
     meta, rows = read_cases(path)
     res["read_cases"] = {"status": meta["status"], "ids": [r["id"] for r in rows],
                          "method": rows[0]["method"]}
@@ -63,25 +64,24 @@ def test_record_tmp_while_open_then_renamed(tmp_path):
     path = tmp_path / "sub" / "run.h5"
     tmp = tmp_path / "sub" / "run.h5.tmp"
     w = make_writer(path)
-    # while open: only NAME.tmp exists
+    # while running: NAME.tmp (metadata, closed) and one finished file per case in NAME.tmp.d/
     assert tmp.exists() and not path.exists()
     w.write_case("c000", CASE_ATTRS, case_data())
     assert tmp.exists() and not path.exists()
+    assert [x.name for x in (tmp_path / "sub" / "run.h5.tmp.d").iterdir()] == ["00000-c000.h5"]
 
-    # the flushed .tmp is readable by another process while the writer still holds it open
-    # (HDF5 refuses a second open of the same file inside one process, so read it from outside)
+    # another process reads the unfinished record: read_cases joins NAME.tmp and its case files
     got = json.loads(subprocess.run(
         [sys.executable, "-c", READER, str(tmp)], check=True, capture_output=True, text=True).stdout)
     assert got["status"] == "running"
     assert got["schema_version"] == SCHEMA_VERSION
-    assert got["cases"] == ["c000"]
-    assert got["time_s"] == case_data()["time_s"][0].tolist()
+    assert got["cases"] == []
     assert got["read_cases"] == {"status": "running", "ids": ["c000"], "method": "tree"}
 
     w.write_case("c001", dict(CASE_ATTRS, method="ring"), case_data())
     final = w.close()
     assert final == path
-    assert path.exists() and not tmp.exists()
+    assert path.exists() and not tmp.exists() and not (tmp_path / "sub" / "run.h5.tmp.d").exists()
     with h5py.File(path, "r") as f:
         assert f.attrs["status"] == "complete"
         assert list(f["cases"]) == ["c000", "c001"]      # insertion order kept
@@ -117,8 +117,46 @@ def test_crashed_writer_leaves_readable_tmp(tmp_path):
     meta, rows = read_cases(str(tmp))
     assert meta["status"] == "running"
     assert [(r["id"], r["method"]) for r in rows] == [("c000", "local"), ("c001", "tree")]
-    with h5py.File(tmp, "r", locking=False) as f:
+    # hpcattn recover: one file NAME with status "incomplete" and both cases
+    r = subprocess.run([sys.executable, "-m", "hpcattn", "recover", str(tmp)], capture_output=True, text=True)
+    assert r.returncode == 0 and str(path) in r.stdout, r.stdout + r.stderr
+    assert not tmp.exists() and not (tmp_path / "crash.h5.tmp.d").exists()
+    meta, rows = read_cases(str(path))
+    assert meta["status"] == "incomplete" and [r["id"] for r in rows] == ["c000", "c001"]
+    with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["cases/c001/time_s"][()], np.ones((2, 1)))
+    r = subprocess.run([sys.executable, "-m", "hpcattn", "recover", str(path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "expected the NAME.tmp file" in r.stderr, r.stderr
+
+
+KILLED = textwrap.dedent("""
+    import os, signal, sys, threading
+    import numpy as np
+    from hpcattn.results.hdf5 import RecordWriter
+    w = RecordWriter(sys.argv[1], {"world_size": 1}, "job: decode", [{"rank": 0}], {})
+    w.write_case("c000", {"method": "local"}, {"time_s": (np.ones((2, 1)), {})})
+    print("first", flush=True)
+    big = np.random.default_rng(0).standard_normal((64, 2 ** 20))      # 512 MB: killed mid-write
+    w.write_case("c001", {"method": "tree"}, {"out": (big, {})})
+""")
+
+
+def test_kill_during_a_case_write_keeps_the_finished_cases(tmp_path):
+    path = tmp_path / "k.h5"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "first"
+    parts = tmp_path / "k.h5.tmp.d"
+    deadline = time.time() + 60                # wait until the second case's file is being written
+    while not any(x.name.endswith(".partial") for x in parts.iterdir()) and time.time() < deadline:
+        time.sleep(0.005)
+    assert any(x.name.endswith(".partial") for x in parts.iterdir())
+    proc.kill()
+    proc.wait()
+    meta, rows = read_cases(str(tmp_path / "k.h5.tmp"))
+    assert meta["status"] == "running" and [r["id"] for r in rows] == ["c000"]
+    recover(str(tmp_path / "k.h5.tmp"))
+    meta, rows = read_cases(str(path))
+    assert meta["status"] == "incomplete" and [r["id"] for r in rows] == ["c000"]
 
 
 def test_close_with_failed_status(tmp_path):

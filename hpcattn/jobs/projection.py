@@ -255,12 +255,14 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
                 f"{r[k]:.2f}x vs {k[7:]} (paper {PAPER[k]}x at 8 hosts)" for k in PAPER if k in r))
     if output:
         import json
-
-        import h5py
+        import os
         from pathlib import Path
 
+        import h5py
+
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(output, "w") as f:
+        tmp = f"{output}.tmp"                     # written whole, then renamed: never half a file
+        with h5py.File(tmp, "w") as f:
             f.attrs["kind"] = "hpcattn projection"
             f.attrs["hosts"] = hosts
             f.attrs["link_gbps"] = bw_gbps
@@ -268,5 +270,6 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
             f.attrs["device"] = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
             f.attrs["config_yaml"] = config_mod.to_yaml(cfg)
             f.create_dataset("rows_json", data=json.dumps(rows))
+        os.replace(tmp, output)
         log(f"wrote {output}")
     return rows

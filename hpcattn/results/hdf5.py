@@ -1,8 +1,12 @@
 """The HDF5 record of a run (schema in docs/hdf5.md). Rank 0 writes; readers are offline.
 
-Crash safety: the file is written as ``NAME.tmp`` and renamed to ``NAME`` when the run ends
-(``status = "complete"``). Every finished case is flushed as soon as it completes, so a run that
-dies later leaves a readable ``NAME.tmp`` (``status = "running"``) with the cases finished so far.
+Crash safety: no file is ever modified when a kill could leave it half-written. The metadata go to
+``NAME.tmp`` (written and closed at start, ``status = "running"``); each finished case goes to its
+own file in ``NAME.tmp.d/`` (written as ``*.partial``, then renamed). :meth:`RecordWriter.close`
+merges the case files into ``NAME.tmp``, sets ``status = "complete"`` and renames it to ``NAME``.
+A run that dies leaves ``NAME.tmp`` + ``NAME.tmp.d/`` with every case finished so far:
+:func:`read_cases` (and so ``hpcattn report``) reads the pair as one record, and :func:`recover`
+(``hpcattn recover NAME.tmp``) merges it into ``NAME`` with ``status = "incomplete"``.
 
 Layout::
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -45,11 +50,23 @@ def _attr(v):
     return v
 
 
+def parts_dir(tmp: Path) -> Path:
+    """Folder of the per-case files of ``NAME.tmp`` (``NAME.tmp.d``)."""
+    return tmp.with_name(tmp.name + ".d")
+
+
+def _part_files(tmp: Path) -> list[Path]:
+    """Finished case files of ``tmp`` in write order (names ``<seq>-<case id>.h5``)."""
+    d = parts_dir(tmp)
+    return sorted(d.glob("*.h5")) if d.is_dir() else []
+
+
 class RecordWriter:
     """Writes one run's record. Use on rank 0 only.
 
     Args:
-        path: final file name; data goes to ``path + ".tmp"`` until :meth:`close`.
+        path: final file name; data goes to ``path + ".tmp"`` (metadata) and ``path + ".tmp.d/"``
+            (one file per finished case) until :meth:`close`.
         attrs: root attributes (run metadata).
         config_yaml: the resolved config.
         hosts: per-rank dicts with equal keys (rank, local_rank, node, hostname, device, ...).
@@ -60,47 +77,85 @@ class RecordWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.f = h5py.File(self.tmp, "w", track_order=True)
-        for k, v in attrs.items():
-            self.f.attrs[k] = _attr(v)
-        self.f.attrs["schema_version"] = SCHEMA_VERSION
-        self.f.attrs["status"] = "running"
-        meta = self.f.create_group("meta", track_order=True)
-        meta.create_dataset("config_yaml", data=config_yaml, dtype=h5py.string_dtype())
-        hg = meta.create_group("hosts", track_order=True)
-        for key in hosts[0]:
-            vals = [h[key] for h in hosts]
-            if all(isinstance(x, (int, np.integer)) for x in vals):
-                hg.create_dataset(key, data=np.asarray(vals, dtype=np.int64))
-            else:
-                hg.create_dataset(key, data=[str(x) for x in vals], dtype=h5py.string_dtype())
-        kg = meta.create_group("kernel")
-        for k, v in kernel_info.items():
-            kg.attrs[k] = _attr(v)
-        self.cases = self.f.create_group("cases", track_order=True)
-        self.f.flush()
+        self.parts = parts_dir(self.tmp)
+        shutil.rmtree(self.parts, ignore_errors=True)        # a crashed earlier run to the same NAME
+        with h5py.File(self.tmp, "w", track_order=True) as f:
+            for k, v in attrs.items():
+                f.attrs[k] = _attr(v)
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["status"] = "running"
+            meta = f.create_group("meta", track_order=True)
+            meta.create_dataset("config_yaml", data=config_yaml, dtype=h5py.string_dtype())
+            hg = meta.create_group("hosts", track_order=True)
+            for key in hosts[0]:
+                vals = [h[key] for h in hosts]
+                if all(isinstance(x, (int, np.integer)) for x in vals):
+                    hg.create_dataset(key, data=np.asarray(vals, dtype=np.int64))
+                else:
+                    hg.create_dataset(key, data=[str(x) for x in vals], dtype=h5py.string_dtype())
+            kg = meta.create_group("kernel")
+            for k, v in kernel_info.items():
+                kg.attrs[k] = _attr(v)
+            f.create_group("cases", track_order=True)
+        self.parts.mkdir()
+        self.written = 0
 
     def write_case(self, case_id: str, attrs: dict, datasets: dict[str, tuple[np.ndarray, dict]]) -> None:
-        """Write one finished case and flush. ``datasets``: name -> (array, attrs)."""
-        g = self.cases.create_group(case_id, track_order=True)
-        for k, v in attrs.items():
-            g.attrs[k] = _attr(v)
-        for name, (arr, dattrs) in datasets.items():
-            arr = np.asarray(arr)
-            kw = {}
-            if arr.dtype.kind == "f" and arr.size > 4096:
-                kw = {"compression": "gzip", "shuffle": True, "chunks": True}
-            ds = g.create_dataset(name, data=arr, **kw)
-            for k, v in dattrs.items():
-                ds.attrs[k] = _attr(v)
-        self.f.flush()
+        """Write one finished case to its own file, atomically. ``datasets``: name -> (array, attrs)."""
+        final = self.parts / f"{self.written:05d}-{case_id}.h5"
+        partial = final.with_name(final.name + ".partial")
+        with h5py.File(partial, "w", track_order=True) as f:
+            g = f.create_group("case", track_order=True)
+            for k, v in attrs.items():
+                g.attrs[k] = _attr(v)
+            for name, (arr, dattrs) in datasets.items():
+                arr = np.asarray(arr)
+                kw = {}
+                if arr.dtype.kind == "f" and arr.size > 4096:
+                    kw = {"compression": "gzip", "shuffle": True, "chunks": True}
+                ds = g.create_dataset(name, data=arr, **kw)
+                for k, v in dattrs.items():
+                    ds.attrs[k] = _attr(v)
+        with open(partial, "rb") as fh:                      # on disk before it counts as finished
+            os.fsync(fh.fileno())
+        os.replace(partial, final)
+        self.written += 1
 
     def close(self, status: str = "complete") -> Path:
-        """Mark the record finished, close it and atomically rename it to its final name."""
-        self.f.attrs["status"] = status
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        """Merge the case files, mark the record finished and atomically rename it to its name."""
+        return _finish(self.tmp, self.path, status)
+
+
+def _finish(tmp: Path, path: Path, status: str) -> Path:
+    """Merge ``tmp``'s case files into it, set ``status``, rename to ``path``, drop the folder.
+
+    Safe to repeat after a crash part-way: cases already merged are skipped."""
+    with h5py.File(tmp, "a") as f:
+        cases = f["cases"]
+        for part in _part_files(tmp):
+            cid = part.stem.split("-", 1)[1]
+            if cid not in cases:
+                with h5py.File(part, "r") as src:
+                    src.copy(src["case"], cases, name=cid)
+        f.attrs["status"] = status
+    os.replace(tmp, path)
+    shutil.rmtree(parts_dir(tmp), ignore_errors=True)
+    return path
+
+
+def recover(tmp: str, output: str | None = None) -> Path:
+    """Turn a crashed run's ``NAME.tmp`` (+ ``NAME.tmp.d/``) into one file, ``status = "incomplete"``.
+
+    ``output`` defaults to NAME (the ``.tmp`` suffix dropped). Raises InputError for anything else."""
+    from hpcattn.errors import InputError
+
+    t = Path(tmp)
+    if t.suffix != ".tmp" or not t.is_file():
+        raise InputError(f"{tmp}: expected the NAME.tmp file of an unfinished run")
+    meta, _ = read_cases(tmp)                      # validates that it is a record
+    if meta.get("status") != "running":
+        raise InputError(f"{tmp}: status is {meta.get('status')!r}, not 'running'")
+    return _finish(t, Path(output) if output else t.with_suffix(""), "incomplete")
 
 
 def read_cases(path: str) -> tuple[dict, list[dict]]:
@@ -118,13 +173,21 @@ def read_cases(path: str) -> tuple[dict, list[dict]]:
         if "cases" not in f or "schema_version" not in f.attrs:
             raise InputError(f"{path}: not an hpcattn record (no /cases group)")
         meta = {k: _decode(v) for k, v in f.attrs.items()}
-        rows = []
-        for cid, g in f["cases"].items():
-            row = {k: _decode(v) for k, v in g.attrs.items()}
-            row["id"] = cid
-            row["file"] = str(path)
-            rows.append(row)
+        rows = [_row(cid, g, path) for cid, g in f["cases"].items()]
+    seen = {r["id"] for r in rows}
+    for part in _part_files(Path(path)):           # an unfinished run's cases (NAME.tmp.d/)
+        cid = part.stem.split("-", 1)[1]
+        if cid not in seen:
+            with h5py.File(part, "r", locking=False) as src:
+                rows.append(_row(cid, src["case"], path))
     return meta, rows
+
+
+def _row(cid: str, g, path: str) -> dict:
+    row = {k: _decode(v) for k, v in g.attrs.items()}
+    row["id"] = cid
+    row["file"] = str(path)
+    return row
 
 
 def _decode(v):
