@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
-import os
 import sys
 import time
 
@@ -231,6 +230,8 @@ def _abort_on_error(fn) -> int:
     """
     from mpi4py import MPI
 
+    from hpcattn.watchdog import abort_job
+
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     try:
@@ -241,26 +242,14 @@ def _abort_on_error(fn) -> int:
         return 2
     except HpcattnError as e:
         print(f"hpcattn: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
-        _abort(world, 2)
+        abort_job(world, 2)
     except BaseException:
         import traceback
 
         print(f"hpcattn: rank {rank} failed; aborting all ranks", file=sys.stderr)
         traceback.print_exc()
-        _abort(world, 1)
+        abort_job(world, 1)
     return 1
-
-
-def _abort(world, code: int) -> None:
-    """Flush, give the launcher's output forwarder a moment, then ``MPI_Abort``.
-
-    Hydra (MPICH) and ORTE (Open MPI) forward rank output asynchronously and drop what is still in
-    flight when an abort kills the job; without the pause the one line that says why is often lost.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    time.sleep(float(os.environ.get("HPCATTN_ABORT_GRACE_S", "1.0")))
-    world.Abort(code)
 
 
 def _run(cfg, world, args) -> int:
@@ -274,7 +263,11 @@ def _run(cfg, world, args) -> int:
     from hpcattn.results.hdf5 import RecordWriter
     from hpcattn.results.report import format_table
 
+    from hpcattn import watchdog
+
     rank = world.Get_rank()
+    watchdog.start(cfg.run.case_timeout_s, rank)
+    watchdog.arm("set-up (communicators, kernel self-tests, model)")
     device_kind = config.resolve_device(cfg, torch.cuda.is_available())
     ctx = comm_mod.setup(world, device_kind=device_kind, backend=cfg.comm.backend,
                          gpu_aware_setting=cfg.comm.gpu_aware_mpi, ranks_per_node=cfg.comm.ranks_per_node)
@@ -311,7 +304,9 @@ def _run(cfg, world, args) -> int:
         rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
     else:
         rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)
+    watchdog.arm("teardown")
     comm_mod.teardown(ctx)
+    watchdog.disarm()
     if rank == 0:
         path = writer.close()
         for r in rows:

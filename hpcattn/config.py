@@ -173,6 +173,8 @@ class RunConfig:
     save_outputs: bool = _f(False, doc="store gathered out/lse of each case in the HDF5 record")
     output: typing.Optional[str] = _f(None, doc="HDF5 result file (default runs/<job>-<utc time>.h5)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto: cuda when GPUs are visible")
+    case_timeout_s: typing.Optional[float] = _f(3600.0, doc="hang watchdog: a case (or set-up) running longer "
+                                                            "aborts the job with stacks; null = off")
 
 
 @dataclass
@@ -484,6 +486,9 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     r = cfg.run
     if r.repeats < 1 or r.warmup < 0:
         raise ConfigError(f"{source}: run.repeats must be >= 1 and run.warmup >= 0")
+    if r.case_timeout_s is not None and r.case_timeout_s <= 0:
+        raise ConfigError(f"{source}: run.case_timeout_s must be > 0 seconds (or null to turn the watchdog off), "
+                          f"got {r.case_timeout_s:g}")
     if cfg.inputs.source == "file" and not cfg.inputs.path:
         raise ConfigError(f"{source}: inputs.source=file needs inputs.path (an HDF5 file with q, k, v)")
     if cfg.inputs.source == "file" and not Path(cfg.inputs.path).is_file():

@@ -107,6 +107,7 @@ def test_bad_config_one_message_nonzero_everywhere(tmp_path):
     ("shape.heads_kv=3", "multiple of"),
     ("run.device=cuda", "no CUDA GPU"),
     ("comm.backend=nccl", "needs GPUs"),
+    ("run.case_timeout_s=0", "run.case_timeout_s must be > 0"),
     ("methods=[tree,rign]", "did you mean ring"),
 ])
 def test_invalid_combinations(tmp_path, override, expect):
@@ -140,6 +141,19 @@ def test_failure_on_one_rank_aborts_all_and_keeps_finished_cases(tmp_path):
     assert not out.exists()
     meta, rows = read_cases(str(tmp_path / "crash.h5.tmp"))
     assert meta["status"] == "running" and len(rows) == 2       # the two cases finished before the failure
+
+
+def test_hang_on_one_rank_is_ended_by_the_watchdog(tmp_path):
+    cfg = write(tmp_path, "d.yaml", DECODE)
+    out = tmp_path / "hang.h5"
+    r = run_ranks(3, ["-m", "hpcattn", "run", cfg, "-o", str(out), "--set", "run.case_timeout_s=4"],
+                  timeout=60, env={"HPCATTN_TEST_HANG_RANK": "1"})
+    assert r.returncode != 0
+    assert "case c0002" in r.stderr and "run.case_timeout_s = 4 s" in r.stderr, r.stderr
+    assert "_fault_injection" in r.stderr             # the stacks show where the rank hangs
+    assert not out.exists()
+    meta, rows = read_cases(str(tmp_path / "hang.h5.tmp"))
+    assert meta["status"] == "running" and len(rows) == 2
 
 
 def test_dry_run_plans_without_mpi_launch(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpcattn import watchdog
 from hpcattn.errors import ConfigError, InputError
 from hpcattn.jobs.inputs import DTYPES
 
@@ -181,6 +182,7 @@ def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None
     """Execute generate cases (collective); rank 0 writes each finished case."""
     rows = []
     for case in cases:
+        watchdog.arm(f"case {case.id}")
         kernel = kernel_for(case.cfg)
         job = GenerateJob(case.cfg, ctx, kernel, model)
         model = job.model                      # same weights for every case of the run

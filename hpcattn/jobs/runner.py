@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpcattn import watchdog
 from hpcattn.config import Config
 from hpcattn.config import expand_cases as expand_points
 from hpcattn.jobs import decode, generate, prefill
@@ -173,6 +174,7 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
         job = job_cls(gcfg, ctx, kernel)
         ref = job.reference()
         for case in group_cases:
+            watchdog.arm(f"case {case.id}")
             _fault_injection(ctx)
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -197,16 +199,19 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
 
 
 def _fault_injection(ctx, _started=[0]) -> None:  # noqa: B006 (a call counter)
-    """Test hook: ``HPCATTN_TEST_FAIL_RANK=r`` makes rank r fail as its third case starts, after a
-    barrier, so rank 0 has flushed the first two cases and is not writing; tests check that one
-    failing rank aborts the whole job and leaves a readable NAME.tmp. A no-op without the variable."""
-    target = os.environ.get("HPCATTN_TEST_FAIL_RANK")
-    if target is None:
+    """Test hooks, no-ops without the variables: ``HPCATTN_TEST_FAIL_RANK=r`` makes rank r raise,
+    ``HPCATTN_TEST_HANG_RANK=r`` makes it hang, as its third case starts, after a barrier (rank 0
+    has written the first two cases). Tests check that the job ends on every rank, says why, and
+    keeps the finished cases."""
+    fail, hang = os.environ.get("HPCATTN_TEST_FAIL_RANK"), os.environ.get("HPCATTN_TEST_HANG_RANK")
+    if fail is None and hang is None:
         return
     ctx.world.barrier()
     _started[0] += 1
-    if target == str(ctx.rank) and _started[0] >= 3:
+    if _started[0] >= 3 and fail == str(ctx.rank):
         raise RuntimeError("injected failure (HPCATTN_TEST_FAIL_RANK)")
+    while _started[0] >= 3 and hang == str(ctx.rank):
+        time.sleep(1.0)                       # injected hang (HPCATTN_TEST_HANG_RANK)
 
 
 def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=None) -> dict:
