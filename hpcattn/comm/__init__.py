@@ -129,8 +129,9 @@ def setup(world_mpi, *, device_kind: str, backend: str = "auto", gpu_aware_setti
 
 
 def teardown(ctx: CommContext) -> None:
-    if ctx.backend in ("nccl", "gloo"):
-        import torch.distributed as dist
+    """End torch.distributed if this run started it: the nccl/gloo transport, or a method that
+    needed a process group on an ``mpi`` run (the ``torch_cp`` peer)."""
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
