@@ -256,14 +256,12 @@ def _run(cfg, world, args) -> int:
     import torch
 
     from hpcattn import comm as comm_mod
-    from hpcattn import config
+    from hpcattn import config, watchdog
     from hpcattn.jobs.inputs import DTYPES
     from hpcattn.jobs.runner import host_info, plan_cases, run_cases, run_metadata
     from hpcattn.kernels import select_kernel
     from hpcattn.results.hdf5 import RecordWriter
     from hpcattn.results.report import format_table
-
-    from hpcattn import watchdog
 
     rank = world.Get_rank()
     watchdog.start(cfg.run.case_timeout_s, rank)

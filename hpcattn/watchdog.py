@@ -62,14 +62,13 @@ def _loop() -> None:
     print(f"hpcattn: error (rank {rank}): {label} ran longer than run.case_timeout_s = {timeout:g} s "
           f"(a hang?); this rank's Python stacks follow; aborting all ranks", file=sys.stderr, flush=True)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    try:
-        from mpi4py import MPI
+    world = None                            # MPI_Abort from this thread needs MPI_THREAD_MULTIPLE
+    from mpi4py import MPI
 
-        if MPI.Is_initialized() and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-            abort_job(MPI.COMM_WORLD, EXIT_CODE)
-        abort_job(None, EXIT_CODE)
-    finally:
-        os._exit(EXIT_CODE)
+    if MPI.Is_initialized() and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+        world = MPI.COMM_WORLD
+    abort_job(world, EXIT_CODE)
+    os._exit(EXIT_CODE)                      # should MPI_Abort ever return
 
 
 def abort_job(world, code: int) -> None:

@@ -118,28 +118,18 @@ if want comm; then
         || fail "check-comm mpi-staged" $?
 fi
 
-# Note: `--set comm.gpu_aware_mpi=true` is refused ("expected str, got True
-# (bool)"): --set values are parsed as YAML, so the string must be quoted.
-
-# --- 6. tree decode (all-reduce / all-gather of the merge messages) over GPU-aware MPI ---
-if want decode; then
-    step "decode_2gpu.yaml, comm.backend=mpi, gpu_aware_mpi=true"
-    # shellcheck disable=SC2086  # DECODE_ARGS is a word list on purpose
-    "${MPIRUN[@]}" "$PY" -m hpcattn run configs/bench/decode_2gpu.yaml $DECODE_ARGS \
-        --set comm.backend=mpi --set 'comm.gpu_aware_mpi="true"' -o "$RESULTS/decode-mpi-device.h5" \
-        && "$PY" -m hpcattn report "$RESULTS/decode-mpi-device.h5" | tee "$RESULTS/decode-mpi-device.txt" \
-        || fail "decode" $?
-fi
-
-# --- 7. ring prefill (send/recv of KV blocks) over GPU-aware MPI --------------------------
-if want prefill; then
-    step "prefill_2gpu.yaml, comm.backend=mpi, gpu_aware_mpi=true"
-    # shellcheck disable=SC2086
-    "${MPIRUN[@]}" "$PY" -m hpcattn run configs/bench/prefill_2gpu.yaml $PREFILL_ARGS \
-        --set comm.backend=mpi --set 'comm.gpu_aware_mpi="true"' -o "$RESULTS/prefill-mpi-device.h5" \
-        && "$PY" -m hpcattn report "$RESULTS/prefill-mpi-device.h5" | tee "$RESULTS/prefill-mpi-device.txt" \
-        || fail "prefill" $?
-fi
+# --- 6./7. tree decode (all-reduce / all-gather of merge messages) and ring prefill (send/recv
+# of KV blocks) over GPU-aware MPI: one record and its report table each -------------------
+bench_mpi_device() {   # NAME CONFIG EXTRA_ARGS
+    step "$2, comm.backend=mpi, gpu_aware_mpi=true"
+    # shellcheck disable=SC2086  # EXTRA_ARGS is a word list on purpose
+    "${MPIRUN[@]}" "$PY" -m hpcattn run "$2" $3 \
+        --set comm.backend=mpi --set comm.gpu_aware_mpi=true -o "$RESULTS/$1-mpi-device.h5" \
+        && "$PY" -m hpcattn report "$RESULTS/$1-mpi-device.h5" | tee "$RESULTS/$1-mpi-device.txt" \
+        || fail "$1" $?
+}
+if want decode; then bench_mpi_device decode configs/bench/decode_2gpu.yaml "$DECODE_ARGS"; fi
+if want prefill; then bench_mpi_device prefill configs/bench/prefill_2gpu.yaml "$PREFILL_ARGS"; fi
 
 step "done; results in $RESULTS"
 if ((${#FAILED[@]})); then echo "failed steps: ${FAILED[*]}"; exit 1; fi

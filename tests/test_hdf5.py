@@ -159,6 +159,26 @@ def test_kill_during_a_case_write_keeps_the_finished_cases(tmp_path):
     assert meta["status"] == "incomplete" and [r["id"] for r in rows] == ["c000"]
 
 
+def test_failure_during_the_merge_loses_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "m.h5"
+    w = make_writer(path)
+    w.write_case("c000", CASE_ATTRS, case_data())
+    w.write_case("c001", dict(CASE_ATTRS, method="ring"), case_data())
+
+    def killed(*args, **kw):
+        raise KeyboardInterrupt("killed while merging")
+    monkeypatch.setattr(h5py.Group, "copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        w.close()
+    monkeypatch.undo()
+    assert not path.exists()
+    meta, rows = read_cases(str(tmp_path / "m.h5.tmp"))          # NAME.tmp and the case files untouched
+    assert meta["status"] == "running" and [r["id"] for r in rows] == ["c000", "c001"]
+    recover(str(tmp_path / "m.h5.tmp"))
+    meta, rows = read_cases(str(path))
+    assert meta["status"] == "incomplete" and [r["id"] for r in rows] == ["c000", "c001"]
+
+
 def test_close_with_failed_status(tmp_path):
     path = tmp_path / "run.h5"
     w = make_writer(path)
@@ -277,24 +297,22 @@ def test_file_shape_missing_dataset(tmp_path, missing):
     assert f"no dataset '{missing}'" in str(e.value) and str(path) in str(e.value)
 
 
+def _write_qkv(path, q, k, v):
+    """An input file with zero q, k, v of the given shapes."""
+    with h5py.File(path, "w") as f:
+        for name, shape in (("q", q), ("k", k), ("v", v)):
+            f.create_dataset(name, data=np.zeros(shape, np.float32))
+
+
 def test_file_shape_other_errors(tmp_path):
     path = tmp_path / "bad.h5"
-    with h5py.File(path, "w") as f:
-        f.create_dataset("q", data=np.zeros((1, 4, 2), np.float32))
-        f.create_dataset("k", data=np.zeros((1, 4, 2, 8), np.float32))
-        f.create_dataset("v", data=np.zeros((1, 4, 2, 8), np.float32))
+    _write_qkv(path, (1, 4, 2), (1, 4, 2, 8), (1, 4, 2, 8))
     with pytest.raises(InputError, match="expected 4 dims"):
         file_shape(str(path))
-    with h5py.File(path, "w") as f:
-        f.create_dataset("q", data=np.zeros((1, 1, 2, 8), np.float32))
-        f.create_dataset("k", data=np.zeros((1, 4, 2, 8), np.float32))
-        f.create_dataset("v", data=np.zeros((1, 5, 2, 8), np.float32))
+    _write_qkv(path, (1, 1, 2, 8), (1, 4, 2, 8), (1, 5, 2, 8))
     with pytest.raises(InputError, match="differ in shape"):
         file_shape(str(path))
-    with h5py.File(path, "w") as f:
-        f.create_dataset("q", data=np.zeros((2, 1, 2, 8), np.float32))
-        f.create_dataset("k", data=np.zeros((1, 4, 2, 8), np.float32))
-        f.create_dataset("v", data=np.zeros((1, 4, 2, 8), np.float32))
+    _write_qkv(path, (2, 1, 2, 8), (1, 4, 2, 8), (1, 4, 2, 8))
     with pytest.raises(InputError, match="batch or head_dim"):
         file_shape(str(path))
     with pytest.raises(InputError, match="cannot open"):

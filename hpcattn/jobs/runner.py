@@ -67,13 +67,13 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
         prm = apb_params(cfg, p)
         flags = "" if cfg.apb.query_in_anchor or not prm.la else "/noquery"
         return f"la{prm.la}/lp{prm.lp}/{cfg.apb.compressor}{flags}"
+    mask = "causal" if cfg.shape.causal else "full"
     if cfg.job == "prefill" and method == "ring":
-        return (cfg.ring.layout if p > 1 else "contiguous") + ("/causal" if cfg.shape.causal else "/full")
+        return f"{cfg.ring.layout if p > 1 else 'contiguous'}/{mask}"
     if cfg.job == "prefill" and method == "torch_cp":
-        return f"{cfg.torch_cp.sdpa}/{'gqa' if cfg.torch_cp.native_gqa else 'kv-expanded'}" + \
-            ("/causal" if cfg.shape.causal else "/full")
+        return f"{cfg.torch_cp.sdpa}/{'gqa' if cfg.torch_cp.native_gqa else 'kv-expanded'}/{mask}"
     if cfg.job == "prefill":
-        return "causal" if cfg.shape.causal else "full"
+        return mask
     return ""
 
 

@@ -25,9 +25,6 @@ import torch
 from hpcattn.comm import CommContext
 from hpcattn.timing import NullTimer
 
-SDPA_BACKENDS = ("cudnn", "flash", "efficient")
-
-
 class TorchContextParallel:
     """PyTorch's ring over this run's ranks.
 

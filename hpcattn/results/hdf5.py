@@ -55,10 +55,10 @@ def parts_dir(tmp: Path) -> Path:
     return tmp.with_name(tmp.name + ".d")
 
 
-def _part_files(tmp: Path) -> list[Path]:
-    """Finished case files of ``tmp`` in write order (names ``<seq>-<case id>.h5``)."""
+def _part_files(tmp: Path) -> list[tuple[str, Path]]:
+    """(case id, file) of ``tmp``'s finished cases in write order (names ``<seq>-<case id>.h5``)."""
     d = parts_dir(tmp)
-    return sorted(d.glob("*.h5")) if d.is_dir() else []
+    return [(p.stem.split("-", 1)[1], p) for p in sorted(d.glob("*.h5"))] if d.is_dir() else []
 
 
 class RecordWriter:
@@ -127,18 +127,20 @@ class RecordWriter:
 
 
 def _finish(tmp: Path, path: Path, status: str) -> Path:
-    """Merge ``tmp``'s case files into it, set ``status``, rename to ``path``, drop the folder.
+    """Merge ``tmp`` and its case files into ``path`` with ``status``; drop ``tmp`` and the folder.
 
-    Safe to repeat after a crash part-way: cases already merged are skipped."""
-    with h5py.File(tmp, "a") as f:
-        cases = f["cases"]
-        for part in _part_files(tmp):
-            cid = part.stem.split("-", 1)[1]
-            if cid not in cases:
-                with h5py.File(part, "r") as src:
-                    src.copy(src["case"], cases, name=cid)
+    The merge goes to a copy (``path.merging``) renamed over ``path`` when whole, so ``tmp`` and
+    its case files stay intact until then: a kill during the merge loses nothing, and repeating
+    it (``recover``) starts again from the same files."""
+    merging = path.with_name(path.name + ".merging")
+    shutil.copyfile(tmp, merging)
+    with h5py.File(merging, "a") as f:
+        for cid, part in _part_files(tmp):
+            with h5py.File(part, "r") as src:
+                src.copy(src["case"], f["cases"], name=cid)
         f.attrs["status"] = status
-    os.replace(tmp, path)
+    os.replace(merging, path)
+    tmp.unlink()
     shutil.rmtree(parts_dir(tmp), ignore_errors=True)
     return path
 
@@ -174,12 +176,9 @@ def read_cases(path: str) -> tuple[dict, list[dict]]:
             raise InputError(f"{path}: not an hpcattn record (no /cases group)")
         meta = {k: _decode(v) for k, v in f.attrs.items()}
         rows = [_row(cid, g, path) for cid, g in f["cases"].items()]
-    seen = {r["id"] for r in rows}
-    for part in _part_files(Path(path)):           # an unfinished run's cases (NAME.tmp.d/)
-        cid = part.stem.split("-", 1)[1]
-        if cid not in seen:
-            with h5py.File(part, "r", locking=False) as src:
-                rows.append(_row(cid, src["case"], path))
+    for cid, part in _part_files(Path(path)):      # an unfinished run's cases (NAME.tmp.d/)
+        with h5py.File(part, "r", locking=False) as src:
+            rows.append(_row(cid, src["case"], path))
     return meta, rows
 
 
