@@ -125,3 +125,149 @@ def test_prompt_ids_file_sets_shape(tmp_path):
     cfg = config.load(None, ["job=generate", f"generate.prompt_ids={tmp_path / 'bad.txt'}"])
     with pytest.raises(InputError, match=r"token ids must be in \[0, 256\)"):
         resolve_shape(cfg)
+
+
+# -- loader errors: each names the file and the key or tensor ----------------------------------------
+
+def _edit_config(ckpt, **changes):
+    """Apply changes to config.json (a value None deletes the key)."""
+    c = json.loads((ckpt / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            c.pop(k, None)
+        else:
+            c[k] = v
+    (ckpt / "config.json").write_text(json.dumps(c))
+
+
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("arch,changes,message", [
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+     r"rope_parameters.rope_type 'yarn' is not supported \(supported: default, llama3\)"),
+    ("LlamaForCausalLM", {"rope_parameters": None, "rope_theta": 1e4,
+                          "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     r"rope_scaling.type 'dynamic' is not supported"),
+    ("LlamaForCausalLM", {"rope_parameters": dict(LLAMA3, rope_type="llama3", beta_fast=32)},
+     r"rope_parameters key\(s\) beta_fast not understood for rope_type 'llama3'"),
+    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+     r"rope_parameters.low_freq_factor must be a positive number"),
+    ("LlamaForCausalLM", {"rope_theta": 123.0}, r"rope_theta 123.0 and rope_parameters.rope_theta .* disagree"),
+    ("LlamaForCausalLM", {"rope_scaling": dict(LLAMA3, rope_type="llama3", factor=2.0)},
+     r"rope_parameters .* and rope_scaling .* disagree"),
+    ("LlamaForCausalLM", {"quantization_config": {"quant_method": "gptq"}, "attn_logit_softcapping": 30.0},
+     r"key\(s\) attn_logit_softcapping, quantization_config not understood by hpcattn's llama model"),
+    ("Qwen2ForCausalLM", {"mlp_bias": True}, r"key\(s\) mlp_bias not understood by hpcattn's qwen2 model"),
+    ("LlamaForCausalLM", {"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
+    ("Qwen2ForCausalLM", {"use_mrope": True}, r"use_mrope: true is not supported"),
+    ("LlamaForCausalLM", {"hidden_size": "64"}, r"hidden_size must be a positive int, got '64'"),
+    ("LlamaForCausalLM", {"vocab_size": None}, r"missing key 'vocab_size'"),
+    ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+     r"sliding_window 16 puts sliding-window attention on layer\(s\) \[1\]"),
+])
+def test_config_json_errors_name_the_key(tmp_path, arch, changes, message):
+    """Unknown rope types (both layouts), math keys hpcattn does not understand, bad values: one
+    InputError naming config.json and the key."""
+    args = tiny(qkv_bias=arch == "Qwen2ForCausalLM")
+    save_checkpoint(random_model(args, 0, torch.float32, "cpu"), tmp_path, arch)
+    args_from_hf_config(tmp_path)                     # the unedited file loads
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(InputError, match=message) as e:
+        load_model(str(tmp_path), torch.float32, "cpu")
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+def test_config_json_keys_that_do_not_change_the_math(tmp_path):
+    """Bookkeeping keys, Qwen2's disabled sliding window, the same rope settings in both layouts
+    or in the legacy layout alone are accepted and read as the plain config."""
+    save_checkpoint(random_model(tiny(qkv_bias=True), 0, torch.float32, "cpu"), tmp_path, "Qwen2ForCausalLM")
+    plain = args_from_hf_config(tmp_path)
+    rope = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    _edit_config(tmp_path, transformers_version="4.45.0", torch_dtype="bfloat16", eos_token_id=[1, 2], use_mrope=False,
+                 use_cache=True, attention_dropout=0.1, use_sliding_window=False, sliding_window=4,
+                 max_window_layers=0, layer_types=["full_attention"] * 2, rope_scaling=rope)
+    assert args_from_hf_config(tmp_path) == plain
+    legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
+    _edit_config(tmp_path, rope_parameters=None, layer_types=None, rope_scaling=legacy, rope_theta=rope["rope_theta"])
+    assert args_from_hf_config(tmp_path) == plain
+
+
+def test_malformed_config_json(tmp_path):
+    save_checkpoint(random_model(tiny(), 0, torch.float32, "cpu"), tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    with pytest.raises(InputError, match=rf"{tmp_path / 'config.json'}: not valid JSON"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+    (tmp_path / "config.json").write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(InputError, match=rf"{tmp_path / 'config.json'}: cannot read"):
+        args_from_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="expected a JSON object, got list"):
+        args_from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors(tmp_path, how):
+    save_checkpoint(random_model(tiny(), 0, torch.float32, "cpu"), tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"not a safetensors file", "empty": b""}[how])
+    with pytest.raises(InputError, match=rf"{f}: not a readable safetensors file"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("model.layers.0.self_attn.o_proj.bias", r"tensor\(s\) model.layers.0.self_attn.o_proj.bias in "
+                                             r"model.safetensors have no place in the model"),
+    ("model.layers.1.mlp.gate_proj.bias", r"tensor\(s\) model.layers.1.mlp.gate_proj.bias in"),
+    ("lm_head.bias", r"tensor\(s\) lm_head.bias in"),
+    ("model.layers.2.input_layernorm.weight", r"tensor\(s\) model.layers.2.input_layernorm.weight in"),
+])
+def test_unconsumed_tensor_is_an_error(tmp_path, extra, message):
+    """A tensor the config.json model has no place for (a bias the config does not declare, a
+    layer past num_hidden_layers) is refused, not dropped."""
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(random_model(tiny(), 0, torch.float32, "cpu"), tmp_path)
+    st = load_file(str(tmp_path / "model.safetensors"))
+    st[extra] = torch.zeros(64)
+    save_file(st, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match=message):
+        load_model(str(tmp_path), torch.float32, "cpu")
+
+
+def test_tied_head_and_stored_inv_freq_must_agree(tmp_path):
+    """A tied checkpoint may store lm_head.weight, and old ones RoPE inv_freq: used only if they
+    agree with what they duplicate; fewer layers (model.layers) skip the rest on purpose."""
+    from safetensors.torch import load_file, save_file
+
+    model = random_model(tiny(tie_embeddings=True), 0, torch.float32, "cpu")
+    save_checkpoint(model, tmp_path)
+    st = load_file(str(tmp_path / "model.safetensors"))
+    st["lm_head.weight"] = st["model.embed_tokens.weight"].clone()
+    st["model.layers.0.self_attn.rotary_emb.inv_freq"] = rope_inv_freq(model.args).float()
+    save_file(st, str(tmp_path / "model.safetensors"))
+    assert load_model(str(tmp_path), torch.float32, "cpu", n_layers=1).args.n_layers == 1
+    st["lm_head.weight"][0, 0] += 1
+    save_file(st, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match="ties the embeddings .* lm_head.weight differs"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+    st["lm_head.weight"] = st["model.embed_tokens.weight"].clone()
+    st["model.layers.0.self_attn.rotary_emb.inv_freq"] *= 2
+    save_file(st, str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match="rotary_emb.inv_freq does not match the RoPE frequencies"):
+        load_model(str(tmp_path), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("attention_bias,mlp_bias", [(True, False), (False, True), (True, True)])
+def test_llama_biases_round_trip(tmp_path, attention_bias, mlp_bias):
+    """attention_bias puts biases on q, k, v and o; mlp_bias on gate, up and down: all loaded."""
+    args = tiny(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=mlp_bias)
+    model = random_model(args, 4, torch.float32, "cpu")
+    save_checkpoint(model, tmp_path)
+    loaded = load_model(str(tmp_path), torch.float32, "cpu")
+    assert loaded.args == args
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(9)
+    torch.testing.assert_close(loaded.logits(loaded(tokens, pos, plain_attend)),
+                               model.logits(model(tokens, pos, plain_attend)), rtol=0, atol=0)

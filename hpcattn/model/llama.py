@@ -1,9 +1,10 @@
 """A Llama-3-style decoder in plain PyTorch (gpt-fast / nanoGPT style), Llama and Qwen2 families.
 
 RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, with Llama-3 rope scaling),
-grouped-query attention, SwiGLU MLP. The model does not compute attention itself: every layer
-hands its post-RoPE q, k, v to an ``attend(layer, q, k, v)`` callable, so that any method (local,
-ring, tree, ...) and any KV-cache placement plug in per layer. ``attend(layer, q, k, v, pre=(q, k, v))``
+grouped-query attention, SwiGLU MLP; optional biases as in transformers (Qwen2: q, k, v; Llama
+``attention_bias``: q, k, v, o; Llama ``mlp_bias``: gate, up, down). The model does not compute
+attention itself: every layer hands its post-RoPE q, k, v to an ``attend(layer, q, k, v)``
+callable, so that any method (local, ring, tree, ...) and any KV-cache placement plug in per layer. ``attend(layer, q, k, v, pre=(q, k, v))``
 gets the post-RoPE q, k and v and, as ``pre``, the same projections before RoPE (APB's compressors
 score those).
 
@@ -38,7 +39,9 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     rope_scaling: dict | None = None   # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
-    qkv_bias: bool = False             # Qwen2 has biases on q, k, v
+    qkv_bias: bool = False             # biases on q, k, v (Qwen2; Llama with attention_bias)
+    o_bias: bool = False               # bias on the output projection (Llama with attention_bias)
+    mlp_bias: bool = False             # biases on gate, up, down (Llama with mlp_bias)
     tie_embeddings: bool = False
 
     @classmethod
@@ -123,7 +126,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(args.dim, args.n_heads * hd, bias=args.qkv_bias)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
-        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * hd, args.dim, bias=args.o_bias)
 
     def forward(self, x, cos, sin, attend: Callable, layer: int) -> torch.Tensor:
         B, S, _ = x.shape
@@ -139,9 +142,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)   # gate
-        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)   # up
-        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)   # down
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)   # gate
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=args.mlp_bias)   # up
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)   # down
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

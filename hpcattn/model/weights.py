@@ -1,58 +1,37 @@
 """Model weights: random from a seed (identical on every rank), or a local Hugging Face checkpoint.
 
-Checkpoint directory: ``config.json`` (``LlamaForCausalLM`` or ``Qwen2ForCausalLM``) and
-``*.safetensors`` (one file or sharded with ``model.safetensors.index.json``). Tensor names are the
-Hugging Face ones (``model.layers.{i}.self_attn.q_proj.weight``, ...). Anything else is a clear error.
+Checkpoint directory: ``config.json`` (``LlamaForCausalLM`` or ``Qwen2ForCausalLM``, read by
+:mod:`hpcattn.model.hf_config`) and ``*.safetensors`` (one file or sharded with
+``model.safetensors.index.json``). Tensor names are the Hugging Face ones
+(``model.layers.{i}.self_attn.q_proj.weight``, ...). Every tensor of the files must be used: a
+missing one, one of a wrong shape or dtype, one the model has no place for, a tied ``lm_head.weight``
+that differs from the embedding, an unreadable file: each is one InputError naming it.
 Every rank loads the full weights (as APB and Star Attention do).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from hpcattn.errors import ConfigError, InputError
+from hpcattn.model.hf_config import ARCHITECTURES, args_from_hf_config
 from hpcattn.model.llama import ModelArgs, Transformer, rope_inv_freq
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-
-
-def args_from_hf_config(path: str | Path) -> ModelArgs:
-    """ModelArgs from a checkpoint directory's config.json."""
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise InputError(f"model.path: {path} has no config.json (expected a Hugging Face checkpoint directory)")
-    c = json.loads(cfg_path.read_text())
-    archs = c.get("architectures") or [c.get("model_type", "?")]
-    if not any(a in SUPPORTED for a in archs):
-        raise InputError(f"model.path: {cfg_path}: unsupported architecture {archs}; "
-                         f"supported: {', '.join(SUPPORTED)}")
-    qwen = any(SUPPORTED.get(a) == "qwen2" for a in archs)
-    sc = c.get("rope_scaling")
-    if sc and sc.get("rope_type", sc.get("type")) not in ("llama3", None):
-        raise InputError(f"model.path: {cfg_path}: rope_scaling type {sc.get('rope_type')!r} is not supported "
-                         f"(llama3 or none)")
-    try:
-        return ModelArgs(
-            vocab_size=c["vocab_size"], dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-            n_heads=c["num_attention_heads"], n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-            ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-5),
-            rope_theta=c.get("rope_theta", 10000.0),
-            rope_scaling=({k: sc[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                "original_max_position_embeddings")} if sc else None),
-            qkv_bias=qwen or bool(c.get("attention_bias", False)),
-            tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-    except KeyError as e:
-        raise InputError(f"model.path: {cfg_path}: missing key {e}") from None
+# transformers < 4.32 saved RoPE's inverse frequencies; they are checked against config.json's
+INV_FREQ = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def hf_names(args: ModelArgs) -> dict[str, str]:
     """Our parameter name -> Hugging Face tensor name."""
     m = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
          "output.weight": "lm_head.weight"}
+    bias = {"attention.wq": args.qkv_bias, "attention.wk": args.qkv_bias, "attention.wv": args.qkv_bias,
+            "attention.wo": args.o_bias, "feed_forward.w1": args.mlp_bias, "feed_forward.w3": args.mlp_bias,
+            "feed_forward.w2": args.mlp_bias}
     for i in range(args.n_layers):
         p, h = f"layers.{i}.", f"model.layers.{i}."
         for ours, theirs in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
@@ -60,7 +39,7 @@ def hf_names(args: ModelArgs) -> dict[str, str]:
                              ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w3", "mlp.up_proj"),
                              ("feed_forward.w2", "mlp.down_proj")):
             m[p + ours + ".weight"] = h + theirs + ".weight"
-            if args.qkv_bias and ours in ("attention.wq", "attention.wk", "attention.wv"):
+            if bias[ours]:
                 m[p + ours + ".bias"] = h + theirs + ".bias"
         m[p + "attention_norm.weight"] = h + "input_layernorm.weight"
         m[p + "ffn_norm.weight"] = h + "post_attention_layernorm.weight"
@@ -83,65 +62,129 @@ def random_model(args: ModelArgs, seed: int, dtype: torch.dtype, device) -> Tran
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_model(path: str, dtype: torch.dtype, device, n_layers: int | None = None) -> Transformer:
-    """Build the model from a checkpoint directory; a missing tensor is an error naming it."""
-    from safetensors import safe_open
+class _Files:
+    """The checkpoint's safetensors files: which file holds each tensor; reads name the file on error."""
 
+    def __init__(self, path: str):
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise InputError(f"model.path: {path} has no *.safetensors files")
+        self.where: dict[str, Path] = {}
+        self.handles = {}
+        for f in files:
+            for k in self._handle(f).keys():
+                if k in self.where:
+                    raise InputError(f"model.path: tensor {k} is in both {self.where[k]} and {f}")
+                self.where[k] = f
+
+    def _handle(self, f: Path):
+        from safetensors import safe_open
+
+        if f not in self.handles:
+            try:
+                self.handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:          # safetensors raises its own SafetensorError, or OSError
+                raise InputError(f"model.path: {f}: not a readable safetensors file ({e})") from None
+        return self.handles[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where[name]
+        try:
+            return self._handle(f).get_tensor(name)
+        except Exception as e:
+            raise InputError(f"model.path: {f}: cannot read tensor {name} ({e})") from None
+
+
+def _names_list(names: list[str]) -> str:
+    more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def load_model(path: str, dtype: torch.dtype, device, n_layers: int | None = None) -> Transformer:
+    """Build the model from a checkpoint directory (``n_layers``: only the first layers).
+
+    Every tensor of the files is consumed (layers past ``n_layers`` are skipped on purpose) or
+    the load is refused with an InputError naming it."""
     args = args_from_hf_config(path)
+    full = hf_names(args)
     if n_layers is not None:
+        if not 1 <= n_layers <= args.n_layers:
+            raise ConfigError(f"model.layers={n_layers}: {path} has {args.n_layers} layers "
+                              f"(num_hidden_layers); use 1..{args.n_layers}")
         args.n_layers = n_layers
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise InputError(f"model.path: {path} has no *.safetensors files")
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                where[k] = f
+    files = _Files(path)
+    names = hf_names(args)
+    missing = [theirs for theirs in names.values() if theirs not in files.where]
+    if missing:
+        raise InputError(f"model.path: {path}: checkpoint lacks tensor(s) {_names_list(missing)}")
+    tied_head = args.tie_embeddings and "lm_head.weight" in files.where
+    unused = sorted(k for k in files.where if k not in set(full.values()) and not INV_FREQ.fullmatch(k)
+                    and not (tied_head and k == "lm_head.weight"))
+    if unused:
+        raise InputError(f"model.path: {path}: tensor(s) {_names_list(unused)} in {files.where[unused[0]].name} "
+                         f"have no place in the model config.json describes (refusing to drop them)")
     with torch.device("meta"):
         model = Transformer(args)
-    names = hf_names(args)
-    missing = [theirs for theirs in names.values() if theirs not in where]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise InputError(f"model.path: {path}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
+    params = dict(model.named_parameters())
     state = {}
-    handles = {}
     try:
         for ours, theirs in names.items():
-            f = where[theirs]
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            t = handles[f].get_tensor(theirs)
-            expect = tuple(dict(model.named_parameters())[ours].shape)
-            if tuple(t.shape) != expect:
-                raise InputError(f"model.path: {path}: tensor {theirs} has shape {tuple(t.shape)}, "
-                                 f"expected {expect} from config.json")
+            t = files.get(theirs)
+            expect = tuple(params[ours].shape)
+            if tuple(t.shape) != expect or not t.is_floating_point():
+                raise InputError(f"model.path: {path}: tensor {theirs} has shape {tuple(t.shape)} dtype {t.dtype}, "
+                                 f"expected {expect} floating point from config.json")
             state[ours] = t.to(dtype)
+        _check_extras(files, args, path)
     finally:
-        handles.clear()
+        files.handles.clear()
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
     model = model.to_empty(device=device)
-    model.load_state_dict(state, strict=False, assign=False)
+    model.load_state_dict(state, strict=True, assign=False)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = rope_inv_freq(args).to(device)
     return model.to(dtype=dtype).eval()
 
 
+def _check_extras(files: _Files, args: ModelArgs, path: str) -> None:
+    """Tensors that hold nothing new must agree with what they duplicate: a tied ``lm_head.weight``
+    with the embedding, stored RoPE ``inv_freq`` with config.json's frequencies."""
+    if args.tie_embeddings and "lm_head.weight" in files.where and \
+            not torch.equal(files.get("lm_head.weight"), files.get("model.embed_tokens.weight")):
+        raise InputError(f"model.path: {path}: config.json ties the embeddings (tie_word_embeddings) but "
+                         f"lm_head.weight differs from model.embed_tokens.weight")
+    inv = rope_inv_freq(args)
+    for k in sorted(k for k in files.where if INV_FREQ.fullmatch(k)):
+        t = files.get(k).double()
+        if t.shape != inv.shape or not torch.allclose(t, inv, rtol=1e-3, atol=0):
+            raise InputError(f"model.path: {path}: tensor {k} does not match the RoPE frequencies of "
+                             f"config.json (rope_theta / rope scaling)")
+
+
 def save_checkpoint(model: Transformer, path: str | Path, architecture: str = "LlamaForCausalLM") -> None:
-    """Write ``model`` as a Hugging Face-format directory (used by tests and for small fixtures)."""
+    """Write ``model`` as a Hugging Face-format directory (transformers 5 layout: ``rope_parameters``;
+    used by tests and for small fixtures). Biases must be ones the architecture can express."""
     from safetensors.torch import save_file
 
     a = model.args
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = {"architectures": [architecture], "model_type": SUPPORTED.get(architecture, "llama"),
+    family = ARCHITECTURES[architecture]
+    cfg = {"architectures": [architecture], "model_type": family,
            "vocab_size": a.vocab_size, "hidden_size": a.dim, "num_hidden_layers": a.n_layers,
            "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim,
-           "intermediate_size": a.ffn_dim, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+           "intermediate_size": a.ffn_dim, "rms_norm_eps": a.norm_eps, "hidden_act": "silu",
+           "rope_parameters": dict(a.rope_scaling or {}, rope_theta=a.rope_theta,
+                                   rope_type="llama3" if a.rope_scaling else "default"),
            "tie_word_embeddings": a.tie_embeddings}
-    if a.rope_scaling:
-        cfg["rope_scaling"] = dict(a.rope_scaling, rope_type="llama3")
+    if family == "llama":
+        if a.qkv_bias != a.o_bias:
+            raise ValueError("Llama's attention_bias puts biases on q, k, v and o alike")
+        cfg |= {"attention_bias": a.o_bias, "mlp_bias": a.mlp_bias}
+    elif not a.qkv_bias or a.o_bias or a.mlp_bias:
+        raise ValueError("Qwen2 has biases on q, k, v only")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     params = dict(model.named_parameters())
     save_file({theirs: params[ours].detach().cpu().contiguous() for ours, theirs in hf_names(a).items()},
@@ -156,6 +199,6 @@ def build_model(cfg, dtype: torch.dtype, device) -> Transformer:
     args = ModelArgs.from_preset(m.preset)
     if m.layers is not None:
         if m.layers < 1:
-            raise ConfigError("model.layers must be >= 1")
+            raise ConfigError(f"model.layers must be >= 1, got {m.layers}")
         args.n_layers = m.layers
     return random_model(args, m.seed, dtype, device)
