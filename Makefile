@@ -55,7 +55,7 @@ test-mpi: $(SETUP)
 	PATH="$(BIN)$$PATH" $(PY) -m pytest -q -m mpi
 
 test-gpu:
-	PATH="$(BIN)$$PATH" $(PY) -m pytest -q -ra -m gpu tests/test_gpu.py tests/test_lean_gpu.py
+	PATH="$(BIN)$$PATH" $(PY) -m pytest -q -ra -m gpu tests/test_gpu.py tests/test_lean_gpu.py tests/test_graph_gpu.py
 
 demo: $(SETUP)
 	mkdir -p runs

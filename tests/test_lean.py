@@ -165,8 +165,7 @@ def test_small_sq(causal):
 
 def _walk(lengths, Hkv, bn, P):
     """Pure-Python replay of the kernel's walk: returns {(c, s): (t0, t1)} pieces."""
-    seg, first, _, T = lean._plan(tuple(lengths), Hkv, bn, P, torch.device("cpu"))
-    seg, first = seg.tolist(), first.tolist()
+    seg, first, T = lean.schedule(tuple(lengths), Hkv, bn, P)
     base, rem = divmod(T, P)
     pieces = {}
     for c in range(P):

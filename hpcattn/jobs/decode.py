@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hpcattn.jobs.check import max_err, reference_state
+from hpcattn.jobs.check import count_nonfinite, max_err, reference_state
 from hpcattn.jobs.inputs import DTYPES, InputSource
 from hpcattn.methods import local_attention, ring_decode, tree_decode
 from hpcattn.methods.sharding import contiguous_bounds, shard_lengths
@@ -34,6 +34,7 @@ class DecodeJob:
             q_rows = file_shape(cfg.inputs.path)["q_len"]
         self.q = src.range("q", 0, q_rows)
         self.k, self.v = self._shard(src)
+        self.graph_modes: dict[str, dict] = {}
         self.need_full = self.r == 0 and ("local" in cfg.methods or cfg.run.check)
         self.k_full = self.v_full = None
         if self.need_full:
@@ -55,7 +56,26 @@ class DecodeJob:
         return k, v
 
     def method(self, case):
-        """A callable ``fn(tm) -> (out, lse) or None`` running one step of ``case.method``."""
+        """A callable ``fn(tm) -> (out, lse) or None`` running one step of ``case.method``: the
+        step captured once as a CUDA graph and replayed (``run.cuda_graphs``, see
+        :mod:`hpcattn.graph`; phases are then not split), or the eager calls."""
+        from hpcattn import graph
+        from hpcattn.timing import NullTimer
+
+        fn = self._eager(case)
+        use, why = graph.decide(case.cfg.run.cuda_graphs, graph.blocker(
+            device=self.ctx.device.type, method=case.method, backend=self.ctx.backend, world_size=self.p))
+        self.graph_modes[case.id] = {"cuda_graphs": "graph" if use else "eager", "cuda_graphs_reason": why}
+        if not use or (case.method == "local" and self.r != 0):
+            return fn
+        step = graph.StepGraph(lambda: fn(NullTimer()), counters=self.ctx.counters)
+        return lambda tm: step()
+
+    def graph_attrs(self, case) -> dict:
+        """Record attributes: which mode ran (``graph`` | ``eager``) and why."""
+        return self.graph_modes.get(case.id, {})
+
+    def _eager(self, case):
         c, kern, sc = case.cfg, self.kernel, self.scale
         ragged = self.cfg.shape.lengths is not None
         if case.method == "local":
@@ -94,10 +114,11 @@ class DecodeJob:
         ref = self._ref_all
         if result is None:                    # an idle rank (local method on rank > 0)
             return {"err_out": 0.0, "err_lse": 0.0, "base_err_out": ref["base_err_out"],
-                    "base_err_lse": ref["base_err_lse"]}
+                    "base_err_lse": ref["base_err_lse"], "nonfinite_out": 0}
         out, lse = result
         return {"err_out": max_err(out.cpu(), ref["out"]), "err_lse": max_err(lse.cpu(), ref["lse"]),
-                "base_err_out": ref["base_err_out"], "base_err_lse": ref["base_err_lse"]}
+                "base_err_out": ref["base_err_out"], "base_err_lse": ref["base_err_lse"],
+                "nonfinite_out": count_nonfinite(out, lse)}
 
     def gathered_outputs(self, case, result):
         """Outputs to save (rank 0's replicated copy): dict name -> float32 numpy, or None."""

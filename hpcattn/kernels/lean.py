@@ -41,10 +41,14 @@ Reduction (``reduction=``):
   buffer per device; do not run two fused launches concurrently on two streams of one device. Checked in the interpreter (sequential programs); GPU memory ordering is the CUDA
   "threadfence reduction" pattern (barrier, release/acquire atomic, L1-bypassing partial loads).
 
-The host builds a small int32 plan per (lengths, Hkv, BLOCK_N, P) - segment starts, each program's
-first segment, the lengths - and caches it on the device, so a repeated call launches only the
-kernels (CUDA-graph capturable once the plan is cached). The only torch code here is argument
-checking and allocation; all attention math is in the Triton kernels.
+The schedule is computed on the device: every program reads the (B,) int32 lengths, derives the
+tile counts, their prefix sums, T and its own first segment in registers (a few vector reductions
+over B), and walks from there; the merge pass does the same for its segment. No host plan exists,
+so the lengths may be a device tensor that changes between launches: one captured CUDA graph then
+serves every decode step as the cache grows (``k_lengths`` as a tensor; :func:`schedule` is the
+host mirror of the same arithmetic, for tests). Host lengths are copied to the device once and
+cached. The only torch code here is argument checking and allocation; all attention math is in the
+Triton kernels.
 """
 
 from __future__ import annotations
@@ -78,23 +82,28 @@ def _prog_of(t, base, rem):
 
 @triton.jit
 def _merge_pieces(PO, PL, slot0, npieces, rows, dd, row_ok, d_ok, R, D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
     """Merge the partial states in slots slot0 .. slot0+npieces-1 (base-2 lse): returns the
-    normalised out (BLOCK_M, BLOCK_D) fp32 and base-2 lse (BLOCK_M,), (0, -inf) if empty."""
+    normalised out (BLOCK_M, BLOCK_D) fp32 and base-2 lse (BLOCK_M,), (0, -inf) if empty.
+    CHUNK pieces are loaded at once (one memory latency per chunk, not per piece)."""
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for i in range(0, npieces):
-        slot = tl.cast(slot0 + i, tl.int64)
-        lse_i = tl.load(PL + slot * R + rows, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        o_i = tl.load(PO + slot * R * D + rows[:, None] * D + dd[None, :],
-                      mask=row_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_i)
+    pc = tl.arange(0, CHUNK)
+    for i0 in range(0, npieces, CHUNK):
+        p_ok = (i0 + pc) < npieces
+        slot = (slot0 + i0 + pc).to(tl.int64)                                          # (CHUNK,)
+        lse_c = tl.load(PL + slot[:, None] * R + rows[None, :], mask=p_ok[:, None] & row_ok[None, :],
+                        other=float("-inf"), cache_modifier=".cg")                   # (CHUNK, BLOCK_M)
+        o_c = tl.load(PO + slot[:, None, None] * R * D + rows[None, :, None] * D + dd[None, None, :],
+                      mask=p_ok[:, None, None] & row_ok[None, :, None] & d_ok[None, None, :],
+                      other=0.0, cache_modifier=".cg")                               # (CHUNK, BLOCK_M, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(lse_c, 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_use)
-        w = tl.math.exp2(lse_i - m_use)
-        den = den * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o_i
+        w = tl.math.exp2(lse_c - m_use[None, :])                                      # 0 for empty pieces
+        den = den * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_c, 0)
         m = m_new
     ok = den > 0
     safe = tl.where(ok, den, 1.0)
@@ -115,18 +124,46 @@ def _store_final(OUT, LSE, o, lse2, b, h, gi, sq, dd, row_ok, d_ok,
 
 
 @triton.jit
-def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, SEG, FIRST, LENS, CNT,
+def _lens_plan(LENS, B, SK, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The schedule's per-sequence figures from the device lengths (clamped to [0, SK]):
+    (lengths (BLOCK_B,), tiles per segment (BLOCK_B,), tiles of the sequences before b (BLOCK_B,))."""
+    ob = tl.arange(0, BLOCK_B)
+    lens = tl.load(LENS + ob, mask=ob < B, other=0).to(tl.int32)
+    lens = tl.minimum(tl.maximum(lens, 0), SK)
+    tiles = (lens + BLOCK_N - 1) // BLOCK_N
+    return lens, tiles, tl.cumsum(tiles, 0) - tiles
+
+
+@triton.jit
+def _pick(vec, ob, b):
+    """vec[b] of a (BLOCK_B,) register vector (0 when b is out of range)."""
+    return tl.sum(tl.where(ob == b, vec, 0), 0)
+
+
+@triton.jit
+def _seg_start(s, tiles, excl, ob, Hkv, S, T):
+    """seg_start[s] = sum of the tiles of segments before s (s = b * Hkv + h; seg_start[S] = T)."""
+    b = s // Hkv
+    return tl.where(s >= S, T, Hkv * _pick(excl, ob, b) + (s - b * Hkv) * _pick(tiles, ob, b))
+
+
+@triton.jit
+def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
               sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd,
               sob, sos, soh, sod, slb, slh, sls,
-              qk_scale, P, S, Hkv,
+              qk_scale, P, S, Hkv, B, SK,
               G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, FUSED: tl.constexpr, DOT_PREC: tl.constexpr,
-              UPCAST_DOT: tl.constexpr):
-    """Stream-K main pass: program c walks units [start, end) and stores one state per piece."""
+              BLOCK_B: tl.constexpr, CAUSAL: tl.constexpr, FUSED: tl.constexpr,
+              DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr):
+    """Stream-K main pass: program c walks units [start, end) and stores one state per piece.
+    The schedule comes from the device lengths LENS (B,), so one launch (or one captured graph)
+    serves any lengths."""
     c = tl.program_id(0)
     R = G * SQ
-    T = tl.load(SEG + S)
+    ob = tl.arange(0, BLOCK_B)
+    lens_v, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N)
+    T = Hkv * tl.sum(tiles_v, 0)
     base = T // P
     rem = T % P
     start = c * base + tl.minimum(c, rem)
@@ -143,22 +180,26 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, SEG, FIRST, LENS, CNT,
     if FUSED:
         # segments of length 0 own no unit: their empty state is written by program s % P
         for s0 in range(c, S, P):
-            if tl.load(SEG + s0 + 1) == tl.load(SEG + s0):
+            if _pick(lens_v, ob, s0 // Hkv) == 0:
                 _store_final(OUT, LSE, tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
                              tl.full([BLOCK_M], float("-inf"), tl.float32), s0 // Hkv, s0 % Hkv,
                              gi, sq, dd, row_ok, d_ok, sob, sos, soh, sod, slb, slh, sls, G)
 
     g = start
-    s = tl.load(FIRST + c)
+    # first segment: the last sequence whose units start at or before `start`, then its head
+    # (a sequence of length 0 starts where the next one does, so it is never the last such one)
+    b0 = tl.sum(((Hkv * excl_v <= start) & (ob < B)).to(tl.int32), 0) - 1
+    s = b0 * Hkv + (start - Hkv * _pick(excl_v, ob, b0)) // tl.maximum(_pick(tiles_v, ob, b0), 1)
+    s = tl.where(start < T, s, 0)
     while g < end:
-        while tl.load(SEG + s + 1) <= g:  # skip segments of length 0
+        while _seg_start(s + 1, tiles_v, excl_v, ob, Hkv, S, T) <= g:  # skip segments of length 0
             s += 1
-        seg_lo = tl.load(SEG + s)
-        seg_hi = tl.load(SEG + s + 1)
+        seg_lo = _seg_start(s, tiles_v, excl_v, ob, Hkv, S, T)
+        seg_hi = _seg_start(s + 1, tiles_v, excl_v, ob, Hkv, S, T)
         stop = tl.minimum(end, seg_hi)
         b = s // Hkv
         h = s - b * Hkv
-        L = tl.load(LENS + b)
+        L = _pick(lens_v, ob, b)
         n_lo = (g - seg_lo) * BLOCK_N
         n_hi = tl.minimum((stop - seg_lo) * BLOCK_N, L)
         b64 = b.to(tl.int64)
@@ -224,7 +265,7 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, SEG, FIRST, LENS, CNT,
                 if arrived == npieces - 1:  # the last piece of this segment to arrive merges
                     tl.debug_barrier()
                     mo, ml = _merge_pieces(PO, PL, c0 + s, npieces, rows, dd, row_ok, d_ok, R, D,
-                                           BLOCK_M, BLOCK_D)
+                                           BLOCK_M, BLOCK_D, CHUNK)
                     _store_final(OUT, LSE, mo, ml, b, h, gi, sq, dd, row_ok, d_ok,
                                  sob, sos, soh, sod, slb, slh, sls, G)
                     tl.atomic_xchg(CNT + s, 0)
@@ -237,24 +278,27 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, SEG, FIRST, LENS, CNT,
 
 
 @triton.jit
-def _lean_merge(PO, PL, OUT, LSE, SEG, sob, sos, soh, sod, slb, slh, sls, P, S, Hkv,
+def _lean_merge(PO, PL, OUT, LSE, LENS, sob, sos, soh, sod, slb, slh, sls, P, S, Hkv, B, SK,
                 G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
     """Second pass: one program per segment s = b*Hkv + h merges its pieces into (out, lse)."""
     s = tl.program_id(0)
     R = G * SQ
-    T = tl.load(SEG + S)
+    ob = tl.arange(0, BLOCK_B)
+    _, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N)
+    T = Hkv * tl.sum(tiles_v, 0)
     base = T // P
     rem = T % P
-    lo = tl.load(SEG + s)
-    hi = tl.load(SEG + s + 1)
+    lo = _seg_start(s, tiles_v, excl_v, ob, Hkv, S, T)
+    hi = _seg_start(s + 1, tiles_v, excl_v, ob, Hkv, S, T)
     c0 = _prog_of(lo, base, rem)
     npieces = tl.where(hi > lo, _prog_of(hi - 1, base, rem) - c0 + 1, 0)
     rows = tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < R
     d_ok = dd < D
-    o, lse2 = _merge_pieces(PO, PL, c0 + s, npieces, rows, dd, row_ok, d_ok, R, D, BLOCK_M, BLOCK_D)
+    o, lse2 = _merge_pieces(PO, PL, c0 + s, npieces, rows, dd, row_ok, d_ok, R, D, BLOCK_M, BLOCK_D, CHUNK)
     b = s // Hkv
     _store_final(OUT, LSE, o, lse2, b, s - b * Hkv, rows // SQ, rows % SQ, dd, row_ok, d_ok,
                  sob, sos, soh, sod, slb, slh, sls, G)
@@ -263,30 +307,38 @@ def _lean_merge(PO, PL, OUT, LSE, SEG, sob, sos, soh, sod, slb, slh, sls, P, S, 
 # ------------------------------------------------------------------------------------------------
 # host side
 
-_PLANS: OrderedDict = OrderedDict()
-_PLAN_CACHE_SIZE = 64
+_LENS: OrderedDict = OrderedDict()
+_LENS_CACHE_SIZE = 64
 _COUNTERS: dict = {}
 
 
-def default_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile configuration before GPU tuning (``benchmarks/lean_decode.py --tune`` sweeps these)."""
-    return {"block_n": 128 if head_dim <= 64 else 64, "num_warps": 4, "num_stages": 3}
+# Tile and grid choice by KV capacity on CUDA: rows (max B*Sk, programs per SM, block_n, num_warps,
+# num_stages); the first row with B*Sk <= max applies (d <= 64 takes block_n >= 128). From the sweep
+# of benchmarks/decode_step.py (section lean) on one H200, 2026-12-02, bf16, Hq 32 / Hkv 8, d 128:
+# B = 1 at 4K-8K best with 1 program/SM x 64 keys (0.0199 vs 0.0222 ms at 4K for 2/SM), 16K-32K
+# with 1/SM x 128 keys x 8 warps, 128K-1M and B = 8 ragged (1K-128K) within noise of 2/SM x 64
+# (docs/performance.md). The choice depends on the capacity, not the lengths, so a graph captured
+# over a growing cache keeps one configuration.
+TUNED = ((8192, 1, 64, 4, 3), (65536, 1, 128, 8, 3), (1 << 62, 2, 64, 4, 3))
 
 
-def default_num_programs(device: torch.device) -> int:
-    """Two programs per SM on CUDA (the ORT choice); a handful under the CPU interpreter."""
+def default_config(head_dim: int, dtype: torch.dtype, n_keys: int | None = None) -> dict:
+    """Tile configuration and programs per SM for a KV capacity of ``n_keys`` = B*Sk (``TUNED``)."""
+    row = TUNED[-1] if n_keys is None else next(r for r in TUNED if n_keys <= r[0])
+    block_n = row[2] if head_dim > 64 else max(row[2], 128)
+    return {"block_n": block_n, "num_warps": row[3], "num_stages": row[4], "programs_per_sm": row[1]}
+
+
+def default_num_programs(device: torch.device, programs_per_sm: int = 2) -> int:
+    """``programs_per_sm`` programs per SM on CUDA; a handful under the CPU interpreter."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def _plan(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int, device: torch.device):
-    """Cached int32 device plan: (seg_start (S+1,), first segment of each program (P,), lengths (B,), T)."""
-    key = (lengths, Hkv, block_n, P, str(device))
-    hit = _PLANS.get(key)
-    if hit is not None:
-        _PLANS.move_to_end(key)
-        return hit
+def schedule(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int):
+    """Host mirror of the in-kernel schedule (tests, planning): (seg_start (S+1) list, first
+    segment of each program (P) list, T). The kernels compute the same figures on the device."""
     seg = [0]
     for n in lengths:
         tiles = -(-n // block_n)
@@ -299,13 +351,26 @@ def _plan(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int, device: torc
         st = c * base + min(c, rem)
         # the non-empty segment containing unit st (upper bound - 1); 0 for idle programs
         first.append(bisect.bisect_right(seg, st) - 1 if st < T else 0)
-    buf = torch.tensor(seg + first + list(lengths), dtype=torch.int32).to(device)
-    S = len(seg) - 1
-    plan = (buf[:S + 1], buf[S + 1:S + 1 + P], buf[S + 1 + P:], T)
-    _PLANS[key] = plan
-    if len(_PLANS) > _PLAN_CACHE_SIZE:
-        _PLANS.popitem(last=False)
-    return plan
+    return seg, first, T
+
+
+def _merge_chunk(block_m: int, block_d: int) -> int:
+    """Pieces merged per load (a (CHUNK, BLOCK_M, BLOCK_D) fp32 block of about 8K values)."""
+    return max(1, min(32, 8192 // (block_m * block_d)))
+
+
+def _lens_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Cached int32 device copy of host lengths (a repeated call copies nothing: graph capturable)."""
+    key = (lengths, str(device))
+    hit = _LENS.get(key)
+    if hit is not None:
+        _LENS.move_to_end(key)
+        return hit
+    t = torch.tensor(lengths, dtype=torch.int32).to(device)
+    _LENS[key] = t
+    if len(_LENS) > _LENS_CACHE_SIZE:
+        _LENS.popitem(last=False)
+    return t
 
 
 def _counters(S: int, device: torch.device) -> torch.Tensor:
@@ -390,8 +455,13 @@ def _check_args(q, k, v, scale, k_lengths, causal, reduction):
     Sk = k.shape[1]
     if k_lengths is None:
         return (Sk,) * B
-    if isinstance(k_lengths, torch.Tensor):
-        k_lengths = k_lengths.tolist()
+    if isinstance(k_lengths, torch.Tensor):     # device lengths: read by the kernels, never synced
+        if k_lengths.shape != (B,) or k_lengths.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"k_lengths tensor must be (B={B},) int32/int64, got "
+                             f"{tuple(k_lengths.shape)} {k_lengths.dtype}")
+        if k_lengths.device != q.device:
+            raise ValueError(f"k_lengths is on {k_lengths.device}, q on {q.device}")
+        return k_lengths
     lengths = tuple(int(n) for n in k_lengths)
     if len(lengths) != B:
         raise ValueError(f"k_lengths has {len(lengths)} entries for batch {B}")
@@ -411,9 +481,11 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         k, v: (B, Sk, Hkv, d), same dtype/device, any strides (head-major storage is fastest).
         scale: softmax scale tau (included in lse).
         k_lengths: optional (B,) ints in [0, Sk]: sequence b sees keys [0, k_lengths[b]); keys
-            past a length are never read. None means every sequence sees all Sk keys.
+            past a length are never read. None means every sequence sees all Sk keys. A (B,)
+            int32/int64 tensor on q's device is read by the kernels without a host sync (CUDA
+            graphs); its values are clamped to [0, Sk], not checked.
         num_programs: grid size P of the stream-K pass (default: 2 x SMs, capped at the number
-            of work units); any P >= 1 is valid.
+            of work units for host lengths); any P >= 1 is valid.
         causal: ``none``, or ``bottom_right`` (row i of Sq sees keys j <= len - Sq + i; for
             speculative verification).
         reduction: ``two_kernel`` (second Triton pass) or ``fused`` (last-arriving program
@@ -432,39 +504,45 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     if B == 0 or Sq == 0:
         return out, lse
-    cfg = default_config(d, q.dtype)
+    cfg = default_config(d, q.dtype, B * k.shape[1])
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     S = B * Hkv
-    T = Hkv * sum(-(-n // block_n) for n in lengths)
+    device_lengths = isinstance(lengths, torch.Tensor)
     if num_programs is None:
-        num_programs = max(1, min(default_num_programs(q.device), T))
+        num_programs = default_num_programs(q.device, cfg["programs_per_sm"])
+        if not device_lengths:                      # no more programs than work units
+            num_programs = max(1, min(num_programs, Hkv * sum(-(-n // block_n) for n in lengths)))
     P = int(num_programs)
     if P < 1:
         raise ValueError(f"num_programs must be >= 1, got {num_programs}")
-    seg, first, lens, _ = _plan(lengths, Hkv, block_n, P, q.device)
+    lens = lengths if device_lengths else _lens_tensor(lengths, q.device)
 
     R = G * Sq
     BLOCK_M = max(16, triton.next_power_of_2(R))
     BLOCK_D = max(16, triton.next_power_of_2(d))
+    BLOCK_B = max(2, triton.next_power_of_2(B))
+    Sk = k.shape[1]
     part_o = torch.empty(S + P, R, d, dtype=torch.float32, device=q.device)
     part_l = torch.empty(S + P, R, dtype=torch.float32, device=q.device)
     fused = reduction == "fused"
     cnt = _counters(S, q.device) if fused else lens      # CNT unused by the two-kernel path
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _lean_fwd[(P,)](
-        q, k, v, part_o, part_l, out, lse, seg, first, lens, cnt,
+        q, k, v, part_o, part_l, out, lse, lens, cnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        float(scale) * LOG2E, P, S, Hkv,
-        G=G, SQ=Sq, D=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        float(scale) * LOG2E, P, S, Hkv, B, Sk,
+        G=G, SQ=Sq, D=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_B=BLOCK_B,
         CAUSAL=causal == "bottom_right", FUSED=fused, DOT_PREC=dot_prec,
-        UPCAST_DOT=q.device.type != "cuda",
+        UPCAST_DOT=q.device.type != "cuda", CHUNK=_merge_chunk(BLOCK_M, BLOCK_D),
         num_warps=num_warps, num_stages=num_stages)
     if not fused:
+        rows = max(2, triton.next_power_of_2(R))           # no tl.dot here: no 16-row minimum
         _lean_merge[(S,)](
-            part_o, part_l, out, lse, seg, *out.stride(), *lse.stride(), P, S, Hkv,
-            G=G, SQ=Sq, D=d, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=4)
+            part_o, part_l, out, lse, lens, *out.stride(), *lse.stride(), P, S, Hkv, B, Sk,
+            G=G, SQ=Sq, D=d, BLOCK_M=rows, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_B=BLOCK_B,
+            CHUNK=_merge_chunk(rows, BLOCK_D), num_warps=4)
     return out, lse

@@ -13,6 +13,18 @@
 
 Every rank ends each step with identical logits; the greedy token is broadcast from rank 0 anyway,
 so ranks can never drift apart.
+
+CUDA graphs (``cuda_graphs``: ``auto`` | ``true`` | ``false``, see :mod:`hpcattn.graph`): the
+decode step of ``local`` and ``tree`` (NCCL, ``kv_placement: last``) is captured once per batch
+shape over static buffers - the KV cache at its capacity, the token, its position, the cache slot
+and the attention lengths as device tensors that the graph itself advances - and replayed every
+step. The captured forward is :func:`hpcattn.model.fused_decode.decode_forward` (the same model
+with its small ops fused: 14 kernels per layer instead of ~47). Attention inside the graph is the
+Lean kernel with device lengths (the only kernel here that reads lengths from the device, so one
+graph serves every step as the cache grows). Graphs and
+their buffers are kept in ``graph_cache`` (one dict per job), so the repeats of a case replay the
+graph captured in the first generation. Host-staged MPI, ring decode, round-robin placement and
+CPU runs stay eager, and :meth:`ModelRunner.graph_attrs` says which mode ran and why.
 """
 
 from __future__ import annotations
@@ -67,7 +79,8 @@ class ModelRunner:
                  layout: str = "zigzag", reduction: str = "allgather", topology: str = "flat",
                  placement: str = "last", query_len: int = 1, star_block: int | None = None,
                  star_anchor: int | None = None, star_quirk: bool = False, apb=None,
-                 compressor="query_aware", apb_seed: int = 0):
+                 compressor="query_aware", apb_seed: int = 0, cuda_graphs: str = "false",
+                 graph_cache: dict | None = None):
         if decode == "local" and prefill != "local" and ctx is not None and ctx.size > 1:
             raise ValueError("decode=local needs prefill=local (the cache must be whole on every rank)")
         self.model, self.ctx, self.kernel = model, ctx, kernel
@@ -86,6 +99,10 @@ class ModelRunner:
         self.lengths: list[int] = []      # valid cache tokens of every rank
         self.n_prompt = 0
         self.step = 0
+        self.cuda_graphs = cuda_graphs
+        self.graph_cache = graph_cache if graph_cache is not None else {}
+        self._graph_on, self._graph_why = self._graph_decision()
+        self._static = None               # the captured decode step of this runner (graph mode)
 
     # -- prefill -------------------------------------------------------------------------------
     def _prefill_index(self, n: int) -> tuple[torch.Tensor, slice]:
@@ -99,9 +116,11 @@ class ModelRunner:
         idx = layout_indices(layout, n, self.p, self.r)
         return idx, slice(0, len(idx))
 
-    def prefill(self, tokens: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, new_tokens: int, on_layer_kv=None) -> torch.Tensor:
         """tokens (B, N) identical on every rank -> float32 logits (B, vocab) of the last prompt
-        token, identical on every rank. Allocates the cache for ``new_tokens`` more tokens."""
+        token, identical on every rank. Allocates the cache for ``new_tokens`` more tokens.
+        ``on_layer_kv(layer, kv)`` (local/ring; optional) gets each layer's kept KV, (2, B, Hkv,
+        kept, d), as soon as it is in the cache (Lamina streams it to its attention ranks)."""
         if self.prefill_method in ("star", "apb"):
             from hpcattn.model.approx_prefill import approx_prefill
             if self.p == 1:
@@ -113,14 +132,16 @@ class ModelRunner:
         idx, keep = self._prefill_index(N)
         kept = keep.stop - keep.start
         local_decode = self.decode_method == "local"
-        self.cache = ShardedKVCache(a.n_layers, B, a.n_kv_heads, a.head_dim, kept + new_tokens,
-                                    self.model.tok_embeddings.weight.dtype, dev)
+        self.cache = self._new_cache(a.n_layers, B, a.n_kv_heads, a.head_dim, kept + new_tokens,
+                                     self.model.tok_embeddings.weight.dtype, dev)
         self.lengths = [self._kept_on(i, N) for i in range(self.p)] if not local_decode else [N] * self.p
         self.n_prompt, self.step = N, 0
         causal_layout = self.layout if self.p > 1 else "contiguous"
 
         def attend(layer, q, k, v, **_):
             self.cache.write(layer, k[:, keep], v[:, keep], 0)
+            if on_layer_kv is not None:
+                on_layer_kv(layer, self.cache.buf[layer, :, :, :, :kept])
             if self.prefill_method == "ring" and self.p > 1:
                 out, _ = ring_prefill(q, k, v, self.ctx, kernel=self.kernel, scale=self.scale, causal=True,
                                       layout=causal_layout)
@@ -139,6 +160,18 @@ class ModelRunner:
             self.ctx.world.broadcast(logits, root=0 if causal_layout == "zigzag" else self.p - 1)
         return logits
 
+    def prime(self, B: int, n_cached: int, new_tokens: int) -> None:
+        """Decode set-up without a prefill (benchmarks: a step's cost does not depend on the cache's
+        values): a cache of ``n_cached + new_tokens`` slots per rank holding ``n_cached`` tokens,
+        its content left to the caller. Single process only."""
+        a = self.model.args
+        w = self.model.tok_embeddings.weight
+        self.cache = self._new_cache(a.n_layers, B, a.n_kv_heads, a.head_dim, n_cached + new_tokens, w.dtype,
+                                     w.device)
+        self.cache.length = n_cached
+        self.lengths = [n_cached] * self.p
+        self.n_prompt, self.step = n_cached, 0
+
     def _kept_on(self, rank: int, n: int) -> int:
         if self.prefill_method == "local":
             a, b = contiguous_bounds(n, self.p, rank)
@@ -151,6 +184,8 @@ class ModelRunner:
 
     def decode_step(self, token: torch.Tensor) -> torch.Tensor:
         """token (B,) identical on every rank -> float32 logits (B, vocab), identical on every rank."""
+        if self._graph_on:
+            return self._graph_step(token)
         B = token.shape[0]
         dev = token.device
         pos = torch.tensor([self.n_prompt + self.step], device=dev)
@@ -183,6 +218,112 @@ class ModelRunner:
         self.lengths = lengths if not local else [n_mine] * self.p
         self.step += 1
         return self.model.logits(hidden)[:, -1]
+
+    # -- CUDA-graph decode ------------------------------------------------------------------------
+    def _graph_decision(self) -> tuple[bool, str]:
+        from hpcattn import graph
+
+        dev = self.model.tok_embeddings.weight.device
+        ctx = self.ctx
+        reason = graph.blocker(device=dev.type, method="local" if self.p == 1 else self.decode_method,
+                               backend=ctx.backend if ctx is not None else "mpi", world_size=self.p,
+                               placement=self.placement)
+        if reason is None and self.prefill_method in ("star", "apb"):
+            reason = f"{self.prefill_method} prefill builds its own decode cache (eager)"
+        if reason is None:
+            from hpcattn.errors import HpcattnError
+            from hpcattn.kernels import select_kernel
+
+            try:
+                self._lean = select_kernel("lean", dev, self.model.tok_embeddings.weight.dtype,
+                                           self.model.args.head_dim)
+            except HpcattnError as e:
+                reason = f"the Lean kernel (device lengths) is not usable here: {e}"
+        return graph.decide(self.cuda_graphs, reason)
+
+    def graph_attrs(self) -> dict:
+        """Record attributes: which decode mode ran and why (and the graph's attention kernel)."""
+        attrs = {"cuda_graphs": "graph" if self._graph_on else "eager", "cuda_graphs_reason": self._graph_why}
+        if self._graph_on:
+            attrs["decode_kernel"] = "lean"
+        return attrs
+
+    def _new_cache(self, *shape_dtype_device) -> ShardedKVCache:
+        """A fresh cache, or in graph mode the one a captured step of this shape already reads."""
+        if not self._graph_on:
+            return ShardedKVCache(*shape_dtype_device)
+        key = ("cache",) + tuple(str(x) for x in shape_dtype_device)
+        cache = self.graph_cache.get(key)
+        if cache is None:
+            cache = self.graph_cache[key] = ShardedKVCache(*shape_dtype_device)
+        cache.length = 0
+        return cache
+
+    def _graph_step(self, token: torch.Tensor) -> torch.Tensor:
+        """The decode step as one graph replay; same contract as :meth:`decode_step`."""
+        local = self.decode_method == "local" or self.p == 1
+        owner = self._owner()
+        mine = local or self.r == owner
+        if mine and self.cache.length + 1 > self.cache.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.cache.length + 1} > capacity {self.cache.capacity}")
+        st = self._static
+        if st is None:
+            st = self._static = self._static_step(token.shape[0], local, mine)
+            st["pos"].fill_(self.n_prompt + self.step)
+            st["at"].fill_(self.cache.length)
+            st["klen"].fill_(self.cache.length + (1 if mine else 0))
+        st["token"].copy_(token)
+        logits = st["graph"]()
+        self.cache.length += 1 if mine else 0
+        if not local:
+            self.lengths[owner] += 1
+        else:
+            self.lengths = [self.cache.length] * self.p
+        self.step += 1
+        return logits.clone()             # the graph's output buffer is overwritten next step
+
+    def _static_step(self, B: int, local: bool, mine: bool) -> dict:
+        """Capture (or fetch from ``graph_cache``) the decode step over this runner's cache."""
+        from hpcattn.graph import StepGraph
+        from hpcattn.model.fused_decode import decode_forward
+
+        key = ("step", B, id(self.cache), local, mine, self.decode_method, self.reduction, self.topology)
+        st = self.graph_cache.get(key)
+        if st is not None:
+            return st
+        dev = self.cache.buf.device
+        cache, model, kern = self.cache, self.model, self._lean
+        st = {"token": torch.zeros(B, dtype=torch.long, device=dev),
+              "pos": torch.full((1,), self.n_prompt + self.step, dtype=torch.long, device=dev),
+              "at": torch.full((1,), cache.length, dtype=torch.long, device=dev),
+              "klen": torch.full((B,), cache.length + (1 if mine else 0), dtype=torch.int32, device=dev)}
+
+        def attend(layer, q):
+            kc, vc = cache.view(layer, cache.capacity)    # at capacity; klen says what is valid
+            if local:
+                out, _ = kern(q, kc, vc, scale=self.scale, k_lengths=st["klen"])
+            else:
+                out, _ = tree_decode(q, kc, vc, self.ctx, kernel=kern, scale=self.scale,
+                                     k_lengths=st["klen"], reduction=self.reduction, topology=self.topology)
+            return out
+
+        def slot(layer):                                  # this token's k, v go to slot `at`
+            return (cache.buf[layer, 0], cache.buf[layer, 1]) if mine else None
+
+        def step():
+            logits = decode_forward(model, st["token"], st["pos"], slot=slot, at=st["at"], attend=attend)
+            st["pos"].add_(1)
+            if mine:
+                st["at"].add_(1)
+                st["klen"].add_(1)
+            return logits
+
+        saved = {k: st[k].clone() for k in ("pos", "at", "klen")}
+        st["graph"] = StepGraph(step, warmup=1, counters=self.ctx.counters if self.ctx is not None else None)
+        for k, v in saved.items():                       # undo the warm-up's advance
+            st[k].copy_(v)
+        self.graph_cache[key] = st
+        return st
 
     def next_token(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy choice (B,), made identical on every rank by a broadcast from rank 0."""

@@ -1,0 +1,384 @@
+"""Decode at the memory floor, in one run on one GPU (issue 14):
+
+    python benchmarks/decode_step.py --json runs/decode_step.json          # everything
+    python benchmarks/decode_step.py --sections lean attn --quick
+
+Sections (each prints a table; --json gets every row, rewritten after every section):
+  ceiling  device-to-device copy of 4 GiB (bytes read + written) and a streaming sum: the
+           bandwidths every floor below divides by (the copy rate; the sum rate is shown too)
+  lean     Lean (device-side schedule, CUDA graph) vs cuDNN (aten op, native GQA, CUDA graph) per
+           shape: B=1 4K..1M and B=8 ragged; a small sweep of Lean's grid / tile / reduction, the
+           best per shape reported; L2 flushed (512 MiB write) before every timed call
+  attn     the attention-level decode step as the decode job runs it (Kernel wrapper of the
+           run's kernel: cuDNN, and Lean), eager host launches vs one graph replay, vs its floor
+  model    end-to-end decode step of the Llama-3.1-8B shape (random weights, bf16), 4 and 32
+           layers, 8K/32K/128K context, B=1 and 8 (32 layers at B=8, 128K needs 137 GB of KV:
+           skipped): eager (kernel auto = cuDNN), eager with the Lean kernel, and graph (the
+           runner's captured fused step, Lean with device lengths), vs the byte floor (weights
+           read once + KV read once) / copy rate; greedy tokens of eager and graph compared
+  hf       Hugging Face transformers' LlamaForCausalLM with the same shape (its own random weights:
+           timing does not depend on them), StaticCache, sdpa attention, eager: the decode step
+           at 4 layers, B=1, 8K and 32K
+
+Timing: CUDA events, warm-up, median; eager steps synchronise after each step (the GPU timeline
+between the events includes every launch gap); graph steps are replays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+RESULTS: dict = {"rows": []}
+
+
+def emit(section: str, **row):
+    RESULTS["rows"].append({"section": section, **row})
+
+
+def save(path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+
+
+class Flush:
+    def __init__(self, mb: int):
+        self.buf = torch.empty(mb * 2 ** 20 // 4, dtype=torch.float32, device="cuda") if mb else None
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.fill_(1.0)
+
+
+def time_fn(fn, reps=30, warmup=3, flush=None, sync_each=False) -> float:
+    """Median ms of fn() over reps (events around each call; optional L2 flush before each)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        if flush is not None:
+            flush()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        if sync_each:
+            b.synchronize()
+        ts.append((a, b))
+    torch.cuda.synchronize()
+    ms = sorted(x.elapsed_time(y) for x, y in ts)
+    return ms[len(ms) // 2]
+
+
+def graphed(fn):
+    from hpcattn.graph import StepGraph
+    return StepGraph(fn)
+
+
+# ------------------------------------------------------------------------------------------------
+# sections
+
+
+def ceiling(args) -> float:
+    n = 4 * 2 ** 30
+    src = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), reps=20)
+    copy = 2 * n / ms / 1e9
+    ms_sum = time_fn(lambda: src.sum(dtype=torch.float32), reps=20)
+    rd = n / ms_sum / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    print(f"\n## ceiling: copy {copy:.2f} TB/s (read+write), streaming sum {rd:.2f} TB/s")
+    emit("ceiling", copy_tb_s=copy, sum_tb_s=rd)
+    return copy
+
+
+def _kv(B, N, Hkv=8, d=128, dtype=torch.bfloat16):
+    from hpcattn.kernels import head_major
+    k = torch.empty(B, Hkv, N, d, dtype=dtype, device="cuda").normal_().transpose(1, 2)
+    v = torch.empty(B, Hkv, N, d, dtype=dtype, device="cuda").normal_().transpose(1, 2)
+    assert k.transpose(1, 2).is_contiguous()
+    return k, v, head_major
+
+
+def _cudnn(q, k, v, scale):
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale)
+    return r[0], r[1]
+
+
+LEAN_SWEEP = [  # (programs per SM, block_n, reduction, num_warps, num_stages); None = the default
+    None, (2, 64, "two_kernel", 4, 3), (1, 64, "two_kernel", 4, 3), (3, 64, "two_kernel", 4, 3),
+    (4, 64, "two_kernel", 4, 3), (2, 32, "two_kernel", 4, 3), (4, 32, "two_kernel", 4, 3),
+    (2, 128, "two_kernel", 4, 3), (1, 128, "two_kernel", 8, 3), (2, 128, "two_kernel", 8, 3),
+    (2, 64, "two_kernel", 8, 3), (2, 64, "two_kernel", 4, 2), (2, 64, "two_kernel", 4, 4),
+    (2, 64, "fused", 4, 3),
+]
+
+
+def _cfg_name(c):
+    return "default" if c is None else f"{c[0]}x{c[1]}{'f' if c[2] == 'fused' else 't'}w{c[3]}s{c[4]}"
+
+
+def lean_vs_cudnn(args, bw):
+    from hpcattn.kernels.lean import lean_decode
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    flush = Flush(512)
+    scale = 128 ** -0.5
+    print("\n## lean vs cuDNN (graph replays, L2 flushed; ms; floor = KV bytes / copy rate)")
+    print(f"{'shape':22} {'floor':>7} {'cudnn':>7} {'lean':>7} {'vs cudnn':>9} {'best':>7} {'vs cudnn':>8}  "
+          f"{'best config':14}  all configs (programs/SM x block_n, t/f = two-kernel/fused, warps, stages)")
+    shapes = [(f"B1 N{n // 1024}K", [n]) for n in args.ctx_b1]
+    rnd = random.Random(0)
+    shapes.append(("B8 ragged 1K-128K", [int(2 ** rnd.uniform(10, 17)) for _ in range(8)]))
+    for name, lengths in shapes:
+        B, cap = len(lengths), max(lengths)
+        q = torch.randn(B, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+        k, v, _ = _kv(B, cap)
+        kv_bytes = sum(lengths) * 8 * 128 * 2 * 2
+        floor = kv_bytes / bw / 1e9
+        ragged = len(set(lengths)) > 1
+        if ragged:   # cuDNN has no length argument: one call per sequence over its own keys
+            fns = [(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n]) for b, n in enumerate(lengths)]
+            ref_fn = lambda: [_cudnn(a, b_, c, scale) for a, b_, c in fns]   # noqa: E731
+        else:
+            ref_fn = lambda: _cudnn(q, k, v, scale)                           # noqa: E731
+        t_cudnn = time_fn(graphed(ref_fn), flush=flush)
+        lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        res = {}
+        for c in (LEAN_SWEEP if not args.quick else LEAN_SWEEP[:3]):
+            kw = {} if c is None else dict(num_programs=c[0] * sms, block_n=c[1], reduction=c[2],
+                                           num_warps=c[3], num_stages=c[4])
+            try:
+                fn = lambda: lean_decode(q, k, v, scale=scale, k_lengths=lens, **kw)  # noqa: E731
+                res[c] = time_fn(graphed(fn), flush=flush)
+            except Exception as e:   # a config that does not compile here is skipped
+                print(f"   lean {_cfg_name(c)}: {type(e).__name__}: {str(e)[:120]}")
+        best = min(res, key=res.get)
+        o, l = lean_decode(q, k, v, scale=scale, k_lengths=lens)
+        if not ragged:
+            ro, rl = _cudnn(q, k, v, scale)
+            err = (o.float() - ro.transpose(1, 2).float()).abs().max().item()
+        else:
+            err = float("nan")
+        allc = " ".join(f"{_cfg_name(c)}={t:.4f}" for c, t in res.items())
+        print(f"{name:22} {floor:7.4f} {t_cudnn:7.4f} {res[None]:7.4f} {t_cudnn / res[None]:9.2f}x "
+              f"{res[best]:7.4f} {t_cudnn / res[best]:8.2f}x  {_cfg_name(best):14}  {allc}")
+        emit("lean", shape=name, lengths=lengths, floor_ms=floor, cudnn_ms=t_cudnn, lean_default_ms=res[None],
+             lean_best_ms=res[best], lean_best=_cfg_name(best), lean_all={_cfg_name(c): t for c, t in res.items()},
+             lean_vs_cudnn=t_cudnn / res[None], best_lean_vs_cudnn=t_cudnn / res[best], max_err_vs_cudnn=err)
+        del q, k, v
+        torch.cuda.empty_cache()
+        save(args.json)
+
+
+def attn_step(args, bw):
+    """The decode job's step: Kernel wrapper (what local_attention / tree_decode p=1 call)."""
+    from hpcattn.kernels import select_kernel
+    from hpcattn.methods import local_attention, tree_decode
+    flush = Flush(512)
+    scale = 128 ** -0.5
+    print("\n## attention-level decode step (decode job path, B=1, Hq 32, Hkv 8, d 128, bf16; ms)")
+    print(f"{'N':>8} {'floor':>7} {'kernel':>10} {'method':>6} {'eager':>8} {'graph':>8} {'eager/floor':>11} "
+          f"{'graph/floor':>11}")
+    kerns = [select_kernel("auto", "cuda", torch.bfloat16, 128), select_kernel("lean", "cuda", torch.bfloat16, 128)]
+    for n in args.ctx_attn:
+        q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+        k, v, _ = _kv(1, n)
+        floor = n * 8 * 128 * 4 / bw / 1e9
+        for kern in kerns:
+            for method in ("local", "tree"):
+                if method == "local":
+                    fn = lambda: local_attention(q, k, v, kernel=kern, scale=scale)  # noqa: E731
+                else:
+                    fn = lambda: tree_decode(q, k, v, CTX, kernel=kern, scale=scale)  # noqa: E731
+                te = time_fn(fn, flush=flush, sync_each=True)
+                tg = time_fn(graphed(fn), flush=flush)
+                print(f"{n:8} {floor:7.4f} {kern.name:>10} {method:>6} {te:8.4f} {tg:8.4f} {te / floor:10.2f}x "
+                      f"{tg / floor:10.2f}x")
+                emit("attn", context=n, kernel=kern.name, method=method, floor_ms=floor, eager_ms=te, graph_ms=tg)
+        del q, k, v
+        torch.cuda.empty_cache()
+        save(args.json)
+
+
+class _OneRank:
+    """A one-rank CommContext stand-in for tree_decode (p = 1: no collective)."""
+
+    class world:
+        size = 1
+
+
+CTX = _OneRank()
+
+
+def _model(n_layers):
+    from hpcattn.model.llama import ModelArgs, Transformer
+    a = ModelArgs.from_preset("llama-3.1-8b")
+    a.n_layers = n_layers
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            m = Transformer(a)
+    finally:
+        torch.set_default_dtype(prev)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    return m.eval()
+
+
+def model_step(args, bw):
+    from hpcattn.kernels import select_kernel
+    from hpcattn.model.runner import ModelRunner
+    print("\n## end-to-end decode step, Llama-3.1-8B shape, random bf16 weights (ms; floor = (weights + KV) / copy rate)")
+    print("   eager: the runner as it runs today (kernel auto = cuDNN, one plan per new cache length);"
+          " eager-lean: same with the Lean kernel; graph: captured fused step (Lean, device lengths)")
+    print(f"{'layers':>6} {'B':>2} {'N':>7} {'GB read':>8} {'floor':>7} {'eager':>8} {'e-lean':>8} {'graph':>8} "
+          f"{'eager/floor':>11} {'e-lean/fl':>10} {'graph/floor':>11} {'speed-up':>8} tokens (eager vs graph)")
+    kern = select_kernel("auto", "cuda", torch.bfloat16, 128)
+    lean = select_kernel("lean", "cuda", torch.bfloat16, 128)
+    steps = args.steps
+    for n_layers in args.layers:
+        model = _model(n_layers)
+        a = model.args
+        w_bytes = sum(p.numel() * p.element_size() for n_, p in model.named_parameters()
+                      if not n_.startswith("tok_embeddings"))
+        for B in args.batch:
+            for n in args.ctx_model:
+                kv_bytes = n_layers * 2 * B * n * a.n_kv_heads * a.head_dim * 2
+                if kv_bytes + w_bytes > 120e9:
+                    print(f"{n_layers:6} {B:2} {n:7}  skipped: {kv_bytes / 1e9:.0f} GB of KV does not fit")
+                    continue
+                floor = (w_bytes + kv_bytes) / bw / 1e9
+                out = {}
+                for mode, kn in (("false", kern), ("false", lean), ("true", kern)):
+                    torch.cuda.empty_cache()
+                    cache: dict = {}
+                    r = ModelRunner(model, None, kn, prefill="local", decode="local", cuda_graphs=mode,
+                                    graph_cache=cache)
+                    with torch.inference_mode():
+                        r.prime(B, n, steps + 4)
+                        torch.manual_seed(0)
+                        r.cache.buf.normal_()
+                        tok = torch.randint(0, a.vocab_size, (B,), device="cuda")
+                        toks, ts = [], []
+                        for i in range(steps + 3):
+                            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            ev0.record()
+                            logits = r.decode_step(tok)
+                            ev1.record()
+                            ev1.synchronize()
+                            tok = r.next_token(logits)
+                            toks.append(tok)
+                            if i >= 3:          # the first graph step captures; warm-up
+                                ts.append(ev0.elapsed_time(ev1))
+                    out[(mode, kn.name)] = (sorted(ts)[len(ts) // 2], torch.stack(toks[:4]).cpu(), r.graph_attrs())
+                    del r, cache
+                te, tl_, tg = out[("false", kern.name)][0], out[("false", "lean")][0], out[("true", kern.name)][0]
+                same = bool(torch.equal(out[("false", kern.name)][1], out[("true", kern.name)][1]))
+                print(f"{n_layers:6} {B:2} {n:7} {(w_bytes + kv_bytes) / 1e9:8.2f} {floor:7.3f} {te:8.3f} {tl_:8.3f} "
+                      f"{tg:8.3f} {te / floor:10.2f}x {tl_ / floor:10.2f}x {tg / floor:10.2f}x {te / tg:7.2f}x "
+                      f"{'same' if same else 'differ'} ({out[('true', kern.name)][2]['cuda_graphs']})")
+                emit("model", layers=n_layers, batch=B, context=n, bytes=w_bytes + kv_bytes, floor_ms=floor,
+                     eager_ms=te, eager_lean_ms=tl_, graph_ms=tg, first_tokens_equal=same,
+                     graph=out[("true", kern.name)][2])
+                save(args.json)
+        del model
+        torch.cuda.empty_cache()
+
+
+def hf_step(args, bw):
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    print(f"\n## Hugging Face transformers {transformers.__version__}: LlamaForCausalLM, StaticCache, sdpa, eager (ms)")
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=200000,
+                      rope_theta=500000.0, attn_implementation="sdpa")
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    from transformers import StaticCache
+    for n in (8192, 32768):
+        try:
+            try:
+                cache = StaticCache(config=cfg, max_cache_len=n + 16)
+            except TypeError:
+                cache = StaticCache(config=cfg, max_batch_size=1, max_cache_len=n + 16, device="cuda",
+                                    dtype=torch.bfloat16)
+            ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
+            with torch.inference_mode():
+                model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device="cuda"),
+                      use_cache=True, logits_to_keep=1)
+                tok = ids[:, -1:]
+                ts = []
+                for i in range(13):
+                    pos = torch.tensor([n + i], device="cuda")
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    o = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
+                    b.record()
+                    b.synchronize()
+                    tok = o.logits[:, -1:].argmax(-1)
+                    if i >= 3:
+                        ts.append(a.elapsed_time(b))
+            t = sorted(ts)[len(ts) // 2]
+            print(f"  4 layers B=1 N={n}: {t:.3f} ms")
+            emit("hf", layers=4, batch=1, context=n, ms=t, version=transformers.__version__)
+        except Exception as e:
+            print(f"  N={n}: {type(e).__name__}: {str(e)[:300]}")
+        save(args.json)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", nargs="+", default=["ceiling", "lean", "attn", "model", "hf"])
+    ap.add_argument("--ctx-b1", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 131072, 1048576])
+    ap.add_argument("--ctx-attn", type=int, nargs="+", default=[4096, 16384, 131072, 1048576])
+    ap.add_argument("--ctx-model", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 32])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    RESULTS.update(device=torch.cuda.get_device_name(0), torch=torch.__version__,
+                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), argv=" ".join(sys.argv))
+    print(f"# {RESULTS['device']}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {RESULTS['date']}")
+    bw = ceiling(args) if "ceiling" in args.sections else 4.5
+    for name, fn in (("lean", lean_vs_cudnn), ("attn", attn_step), ("model", model_step), ("hf", hf_step)):
+        if name in args.sections:
+            t0 = time.time()
+            try:
+                fn(args, bw)
+            except Exception as e:
+                import traceback
+                traceback.print_exc()
+                print(f"section {name} failed: {type(e).__name__}: {e}")
+            print(f"# section {name}: {time.time() - t0:.0f} s", flush=True)
+            save(args.json)
+
+
+if __name__ == "__main__":
+    main()

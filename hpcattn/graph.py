@@ -1,0 +1,105 @@
+"""CUDA-graph capture of decode steps (option ``run.cuda_graphs: auto | true | false``).
+
+A decode step is a few hundred small kernels on an otherwise idle GPU, so its host launch cost
+can exceed the time the GPU needs to read the weights and the KV cache. Captured once into a
+CUDA graph over static buffers and replayed every step, it costs one launch.
+
+* ``auto``: capture where the path is capturable (CUDA device; no host-staged MPI collective in
+  the step; not ring decode, whose rotation stays eager), run eagerly elsewhere, CPU included;
+* ``true``: the same paths, and a config error where a case cannot be captured;
+* ``false``: always eager (exactly the code paths of a run without this option).
+
+Users: the attention-level decode job (:mod:`hpcattn.jobs.decode`: methods ``local`` and ``tree``)
+and the model runner's decode step (:mod:`hpcattn.model.runner`). Each record says which mode ran
+and why (``cuda_graphs``, ``cuda_graphs_reason``). Graphs hold static tensors: a replay reads the
+inputs captured by address and overwrites the same outputs; per-phase CUDA-event timers cannot
+run inside a graph, so graph cases record the whole step only (phases 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpcattn.errors import ConfigError
+
+MODES = ("auto", "true", "false")
+
+
+def blocker(*, device: str, method: str, backend: str, world_size: int,
+            placement: str = "last") -> str | None:
+    """Why a decode step of ``method`` cannot be captured here (None: it can).
+
+    ``device`` is ``cuda`` or ``cpu``; ``backend`` the resolved comm backend (``nccl``, ``mpi``,
+    ``gloo``); ``placement`` the generate job's KV placement (round-robin changes the writing rank
+    every step, so one graph cannot serve every step)."""
+    if device != "cuda":
+        return "CUDA graphs need a CUDA device (CPU ranks run eagerly)"
+    if method == "ring":
+        return "ring decode (point-to-point KV rotation) runs eagerly"
+    if method not in ("local", "tree"):
+        return f"method {method} has no captured decode step"
+    if world_size > 1 and backend != "nccl":
+        return f"comm.backend={backend}: host-staged MPI collectives cannot be captured (eager)"
+    if world_size > 1 and placement != "last":
+        return "generate.kv_placement=round_robin changes the writing rank every step (eager)"
+    return None
+
+
+def decide(option: str, reason: str | None, where: str = "run.cuda_graphs") -> tuple[bool, str]:
+    """(capture?, why) for ``option`` given :func:`blocker`'s ``reason``. ``true`` with a blocker
+    raises ConfigError naming the key."""
+    if option not in MODES:
+        raise ConfigError(f"{where}: expected one of {', '.join(MODES)}, got {option!r}")
+    if option == "false":
+        return False, "run.cuda_graphs=false"
+    if reason is None:
+        return True, "captured once per shape, replayed every step"
+    if option == "true":
+        raise ConfigError(f"{where}=true: {reason}; use auto (graphs where possible) or false")
+    return False, reason
+
+
+class StepGraph:
+    """``fn()`` captured into one CUDA graph; calling the object replays it.
+
+    Args:
+        fn: a zero-argument callable whose tensors are all static (same addresses every call);
+            returns a tensor or a tuple of tensors (the graph's static outputs).
+        warmup: eager calls on a side stream before capture (lazy init: cuBLAS handles, Triton
+            compilation, NCCL communicators). They run for real: ``fn`` must be idempotent or
+            the caller must undo its effects (see the model runner).
+        counters: the comm byte counters (:class:`hpcattn.comm.base.Counters`); the bytes a
+            captured step hands to collectives are counted again on every replay.
+    """
+
+    def __init__(self, fn, *, warmup: int = 2, counters=None):
+        self.counters = counters
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        before = _snapshot(counters)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # NCCL watchdog threads
+            self.out = fn()
+        after = _snapshot(counters)
+        self.delta = {k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1])
+                      for k in after}
+
+    def __call__(self):
+        self.graph.replay()
+        if self.counters is not None:
+            for phase, (nbytes, calls) in self.delta.items():
+                self.counters.bytes[phase] += nbytes
+                self.counters.calls[phase] += calls
+        return self.out
+
+
+def _snapshot(counters) -> dict:
+    if counters is None:
+        return {}
+    return {k: (counters.bytes.get(k, 0), counters.calls.get(k, 0))
+            for k in set(counters.bytes) | set(counters.calls)}

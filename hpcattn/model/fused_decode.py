@@ -1,0 +1,145 @@
+"""The decode step's forward with its small ops fused, for the captured decode step.
+
+Inside a CUDA graph a decode step costs about one kernel per op, and the plain model
+(:mod:`hpcattn.model.llama`) issues ~47 per layer: RMSNorm alone is 8 elementwise kernels, RoPE 8
+per tensor. Most of them touch a few KB, so each costs its launch slot (~2 us on an H200), not
+bandwidth; at 32 layers that is ~3 ms against a ~4.5 ms byte floor. This forward computes the same
+function of the same parameters in 14 kernels per layer:
+
+    rmsnorm (1) - wq, wk, wv (3 GEMV) - rope_and_cache (1: rotates q and k, stores k and v in the
+    cache slot) - attention (the caller's; Lean: 2) - wo + residual (1 addmm) - rmsnorm (1) -
+    w1, w3 (2 GEMV) - silu_mul (1) - w2 + residual (1 addmm)
+
+Rounding follows the plain model (RMSNorm in float32 then the model dtype times the weight; RoPE in
+the cos/sin dtype; SiLU in float32 rounded before the product); the residual adds are fused into the
+GEMMs (one rounding instead of two), so low-precision results can differ from the plain model's in
+the last bit. Shapes: token (B,), hidden (B, dim), q (B, 1, Hq, d) as everywhere in hpcattn.
+The kernels run on CUDA and under Triton's CPU interpreter (tests).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm(X, W, Y, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(X + row * N + offs, mask=m, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+    y = (x * r).to(Y.dtype.element_ty)                         # .to(x.dtype), as the plain model
+    w = tl.load(W + offs, mask=m, other=0.0)
+    tl.store(Y + row * N + offs, (y.to(tl.float32) * w.to(tl.float32)).to(Y.dtype.element_ty), mask=m)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (B, dim) contiguous -> RMSNorm(x) * weight in x.dtype (one kernel)."""
+    B, N = x.shape
+    y = torch.empty_like(x)
+    _rmsnorm[(B,)](x, weight, y, N, eps, BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 2048 else 4)
+    return y
+
+
+@triton.jit
+def _rotate(P, dd, m, HALF: tl.constexpr, cos, sin):
+    """Rotate-half RoPE of one head row at P (HF convention), in the cos/sin dtype."""
+    rot = tl.where(dd < HALF, dd + HALF, dd - HALF)
+    x = tl.load(P + dd, mask=m, other=0.0).to(cos.dtype)
+    xr = tl.load(P + rot, mask=m, other=0.0).to(cos.dtype)
+    return x * cos + tl.where(dd < HALF, -xr, xr) * sin
+
+
+@triton.jit
+def _rope_cache(Q, K, V, COS, SIN, QO, KB, VB, AT, sqb, sqh, skb, skh, svb, svh, sob, soh,
+                scb, sch, scs, Hq, D: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b, j): j < Hq rotates q head j into QO; j >= Hq rotates k head j-Hq and stores it
+    and v's head into cache slot AT[0] of KB / VB (B, Hkv, cap, d)."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    dd = tl.arange(0, BLOCK_D)
+    m = dd < D
+    cos = tl.load(COS + dd, mask=m, other=0.0)
+    sin = tl.load(SIN + dd, mask=m, other=0.0)
+    if j < Hq:
+        y = _rotate(Q + b * sqb + j * sqh, dd, m, HALF, cos, sin)
+        tl.store(QO + b * sob + j * soh + dd, y.to(QO.dtype.element_ty), mask=m)
+    else:
+        h = (j - Hq).to(tl.int64)
+        at = tl.load(AT)
+        y = _rotate(K + b * skb + h * skh, dd, m, HALF, cos, sin)
+        tl.store(KB + b * scb + h * sch + at * scs + dd, y.to(KB.dtype.element_ty), mask=m)
+        vv = tl.load(V + b * svb + h * svh + dd, mask=m, other=0.0)
+        tl.store(VB + b * scb + h * sch + at * scs + dd, vv, mask=m)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   slot: tuple[torch.Tensor, torch.Tensor] | None, at: torch.Tensor) -> torch.Tensor:
+    """q (B, Hq, d), k, v (B, Hkv, d) (last dim contiguous); cos, sin (d,); slot = (k_buf, v_buf)
+    (B, Hkv, cap, d) with unit last stride, or None (this rank stores nothing); at (1,) int64.
+    Returns rotated q (B, 1, Hq, d); stores rotated k and v at token slot ``at`` of the buffers."""
+    B, Hq, d = q.shape
+    Hkv = k.shape[1]
+    qo = torch.empty(B, 1, Hq, d, dtype=q.dtype, device=q.device)
+    kb, vb = slot if slot is not None else (k.view(B, Hkv, 1, d), v.view(B, Hkv, 1, d))
+    assert kb.stride() == vb.stride() and kb.stride(-1) == 1 and q.stride(-1) == k.stride(-1) == 1
+    _rope_cache[(B, Hq + (Hkv if slot is not None else 0))](
+        q, k, v, cos, sin, qo, kb, vb, at, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), qo.stride(0), qo.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
+        Hq, D=d, HALF=d // 2, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+    return qo
+
+
+@triton.jit
+def _silu_mul(A, B_, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
+    s = (a / (1.0 + tl.exp(-a))).to(Y.dtype.element_ty)      # F.silu rounds to the dtype first
+    b = tl.load(B_ + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(Y + offs, (s.to(tl.float32) * b).to(Y.dtype.element_ty), mask=m)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """F.silu(a) * b for contiguous tensors of one shape (one kernel)."""
+    y = torch.empty_like(a)
+    n = a.numel()
+    _silu_mul[(triton.cdiv(n, 1024),)](a, b, y, n, BLOCK=1024, num_warps=4)
+    return y
+
+
+def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
+                   slot: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None], at: torch.Tensor,
+                   attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One decode step of ``model`` (:class:`hpcattn.model.llama.Transformer`).
+
+    Args:
+        token: (B,) int64 on the model's device; pos: (1,) int64, its RoPE position.
+        slot: layer -> (k_buf, v_buf) (B, Hkv, cap, d) to store this token's k, v in, or None.
+        at: (1,) int64 device tensor, the token slot to store at.
+        attend: (layer, q (B, 1, Hq, d) post-RoPE) -> attention output (B, 1, Hq, d).
+    Returns:
+        float32 logits (B, vocab).
+    """
+    a = model.args
+    B = token.shape[0]
+    x = F.embedding(token, model.tok_embeddings.weight)                        # (B, dim)
+    cos, sin = model.rope(pos, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    cos, sin = cos.view(-1), sin.view(-1)
+    for i, layer in enumerate(model.layers):
+        att, ffn = layer.attention, layer.feed_forward
+        h = rmsnorm(x, layer.attention_norm.weight, layer.attention_norm.eps)
+        q = att.wq(h).view(B, a.n_heads, a.head_dim)
+        k = att.wk(h).view(B, a.n_kv_heads, a.head_dim)
+        v = att.wv(h).view(B, a.n_kv_heads, a.head_dim)
+        o = attend(i, rope_and_cache(q, k, v, cos, sin, slot(i), at))
+        x = torch.addmm(x, o.reshape(B, a.n_heads * a.head_dim), att.wo.weight.t())
+        h = rmsnorm(x, layer.ffn_norm.weight, layer.ffn_norm.eps)
+        x = torch.addmm(x, silu_mul(ffn.w1(h), ffn.w3(h)), ffn.w2.weight.t())
+    return model.output(rmsnorm(x, model.norm.weight, model.norm.eps)).float()

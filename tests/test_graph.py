@@ -1,0 +1,160 @@
+"""CUDA-graph decode (hpcattn.graph, run.cuda_graphs) on CPU: the mode decisions, the config
+error, the Lean kernel's device lengths, and the model runner's static decode step.
+
+Graphs themselves are CUDA-only (tests/test_graph_gpu.py replays them against eager runs). Here the
+static step runs with :class:`hpcattn.graph.StepGraph` replaced by a plain re-call of the captured
+function, through Triton's CPU interpreter: the same static buffers, device-side cache writes,
+in-graph position / length advance and Lean kernel with device lengths as on a GPU, checked
+against the eager runner."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hpcattn import graph  # noqa: E402
+from hpcattn.errors import ConfigError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_decisions():
+    assert graph.decide("false", None) == (False, "run.cuda_graphs=false")
+    assert graph.decide("auto", None)[0] is True
+    cpu = graph.blocker(device="cpu", method="local", backend="mpi", world_size=1)
+    assert "CUDA" in cpu and graph.decide("auto", cpu) == (False, cpu)
+    with pytest.raises(ConfigError, match="run.cuda_graphs=true: CUDA graphs need a CUDA device"):
+        graph.decide("true", cpu)
+    assert graph.blocker(device="cuda", method="tree", backend="nccl", world_size=2) is None
+    assert graph.blocker(device="cuda", method="tree", backend="mpi", world_size=1) is None
+    assert "host-staged" in graph.blocker(device="cuda", method="tree", backend="mpi", world_size=2)
+    assert "ring" in graph.blocker(device="cuda", method="ring", backend="nccl", world_size=2)
+    assert "round_robin" in graph.blocker(device="cuda", method="tree", backend="nccl", world_size=2,
+                                          placement="round_robin")
+
+
+def test_config_true_on_cpu_is_one_clear_error():
+    from hpcattn import config
+
+    cfg = config.load(None, ["run.cuda_graphs=true", "run.device=cpu", "methods=[local]"])
+    with pytest.raises(ConfigError, match=r"x.yaml: run.cuda_graphs=true: CUDA graphs need a CUDA device"):
+        config.validate(cfg, 1, False, source="x.yaml")
+    cfg = config.load(None, ["run.cuda_graphs=auto", "run.device=cpu"])
+    config.validate(cfg, 1, False)                       # auto: eager on CPU, no error
+    with pytest.raises(ConfigError, match="run.cuda_graphs"):
+        config.load(None, ["run.cuda_graphs=sometimes"])
+
+
+def test_lean_device_lengths_follow_the_tensor():
+    """One set of launch arguments (a lengths tensor updated in place, as a graph replay sees it)
+    gives the right state for every length, 0 and the full capacity included."""
+    from hpcattn.kernels import attn_reference, head_major
+    from hpcattn.kernels.lean import lean_decode
+
+    g = torch.Generator().manual_seed(3)
+    B, cap, hq, hkv, d = 3, 70, 8, 2, 32
+    q = torch.randn(B, 1, hq, d, generator=g)
+    k = head_major(torch.randn(B, cap, hkv, d, generator=g))
+    v = head_major(torch.randn(B, cap, hkv, d, generator=g))
+    lens = torch.zeros(B, dtype=torch.int32)
+    for step in ([1, 0, 17], [2, 0, 18], [33, 70, 0], [70, 69, 1]):
+        lens.copy_(torch.tensor(step))
+        for red in ("two_kernel", "fused"):
+            o, l = lean_decode(q, k, v, scale=0.2, k_lengths=lens, num_programs=5, block_n=16, reduction=red)
+            ro, rl = attn_reference(q.double(), k.double(), v.double(), scale=0.2, k_lengths=torch.tensor(step))
+            assert (o.double() - ro).abs().max() < 1e-5 and torch.equal(torch.isneginf(l), torch.isneginf(rl))
+            fin = ~torch.isneginf(rl)
+            assert (l.double()[fin] - rl[fin]).abs().max() < 1e-5
+            ol, ll = lean_decode(q, k, v, scale=0.2, k_lengths=step, num_programs=5, block_n=16, reduction=red)
+            assert torch.equal(o, ol) and torch.equal(l, ll)       # same schedule as host lengths
+    with pytest.raises(ValueError, match="k_lengths tensor"):
+        lean_decode(q, k, v, scale=0.2, k_lengths=lens[:2])
+    with pytest.raises(ValueError, match="k_lengths tensor"):
+        lean_decode(q, k, v, scale=0.2, k_lengths=lens.float())
+
+
+class _Replay:
+    """Stands in for StepGraph on CPU: 'replay' re-runs the captured function (no warm-up)."""
+
+    def __init__(self, fn, warmup=2, counters=None):
+        self.fn = fn
+        self.out = fn()
+
+    def __call__(self):
+        out = self.fn()
+        self.out.copy_(out)
+        return self.out
+
+
+def test_runner_static_step_equals_eager(monkeypatch):
+    from hpcattn.kernels import select_kernel
+    from hpcattn.model.llama import ModelArgs
+    from hpcattn.model.runner import ModelRunner
+    from hpcattn.model.weights import random_model
+
+    model = random_model(ModelArgs.from_preset("tiny"), 2, torch.float32, "cpu")
+    kern = select_kernel("torch_ref", "cpu", torch.float32, model.args.head_dim)
+    tokens = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(1))
+
+    eager = ModelRunner(model, None, kern, prefill="local", decode="local", cuda_graphs="auto")
+    assert eager.graph_attrs()["cuda_graphs"] == "eager" and "CUDA" in eager.graph_attrs()["cuda_graphs_reason"]
+    with pytest.raises(ConfigError, match="cuda_graphs=true"):
+        ModelRunner(model, None, kern, prefill="local", decode="local", cuda_graphs="true")
+    ref_toks, ref_logits = eager.generate(tokens, 6)
+
+    monkeypatch.setattr(graph, "blocker", lambda **kw: None)     # pretend the path is capturable
+    monkeypatch.setattr(graph, "StepGraph", _Replay)
+    import hpcattn.kernels as kernels                          # the interpreter's Lean (no CPU self-test)
+    monkeypatch.setattr(kernels, "select_kernel", lambda *a, **kw: kernels.Kernel("lean"))
+    cache: dict = {}
+    for rep in range(2):                                       # the second run reuses the "graph"
+        r = ModelRunner(model, None, kern, prefill="local", decode="local", cuda_graphs="auto",
+                        graph_cache=cache)
+        assert r.graph_attrs() == {"cuda_graphs": "graph", "decode_kernel": "lean",
+                                   "cuda_graphs_reason": "captured once per shape, replayed every step"}
+        toks, logits = r.generate(tokens, 6)
+        assert torch.equal(toks, ref_toks), rep
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-5)
+        assert r.cache.length == 19 + 5
+    assert sum(1 for k in cache if k[0] == "step") == 1
+    with torch.inference_mode():
+        r.decode_step(toks[:, -1])                             # fills the last slot (capacity 25)
+        with pytest.raises(RuntimeError, match="KV cache overflow"):
+            r.decode_step(toks[:, -1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_small_ops_match_the_model(dtype):
+    """rmsnorm / rope_and_cache / silu_mul (hpcattn.model.fused_decode) against the plain model's
+    RMSNorm, apply_rope and F.silu(a) * b: equal up to a rounding or two of the dtype."""
+    import torch.nn.functional as F
+
+    from hpcattn.model.fused_decode import rmsnorm, rope_and_cache, silu_mul
+    from hpcattn.model.llama import ModelArgs, RMSNorm, Transformer, apply_rope
+
+    g = torch.Generator().manual_seed(4)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2         # bf16: two roundings of 2**-8
+    x = torch.randn(3, 96, generator=g).to(dtype)
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96, generator=g) + 0.5)
+    torch.testing.assert_close(rmsnorm(x, norm.weight.detach(), 1e-5), norm(x).detach(), rtol=tol, atol=tol)
+    a_, b_ = torch.randn(2, 200, generator=g).to(dtype), torch.randn(2, 200, generator=g).to(dtype)
+    torch.testing.assert_close(silu_mul(a_, b_), F.silu(a_) * b_, rtol=tol, atol=tol)
+
+    model = Transformer(ModelArgs.from_preset("tiny"))
+    cos, sin = model.rope(torch.tensor([1234]), torch.float32)
+    B, hq, hkv, d, cap = 2, 8, 2, 8, 5
+    q, k, v = (torch.randn(B, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    kb = torch.full((B, hkv, cap, d), float("nan"), dtype=dtype)
+    vb = kb.clone()
+    qo = rope_and_cache(q, k, v, cos.view(-1), sin.view(-1), (kb, vb), torch.tensor([3]))
+    torch.testing.assert_close(qo, apply_rope(q[:, None], cos, sin), rtol=tol, atol=tol)
+    torch.testing.assert_close(kb[:, :, 3], apply_rope(k[:, None], cos, sin)[:, 0], rtol=tol, atol=tol)
+    assert torch.equal(vb[:, :, 3], v) and kb[:, :, [0, 1, 2, 4]].isnan().all()   # only slot 3 written
+    qo2 = rope_and_cache(q, k, v, cos.view(-1), sin.view(-1), None, torch.tensor([3]))
+    assert torch.equal(qo2, qo)
