@@ -56,7 +56,8 @@ class ShapeConfig:
     head_dim: int = _f(128, sweep=True, doc="head dimension (d)")
     context: int = _f(4096, sweep=True, doc="decode: KV tokens per sequence; prefill: sequence length")
     lengths: typing.Optional[list[int]] = _f(
-        None, doc="decode only: per-sequence KV lengths (ragged batch), each <= context")
+        None, doc="decode: per-sequence KV lengths (ragged batch), each <= context; generate with "
+                  "decode lamina: per-sequence prompt lengths")
     dtype: str = _f("bfloat16", choices=DTYPES, sweep=True, doc="tensor dtype")
     causal: bool = _f(True, sweep=True, doc="prefill only: causal mask")
     query_len: int = _f(0, sweep=True, doc="prefill: query rows after the context (Star/APB query pass and "
@@ -143,8 +144,8 @@ class InputConfig:
 @dataclass
 class ModelConfig:
     preset: str = _f("tiny", doc="model shape from configs/models/<preset>.yaml (random weights), or a YAML path")
-    path: typing.Optional[str] = _f(None, doc="Hugging Face checkpoint directory (config.json + *.safetensors); "
-                                              "overrides preset")
+    path: typing.Optional[str] = _f(None, doc="Hugging Face checkpoint directory (config.json + *.safetensors; "
+                                              "Llama or Qwen2, docs/methods.md lists what is read); overrides preset")
     seed: int = _f(0, doc="seed of the random weights (identical on every rank)")
     layers: typing.Optional[int] = _f(None, doc="use only this many layers (benchmarks of big shapes)")
 
@@ -154,8 +155,9 @@ class GenerateConfig:
     prefill: str = _f("ring", choices=("local", "ring", "star", "apb"), sweep=True,
                       doc="prefill method in every layer (star/apb: approximate, settings in star.*/apb.*)")
     query_len: int = _f(16, doc="star/apb: the last query_len prompt tokens are the query (anchor, query pass)")
-    decode: str = _f("tree", choices=("local", "tree", "ring"), sweep=True,
-                     doc="decode method in every layer (local needs prefill local)")
+    decode: str = _f("tree", choices=("local", "tree", "ring", "lamina"), sweep=True,
+                     doc="decode method in every layer (local needs prefill local; lamina: model and "
+                         "attention ranks, settings in lamina.*)")
     new_tokens: int = _f(8, doc="greedy tokens to generate (the first comes from the prefill)")
     prompt_ids: typing.Optional[str] = _f(None, doc="file of prompt token ids (.txt of integers, or .npy); "
                                                     "default: shape.context random ids from inputs.seed")
@@ -165,16 +167,35 @@ class GenerateConfig:
 
 
 @dataclass
+class LaminaConfig:
+    attention_ranks: int = _f(1, doc="generate.decode=lamina: the last this many ranks hold all KV (head-split, "
+                                     "Hkv divisible by it) and run attention; the others hold the weights")
+    microbatches: int = _f(1, sweep=True, doc="micro-batches of the rotational staggered pipeline "
+                                              "(<= shape.batch)")
+    model_device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="device of the model ranks "
+                                                                        "(auto: run.device)")
+    attention_device: str = _f("auto", choices=("auto", "cpu", "cuda"),
+                               doc="device of the attention ranks (auto: run.device); a mixed pool needs "
+                                   "comm.backend=mpi")
+
+
+@dataclass
 class RunConfig:
     warmup: int = _f(2, doc="untimed iterations per case")
     repeats: int = _f(10, doc="timed iterations per case")
     check: bool = _f(True, doc="compare outputs with the float64 reference on a gathered copy")
     check_rows: int = _f(512, doc="prefill: at most this many query rows are checked (evenly spaced)")
-    save_outputs: bool = _f(False, doc="store gathered out/lse of each case in the HDF5 record")
+    save_outputs: bool = _f(False, doc="store gathered out/lse of each case in the HDF5 record "
+                                       "(generate: the logits of every generated token)")
     output: typing.Optional[str] = _f(None, doc="HDF5 result file (default runs/<job>-<utc time>.h5)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto: cuda when GPUs are visible")
+    cuda_graphs: str = _f("auto", choices=("auto", "true", "false"),
+                          doc="decode steps as one CUDA graph (decode local/tree, generate decode); auto: "
+                              "where capturable, eager on CPU and host-staged MPI; true: error where not")
     case_timeout_s: typing.Optional[float] = _f(3600.0, doc="hang watchdog: a case (or set-up) running longer "
                                                             "aborts the job with stacks; null = off")
+    memory_check: bool = _f(True, doc="refuse a case whose --dry-run memory estimate exceeds the free GPU memory "
+                                      "or this rank's share of host RAM; false: try anyway")
 
 
 @dataclass
@@ -193,6 +214,7 @@ class Config:
     inputs: InputConfig = field(default_factory=InputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    lamina: LaminaConfig = field(default_factory=LaminaConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -315,15 +337,49 @@ def load(path: str | None, overrides: list[str] | None = None) -> Config:
     if path is not None:
         source = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {path} is a directory (expected a YAML file)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                              f"a config file is UTF-8 YAML") from None
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: duplicate key '{e.key}' (line {e.line}; first at line {e.first}): "
+                              f"YAML would silently keep only the last one") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     for item in overrides or []:
         apply_override(data, item)
     return _build(Config, data, source)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:              # an unhashable key: construct_mapping reports it
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(key, line, first)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -435,13 +491,18 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
                               f"(choose from {', '.join(allowed)}){hint}")
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ConfigError(f"{source}: methods lists a method twice: {cfg.methods}")
+    lamina = cfg.job == "generate" and cfg.generate.decode == "lamina"
+    if lamina:
+        from hpcattn.model.lamina import validate_config
+        validate_config(cfg, world_size, cuda_available, source)
     if cfg.job == "generate":
-        _validate_generate(cfg, world_size, source)
+        _validate_generate(cfg, world_size - cfg.lamina.attention_ranks if lamina else world_size, source)
     if cfg.job == "prefill" and ("star" in cfg.methods or "apb" in cfg.methods):
         _validate_approx(cfg, world_size, source)
     if s.lengths is not None:
-        if cfg.job != "decode":
-            raise ConfigError(f"{source}: shape.lengths (ragged batch) is for job: decode only")
+        if cfg.job != "decode" and not lamina:
+            raise ConfigError(f"{source}: shape.lengths (ragged batch) is for job: decode, or generate with "
+                              f"generate.decode=lamina (ragged prompts)")
         if len(s.lengths) != s.batch:
             raise ConfigError(f"{source}: shape.lengths has {len(s.lengths)} entries, "
                               f"expected shape.batch = {s.batch}")
@@ -470,6 +531,14 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
                           f"use comm.backend=mpi or gloo on CPU ranks")
     if cfg.comm.backend == "gloo" and device == "cuda":
         raise ConfigError(f"{source}: comm.backend=gloo is the CPU stand-in for nccl; on GPUs use nccl or mpi")
+    if cfg.run.cuda_graphs == "true" and cfg.job in ("decode", "generate"):
+        from hpcattn.graph import blocker, decide
+        backend = cfg.comm.backend if cfg.comm.backend != "auto" else ("nccl" if device == "cuda" else "mpi")
+        methods = cfg.methods if cfg.job == "decode" else [cfg.generate.decode]
+        for m in methods:
+            decide("true", blocker(device=device, method=m, backend=backend, world_size=world_size,
+                                   placement=cfg.generate.kv_placement if cfg.job == "generate" else "last"),
+                   where=f"{source}: run.cuda_graphs")
     if device == "cpu" and s.dtype == "float16":
         raise ConfigError(f"{source}: shape.dtype=float16 is not supported on CPU ranks; "
                           f"use float32, float64 or bfloat16")
@@ -486,6 +555,9 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     r = cfg.run
     if r.repeats < 1 or r.warmup < 0:
         raise ConfigError(f"{source}: run.repeats must be >= 1 and run.warmup >= 0")
+    if r.check_rows < 1:
+        raise ConfigError(f"{source}: run.check_rows must be >= 1 (query rows compared with the reference), "
+                          f"got {r.check_rows}; use run.check=false to skip the check")
     if r.case_timeout_s is not None and r.case_timeout_s <= 0:
         raise ConfigError(f"{source}: run.case_timeout_s must be > 0 seconds (or null to turn the watchdog off), "
                           f"got {r.case_timeout_s:g}")

@@ -7,13 +7,23 @@ key, dumps the Python stacks of all its threads (where it hangs), and aborts the
 (``MPI_Abort``, so ``mpirun``/``srun`` end every rank). Cases finished before are kept
 (``NAME.tmp.d/``; see docs/hdf5.md). Every rank arms the same timeout at the same points, so a
 rank blocked in a collective by a hung peer fires too if the launcher has not ended it first.
+
+``catch_interrupt(world)`` does the same for Ctrl-C (SIGINT, which mpiexec and srun forward to
+every rank): rank 0 prints one ``hpcattn: interrupted`` line and ends the job with status 130,
+even while ranks are blocked inside an MPI call (where Python never sees a KeyboardInterrupt).
+
+Every message goes out in one ``write(2)`` ending in a newline (:func:`say`): the launchers
+forward each rank's output in the pieces it was written in, and ``print`` writes the text and
+its newline separately, so lines of different ranks ran together.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -59,16 +69,102 @@ def _loop() -> None:
                 break
             _cv.wait(left)
         label, timeout, rank = _state["label"], _state["timeout"], _state["rank"]
-    print(f"hpcattn: error (rank {rank}): {label} ran longer than run.case_timeout_s = {timeout:g} s "
-          f"(a hang?); this rank's Python stacks follow; aborting all ranks", file=sys.stderr, flush=True)
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    world = None                            # MPI_Abort from this thread needs MPI_THREAD_MULTIPLE
+    _fire(label, timeout, rank)
+
+
+def _fire(label: str, timeout: float, rank: int) -> None:
+    """The hang report: the line and this rank's stacks in one write, then end the job."""
+    say(f"hpcattn: error (rank {rank}): {label} ran longer than run.case_timeout_s = {timeout:g} s "
+        f"(a hang?); this rank's Python stacks follow; aborting all ranks\n" + _stacks())
+    abort_job(_world_from_thread(), EXIT_CODE)
+    os._exit(EXIT_CODE)                      # should MPI_Abort ever return
+
+
+def _stacks() -> str:
+    """The Python stacks of all this process's threads (faulthandler's dump, as text)."""
+    with tempfile.TemporaryFile(mode="w+") as fh:
+        faulthandler.dump_traceback(file=fh, all_threads=True)
+        fh.seek(0)
+        return fh.read()
+
+
+def _world_from_thread():
+    """COMM_WORLD when MPI_Abort may be called from a side thread (MPI_THREAD_MULTIPLE), else None."""
     from mpi4py import MPI
 
-    if MPI.Is_initialized() and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
-        world = MPI.COMM_WORLD
-    abort_job(world, EXIT_CODE)
-    os._exit(EXIT_CODE)                      # should MPI_Abort ever return
+    if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+        return MPI.COMM_WORLD
+    return None
+
+
+def say(text: str) -> None:
+    """Write ``text`` (one or more lines) to stderr in one ``write(2)``, ending with a newline."""
+    sys.stderr.flush()
+    data = (text if text.endswith("\n") else text + "\n").encode(errors="replace")
+    while data:
+        data = data[os.write(2, data):]
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+INTERRUPT_CODE = 130
+_interrupt = {"prev": None, "fd": None, "thread": None, "note": None}
+
+
+def catch_interrupt(rank: int, note=lambda: "") -> None:
+    """From now on SIGINT ends the whole job: rank 0 prints ``hpcattn: interrupted`` (plus
+    ``note()``, e.g. where the finished cases are) and calls ``MPI_Abort(130)``; the other ranks
+    wait for that abort (and exit 130 on their own after ``HPCATTN_INTERRUPT_WAIT_S``, default
+    10 s, should rank 0 not get the signal). A watcher thread does it, woken through
+    :func:`signal.set_wakeup_fd`, so a rank blocked in an MPI call still reacts.
+    :func:`release_interrupt` restores the previous handler (for in-process callers)."""
+    if _interrupt["thread"] is not None or threading.current_thread() is not threading.main_thread():
+        return
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    _interrupt["prev"] = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    _interrupt["old_fd"] = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    _interrupt.update(fd=(rfd, wfd), note=note)
+    t = threading.Thread(target=_on_interrupt, args=(rfd, rank), name="hpcattn-interrupt", daemon=True)
+    _interrupt["thread"] = t
+    t.start()
+
+
+def release_interrupt() -> None:
+    """Undo :func:`catch_interrupt` (the watcher thread ends)."""
+    if _interrupt["thread"] is None:
+        return
+    signal.set_wakeup_fd(_interrupt.pop("old_fd", -1))
+    signal.signal(signal.SIGINT, _interrupt["prev"])
+    rfd, wfd = _interrupt["fd"]
+    os.write(wfd, b"\0")                    # not a signal number: the watcher returns
+    _interrupt["thread"].join(5)
+    for fd in (rfd, wfd):
+        os.close(fd)
+    _interrupt.update(prev=None, fd=None, thread=None, note=None)
+
+
+def _on_interrupt(rfd: int, rank: int) -> None:
+    while True:
+        got = os.read(rfd, 1)
+        if not got or got == b"\0":
+            return
+        if got[0] == signal.SIGINT:
+            break
+    if rank == 0:
+        try:
+            note = _interrupt["note"]() if _interrupt["note"] else ""
+        except Exception:                  # noqa: BLE001 (the line must come out)
+            note = ""
+        say("hpcattn: interrupted" + (f"; {note}" if note else ""))
+        time.sleep(0.3)                      # let the launcher forward the line before the abort
+        world = _world_from_thread()
+        if world is not None and world.Get_size() > 1:     # one process: no launcher to tell
+            world.Abort(INTERRUPT_CODE)
+        os._exit(INTERRUPT_CODE)
+    time.sleep(float(os.environ.get("HPCATTN_INTERRUPT_WAIT_S", "10")))
+    os._exit(INTERRUPT_CODE)
 
 
 def abort_job(world, code: int) -> None:
@@ -83,4 +179,6 @@ def abort_job(world, code: int) -> None:
     time.sleep(float(os.environ.get("HPCATTN_ABORT_GRACE_S", "1.0")))
     if world is None:
         os._exit(code)
+    from hpcattn.launch import note_abort
+    note_abort(code)                         # srun reports 137 for any abort: the job script reads this
     world.Abort(code)

@@ -26,8 +26,8 @@ for b in nccl mpi; do
 done
 # Next GPU session (issue 5): 8-host projection on ONE GPU, then the 2-GPU APB/Star/ring run.
 if [[ $what == project ]]; then
-  $PY -m hpcattn project configs/prefill_apb.yaml --hosts 8 --set context=131072 --set query_len=64 \
+  $PY -m hpcattn project configs/prefill_apb.yaml --hosts 8 --set context=131072 --set shape.query_len=64 \
       --link-gbps 200 --latency-us 35 -o "$OUT/project-8hosts.h5"
-  timeout 400 $MPIRUN $PY -m hpcattn run configs/prefill_apb.yaml --set context=131072 --set query_len=64 \
+  timeout 400 $MPIRUN $PY -m hpcattn run configs/prefill_apb.yaml --set context=131072 --set shape.query_len=64 \
       --set comm.backend=nccl -o "$OUT/apb-2gpu.h5" 2>&1 | grep -av '^\[rank'
 fi

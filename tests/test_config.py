@@ -274,7 +274,7 @@ def test_default_config_is_valid():
     (["comm.backend=nccl"], 2, False, r"nccl needs GPUs"),
     (["lengths=[10, 20]", "batch=3"], 2, False, r"lengths has 2 entries, expected shape.batch = 3"),
     (["lengths=[10, 5000]", "batch=2", "context=4096"], 2, False, r"lengths entries"),
-    (["job=prefill", "methods=[local, ring]", "lengths=[10]"], 2, False, r"decode only"),
+    (["job=prefill", "methods=[local, ring]", "lengths=[10]"], 2, False, r"is for job: decode"),
     (["methods=[local, tre]"], 2, False, r"'tre' is not a decode method.*did you mean tree"),
     (["job=prefill", "methods=[local, tree]"], 2, False, r"'tree' is not a prefill method"),
     (["methods=[]"], 2, False, r"at least one method"),

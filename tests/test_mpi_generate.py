@@ -33,6 +33,8 @@ def test_generate_job_star_apb_cli(tmp_path):
     assert [row["method"] for row in rows] == ["star+tree", "apb+tree"]
     for row in rows:
         assert 0 <= row["token_agreement"] <= 1 and row["logits_rel_err"] >= 0
+        assert row["check_passed"] is None                # approximate: fidelity figures, no verdict
+    assert r.stdout.count("check -") == 2 and "FAIL" not in r.stdout, r.stdout     # "-", never FAIL
 
 
 def test_generate_job_cli(tmp_path):

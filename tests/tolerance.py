@@ -1,9 +1,10 @@
 """Flash-attention's tolerance rule for tests: the baseline is plain attention computed in the
-input dtype; an implementation passes when err <= 2 * err_baseline + 1e-5 against float64."""
+input dtype; an implementation passes when err <= 2 * err_baseline + 1e-5 against float64, both
+finite (``within``: the jobs' own rule; a NaN/Inf never passes, also not against a NaN baseline)."""
 
 import torch
 
-from hpcattn.jobs.check import max_err  # noqa: F401  (max |a - b|, matching infinities count as 0)
+from hpcattn.jobs.check import max_err, within  # noqa: F401  (max |a - b|: inf on NaN; the rule)
 from hpcattn.kernels.reference import causal_offset
 
 

@@ -3,12 +3,23 @@
 For each method, ``err = max |method - ref64|`` over out and over lse; the same-dtype baseline
 (the local kernel on the whole problem, on rank 0) gives ``err_base``. A method passes when
 ``err <= 2 * err_base + 1e-5`` for both out and lse (spec exemplars.md section 2).
+
+Non-finite values never pass: ``max_err`` is inf for a NaN or an unmatched infinity, and an
+infinite error fails whatever the baseline's error (an inf baseline error - the same-dtype kernel
+itself overflowed - fails too: there is no tolerance to compare with). NaN/Inf anywhere in a
+method's output (``count_nonfinite``, all rows, not only the checked ones) fails the case.
+Non-finite *inputs* (an input file, checkpoint weights) are user errors, found before the run
+(:func:`require_finite`, :func:`validate_input_file`).
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
+from hpcattn.errors import InputError
 from hpcattn.kernels.merge import merge_pair
 from hpcattn.kernels.reference import attn_reference
 
@@ -43,7 +54,8 @@ def reference_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| over finite entries of b, with matching infinities counting as 0."""
+    """max |a - b|, with matching infinities counting as 0; inf if either side has a NaN or an
+    infinity the other lacks (so a non-finite output can never look accurate)."""
     a, b = a.double(), b.double()
     both_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
     diff = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
@@ -52,6 +64,110 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def passes(err_out: float, err_lse: float | None, base_out: float, base_lse: float) -> bool:
-    """The rule for out and lse; ``err_lse`` None = a method that returns no lse (outputs only)."""
-    return err_out <= 2 * base_out + 1e-5 and (err_lse is None or err_lse <= 2 * base_lse + 1e-5)
+ABS_TOL = 1e-5
+
+
+def tolerance(base_err: float) -> float:
+    """The largest passing error given the same-dtype baseline's: ``2 * base_err + 1e-5``."""
+    return 2 * base_err + ABS_TOL
+
+
+def within(err: float, base_err: float) -> bool:
+    """``err <= 2 * base_err + 1e-5`` with both finite (NaN/inf never passes): :func:`failure`'s rule."""
+    return not failure("err", err, "base_err", base_err)
+
+
+def failure(err_name: str, err: float | None, base_name: str, base_err: float | None) -> str:
+    """Why error ``err_name`` = ``err`` fails the rule against baseline ``base_name`` = ``base_err``,
+    or "" when it passes (``err`` None: not checked, e.g. the lse of a method without one)."""
+    if err is None:
+        return ""
+    if base_err is None or not math.isfinite(base_err):
+        return f"{base_name} = {base_err}: no tolerance (NaN/Inf in the same-dtype baseline)"
+    if not math.isfinite(err):
+        return f"{err_name} = inf (NaN/Inf where the reference is finite)"
+    if err > tolerance(base_err):
+        return f"{err_name} {err:.3g} > 2 * {base_name} {base_err:.3g} + {ABS_TOL:g}"
+    return ""
+
+
+def count_nonfinite(out: torch.Tensor, lse: torch.Tensor | None = None) -> int:
+    """NaN/Inf entries of a method's output: any in ``out``, NaN or +inf in ``lse`` (-inf is the
+    empty state of a row without keys)."""
+    n = int((~torch.isfinite(out)).sum())
+    if lse is not None:
+        n += int((torch.isnan(lse) | torch.isposinf(lse)).sum())
+    return n
+
+
+def verdict(row: dict) -> dict:
+    """``{"check_passed", "check_reason"}`` of an attention case from its error figures.
+
+    Exact methods: ``err_out``/``err_lse`` against ``base_err_*``. Approximate ones (Star, APB:
+    the row has ``query_err_out``): the exact query pass, ``query_err_*`` against
+    ``query_base_err_*``. Either way ``nonfinite_out`` (NaN/Inf in the method's output, any row)
+    must be 0. ``check_reason`` is "" for a pass, else every failing condition, "; "-joined."""
+    q = "query_" if "query_err_out" in row else ""
+    why = [failure(f"{q}err_{x}", row.get(f"{q}err_{x}"), f"{q}base_err_{x}", row.get(f"{q}base_err_{x}"))
+           for x in ("out", "lse")]
+    if row.get("nonfinite_out"):
+        why.insert(0, f"{row['nonfinite_out']} NaN/Inf in the output")
+    why = [w for w in why if w]
+    return {"check_passed": not why, "check_reason": "; ".join(why)}
+
+
+# -- inputs must be finite -----------------------------------------------------------------------
+
+def require_finite(t: torch.Tensor, what: str) -> None:
+    """Raise InputError naming ``what`` when ``t`` holds a NaN or an infinity."""
+    bad = ~torch.isfinite(t)
+    n = int(bad.sum())
+    if n:
+        first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        raise InputError(f"{what} holds {n} NaN/Inf value(s) (first at index {first}); inputs must be finite")
+
+
+def validate_input_file(path: str, dtypes, chunk_elems: int = 1 << 24) -> None:
+    """Every value a run reads from input file ``path`` - ``q``, ``k``, ``v`` (and ``qq``/``kq``/
+    ``vq`` when present), less the keys past a sequence's ``lengths`` (padding, never read) - is
+    finite, also once converted to each of ``dtypes`` (names, e.g. ``float16``, which 1e5
+    overflows). Raises InputError naming the dataset and the file. Reads the file once, in chunks
+    of about ``chunk_elems`` values."""
+    import h5py
+
+    from hpcattn.jobs.inputs import DTYPES, _read
+
+    names = sorted(set([dtypes] if isinstance(dtypes, str) else dtypes))
+    targets = [None] + [DTYPES[d] for d in names if d in DTYPES]     # an unknown name: config.validate
+    with h5py.File(path, "r") as f:
+        lengths = None
+        if "lengths" in f and f["lengths"].shape == f["k"].shape[:1] and f["lengths"].dtype.kind in "iu":
+            lengths = torch.as_tensor(f["lengths"][()].astype(np.int64))     # else: every key is checked
+        for name in [n for n in ("q", "k", "v", "qq", "kq", "vq") if n in f]:   # qq/kq/vq: star/apb query
+            ds = f[name]
+            S = ds.shape[1]
+            step = max(1, chunk_elems // max(1, ds.size // max(S, 1)))
+            bad = {dt: [0, None] for dt in targets}          # dtype -> [count, first index]
+            peak = 0.0
+            for a in range(0, S, step):
+                x = _read(ds, np.s_[:, a:a + step], torch.float64, "cpu")    # (B, s, H, d)
+                if name in ("k", "v") and lengths is not None:   # keys past lengths[b]: padding, never read
+                    used = torch.arange(a, a + x.shape[1])[None, :] < lengths[:, None]
+                    x = torch.where(used[:, :, None, None], x, torch.zeros((), dtype=x.dtype))
+                fin = torch.isfinite(x)
+                if fin.any():
+                    peak = max(peak, float(x[fin].abs().max()))
+                for dt in targets:
+                    nf = ~torch.isfinite(x if dt is None else x.to(dt))
+                    n = int(nf.sum())
+                    if n and bad[dt][1] is None:
+                        i = nf.nonzero()[0].tolist()
+                        bad[dt][1] = (i[0], i[1] + a, *i[2:])
+                    bad[dt][0] += n
+            for dt in targets:
+                n, first = bad[dt]
+                if n:
+                    what = "NaN/Inf value(s)" if dt is None else \
+                        f"value(s) that overflow shape.dtype={str(dt).replace('torch.', '')} (max |x| = {peak:.4g})"
+                    raise InputError(f"inputs.path: {path}:/{name} holds {n} {what}, the first at index "
+                                     f"{first}; inputs must be finite")

@@ -5,8 +5,25 @@ Per case (prefill method + decode method at one sweep point), after ``run.warmup
 generations, ``run.repeats`` timed ones record the prefill time and every decode step's time
 (device-synchronised, per rank; reported as max over ranks), the tokens, peak memory, and the
 throughput as the APB paper counts it: (input + generated tokens) / (prefill + decode wall time).
-With ``run.check`` rank 0 also generates in one process (local prefill and decode, no
-communication) and the record holds the greedy-token agreement and the max logit error.
+
+With ``run.check`` rank 0 also runs the model in one process (local prefill and decode, no
+communication) and checks the case with the attention jobs' rule (see :meth:`GenerateJob.check`):
+
+* reference: a one-process run of the same weights in float64 (float32 for a bfloat16/float16
+  model on a GPU, where a float64 copy would need 4x the memory), fed the case's own tokens
+  (teacher forcing, so a near-tie that flips one token does not make every later logit
+  incomparable); baseline: the same forced one-process run in the case's dtype;
+* ``logits_max_err = max |logits - reference|``, ``logits_base_err`` the baseline's; the logits
+  pass when ``logits_max_err <= 2 * logits_base_err + 1e-5`` (both finite);
+* tokens: wherever the reference's top-2 logit margin exceeds twice that tolerance (there no
+  logits within the tolerance can choose another token), the case's token must be the reference's
+  argmax (``tokens_decided`` such positions, ``tokens_mismatched`` of them differ).
+
+Exact methods get ``check_passed`` (every dtype) and ``check_reason``; star/apb prefill are
+approximate, so their figures are fidelity, and ``check_passed`` is None (no verdict).
+``token_agreement`` is the fraction of tokens equal to a free-running one-process run in the
+case's dtype (what a user would see). A non-finite checkpoint weight is an input error
+(:func:`build_checked_model`).
 """
 
 from __future__ import annotations
@@ -20,6 +37,7 @@ import torch
 
 from hpcattn import watchdog
 from hpcattn.errors import ConfigError, InputError
+from hpcattn.jobs.check import failure, max_err, require_finite, tolerance
 from hpcattn.jobs.inputs import DTYPES
 
 
@@ -82,6 +100,27 @@ def resolve_shape(cfg) -> None:
         cfg.shape.batch, cfg.shape.context = int(ids.shape[0]), int(ids.shape[1])
 
 
+def build_checked_model(cfg, dtype: torch.dtype, device):
+    """:func:`hpcattn.model.weights.build_model`, then every weight must be finite in ``dtype``
+    (a NaN/Inf in the checkpoint, or a value that overflows float16): InputError naming the
+    tensor and the checkpoint."""
+    from hpcattn.model.weights import build_model, hf_names
+
+    model = build_model(cfg, dtype, device)
+    if cfg.model.path:
+        names = hf_names(model.args)
+        for ours, p in model.named_parameters():
+            require_finite(p.detach(), f"model.path: {cfg.model.path}: tensor {names.get(ours, ours)} "
+                                       f"(as {str(p.dtype).replace('torch.', '')})")
+    return model
+
+
+def reference_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The generate check's reference precision (float32 for a low-precision model on a GPU)."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if low and device.type == "cuda" else torch.float64
+
+
 def synthetic_prompt(cfg, vocab: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(cfg.inputs.seed)
     return torch.randint(0, vocab, (cfg.shape.batch, cfg.shape.context), generator=g)
@@ -101,6 +140,9 @@ class GenerateJob:
         ids = prompt_ids(cfg)
         self.tokens = (ids if ids is not None else synthetic_prompt(cfg, self.model.args.vocab_size)).to(ctx.device)
         self.reference = None
+        self.ref_model = None             # the reference-precision copy of the model (rank 0, built once)
+        self.graph_cache: dict = {}          # captured decode steps, reused by every repeat
+        self.graph_attrs: dict = {}
 
     def runner(self, case, ctx=None, prefill=None, decode=None):
         from hpcattn.model.runner import ModelRunner
@@ -116,7 +158,9 @@ class GenerateJob:
                            star_block=c.star.block, star_anchor=c.star.anchor,
                            star_quirk=c.star.compat_remote_causal_quirk,
                            apb=apb_params(c, p, c.shape.context - c.generate.query_len),
-                           compressor=self.compressor(c), apb_seed=c.apb.seed)
+                           compressor=self.compressor(c), apb_seed=c.apb.seed,
+                           cuda_graphs=c.run.cuda_graphs if ctx is not None else "false",
+                           graph_cache=self.graph_cache)
 
     def compressor(self, c):
         if c.apb.compressor != "retaining_heads" or c.generate.prefill != "apb":
@@ -130,11 +174,71 @@ class GenerateJob:
         return self._heads
 
     def compute_reference(self, case) -> None:
-        """Rank 0: one-process generation (local prefill and decode) to check against."""
+        """Rank 0: free-running one-process generation in the case's dtype (token_agreement)."""
         if self.ctx.rank != 0 or not self.cfg.run.check:
             return
         toks, logits = self.runner(case, None, "local", "local").generate(self.tokens, self.cfg.generate.new_tokens)
         self.reference = (toks.cpu(), logits.cpu())
+
+    @torch.inference_mode()
+    def forced_logits(self, model, kernel, toks: torch.Tensor) -> torch.Tensor:
+        """One process, local prefill and decode of ``model``, fed ``toks`` (B, n) instead of its
+        own choices: the float32 logits (n, B, V) each of the n tokens was chosen from."""
+        from hpcattn.model.runner import ModelRunner
+
+        r = ModelRunner(model, None, kernel, prefill="local", decode="local")
+        out = [r.prefill(self.tokens, toks.shape[1])]
+        for t in range(toks.shape[1] - 1):
+            out.append(r.decode_step(toks[:, t].to(self.ctx.device)))
+        return torch.stack(out).cpu()
+
+    def _reference_logits(self, toks: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """(reference logits (n, B, V) along ``toks``, its dtype name); ``base`` when the case is
+        already in the reference dtype."""
+        import copy
+
+        from hpcattn.kernels import select_kernel
+        from hpcattn.model.llama import rope_inv_freq
+
+        rd = reference_dtype(self.dtype, self.ctx.device)
+        name = str(rd).replace("torch.", "")
+        if rd == self.dtype:
+            return base, name
+        if self.ref_model is None:
+            self.ref_model = copy.deepcopy(self.model).to(rd)
+            self.ref_model.inv_freq = rope_inv_freq(self.model.args).to(self.ctx.device)   # exact rope
+        kernel = select_kernel("torch_ref", self.ctx.device, rd, self.model.args.head_dim)
+        return self.forced_logits(self.ref_model, kernel, toks), name
+
+    def check(self, toks, logits) -> dict | None:
+        """Rank 0: the figures and verdict of the module docstring (None without ``run.check``).
+        toks (B, n) int64, logits (n, B, V) float32: the case's tokens and their logits."""
+        if self.reference is None:
+            return None
+        toks, logits = toks.cpu(), logits.cpu()
+        free_toks, free_logits = self.reference
+        # forced along the case's tokens; when they are the free run's, that run is the forced one
+        base = free_logits if torch.equal(toks, free_toks) else self.forced_logits(self.model, self.kernel, toks)
+        ref, ref_name = self._reference_logits(toks, base)
+        # per step: float64 copies of one (B, V) step at a time, not of all (n, B, V) logits
+        err = max(max_err(a, r) for a, r in zip(logits, ref))
+        base_err = max(max_err(a, r) for a, r in zip(base, ref))
+        tol = tolerance(base_err)
+        top2 = ref.topk(2, dim=-1).values if ref.shape[-1] > 1 else None
+        decided = (top2[..., 0] - top2[..., 1] > 2 * tol) if top2 is not None and np.isfinite(tol) \
+            else torch.zeros(ref.shape[:2], dtype=torch.bool)                       # (n, B)
+        mismatched = int(((toks.T != ref.argmax(dim=-1)) & decided).sum())
+        why = [failure("logits_max_err", err, "logits_base_err", base_err)]
+        if mismatched:
+            why.append(f"{mismatched} of {int(decided.sum())} decided token(s) differ from the "
+                       f"{ref_name} reference's argmax (top-2 margin > 2 * tolerance {tol:.3g})")
+        why = [w for w in why if w]
+        exact = self.cfg.generate.prefill not in ("star", "apb")
+        return {"token_agreement": float((toks == free_toks).double().mean()), "logits_max_err": err,
+                "logits_base_err": base_err, "logits_rel_err": err / max(float(ref.abs().max()), 1e-30),
+                "reference_dtype": ref_name, "tokens_decided": int(decided.sum()),
+                "tokens_mismatched": mismatched, "check_passed": (not why) if exact else None,
+                "check_reason": "; ".join(why) if exact else ""}
 
     def run(self, case):
         """Warm-up + timed repeats. Returns (tokens, logits, prefill_s (R,), decode_s (R, steps))."""
@@ -156,35 +260,30 @@ class GenerateJob:
             for v in spans.values():
                 v.clear()
             self.ctx.barrier()
-            toks, logits = self.runner(case, self.ctx).generate(self.tokens, n, timer)
+            runner = self.runner(case, self.ctx)
+            toks, logits = runner.generate(self.tokens, n, timer)
+            self.graph_attrs = runner.graph_attrs()
             if i >= c.run.warmup:
                 prefill_s.append(spans["prefill"][0])
                 decode_s.append(list(spans["decode"]))
         return toks, logits, np.asarray(prefill_s), np.asarray(decode_s, dtype=np.float64).reshape(c.run.repeats, n - 1)
 
-    def check(self, toks, logits) -> dict | None:
-        """Rank 0: agreement with the one-process reference (None without a check). Exact methods
-        pass when tokens are identical and logits agree (float32/64); star/apb are approximate:
-        their agreement and logit error are fidelity figures, not a pass/fail check."""
-        if self.reference is None:
-            return None
-        rt, rl = self.reference
-        agree = float((toks.cpu() == rt).double().mean())
-        err = float((logits.cpu() - rl).abs().max())
-        rel = err / max(float(rl.abs().max()), 1e-30)
-        tol = {"float64": 1e-9, "float32": 1e-4}.get(self.cfg.shape.dtype)
-        exact = self.cfg.generate.prefill not in ("star", "apb")
-        passed = (agree == 1.0 and rel <= tol) if tol is not None and exact else None
-        return {"token_agreement": agree, "logits_max_err": err, "logits_rel_err": rel, "check_passed": passed}
-
 
 def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None) -> list[dict]:
     """Execute generate cases (collective); rank 0 writes each finished case."""
-    rows = []
+    rows, ref_model = [], None
     for case in cases:
         watchdog.arm(f"case {case.id}")
         kernel = kernel_for(case.cfg)
+        if case.cfg.generate.decode == "lamina":         # model and attention roles: hpcattn.jobs.lamina
+            from hpcattn.jobs.lamina import run_lamina_case
+            row, model = run_lamina_case(case, ctx, kernel, writer, model)
+            if row is not None:
+                rows.append(row)
+                progress(case, row)
+            continue
         job = GenerateJob(case.cfg, ctx, kernel, model)
+        job.ref_model = ref_model
         model = job.model                      # same weights for every case of the run
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -194,14 +293,15 @@ def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None
 
         per_rank = ctx.world.mpi.gather((prefill_s, decode_s, _peak_memory(ctx.device)), root=0)
         if ctx.rank == 0:
-            row = _record(case, kernel, ctx, job, toks, job.check(toks, logits) or {}, per_rank, writer)
+            row = _record(case, kernel, ctx, job, toks, logits, job.check(toks, logits) or {}, per_rank, writer)
             rows.append(row)
             progress(case, row)
+            ref_model = job.ref_model
         del job
     return rows
 
 
-def _record(case, kernel, ctx, job, toks, check: dict, per_rank, writer) -> dict:
+def _record(case, kernel, ctx, job, toks, logits, check: dict, per_rank, writer) -> dict:
     c = case.cfg
     a = job.model.args
     pre = np.stack([pr[0] for pr in per_rank], axis=1)                   # (R, ranks)
@@ -222,7 +322,7 @@ def _record(case, kernel, ctx, job, toks, check: dict, per_rank, writer) -> dict
              "decode_step_median_s": float(np.median(dec_max)) if dec_max.size else 0.0,
              "throughput_tok_s": float(B * (N + n) / np.median(total)), "comm_fraction": 0.0,
              "peak_mem_bytes": int(mem.max())}
-    attrs |= check
+    attrs |= check | job.graph_attrs
     tok_np = toks.cpu().numpy()
     try:
         attrs["text"] = _tokenizer(c).decode(tok_np[0].tolist()) if c.model.path and \
@@ -232,6 +332,8 @@ def _record(case, kernel, ctx, job, toks, check: dict, per_rank, writer) -> dict
     datasets = {"time_s": (total[:, None].repeat(ctx.size, axis=1), {"units": "s", "note": "whole generation"}),
                 "prefill_s": (pre, {"units": "s"}), "decode_step_s": (dec, {"units": "s"}),
                 "tokens": (tok_np, {"layout": "(B, new_tokens)"}), "peak_mem_bytes": (mem, {"units": "bytes"})}
+    if c.run.save_outputs:
+        datasets["logits"] = (logits.float().cpu().numpy(), {"layout": "(new_tokens, B, vocab)"})
     if writer is not None:
         writer.write_case(case.id, attrs, datasets)
     return attrs | {"id": case.id}
@@ -239,6 +341,9 @@ def _record(case, kernel, ctx, job, toks, check: dict, per_rank, writer) -> dict
 
 def estimate(cfg, method: str, p: int) -> tuple[int, int]:
     """(bytes of weights + KV cache on the busiest rank, payload bytes per rank per decode step)."""
+    if method.endswith("+lamina"):
+        from hpcattn.jobs.lamina import estimate as lamina_estimate
+        return lamina_estimate(cfg, p)
     a = model_args(cfg)
     e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
     weights = e * (2 * a.vocab_size * a.dim + a.n_layers * (

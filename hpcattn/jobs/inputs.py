@@ -85,14 +85,33 @@ def file_shape(path: str) -> dict:
             if name not in f:
                 raise InputError(f"inputs.path: {path} has no dataset '{name}' "
                                  f"(expected q (B,Sq,Hq,d), k and v (B,N,Hkv,d))")
-            if f[name].ndim != 4:
-                raise InputError(f"inputs.path: {path}:/{name} has shape {f[name].shape}, expected 4 dims")
+            ds = f[name]
+            if not isinstance(ds, h5py.Dataset):
+                raise InputError(f"inputs.path: {path}:/{name} is a {type(ds).__name__.lower()}, "
+                                 f"expected a dataset (B,S,H,d)")
+            if ds.ndim != 4:
+                raise InputError(f"inputs.path: {path}:/{name} has shape {ds.shape}, expected 4 dims")
+            if not (ds.dtype.kind == "f" and ds.dtype.itemsize in (2, 4, 8) or
+                    ds.dtype == np.uint16 and ds.attrs.get("dtype_original", "") == "bfloat16"):
+                raise InputError(f"inputs.path: {path}:/{name} holds {ds.dtype} values, expected float16/"
+                                 f"float32/float64 (or uint16 bf16 bits with attribute dtype_original=bfloat16)")
+            if min(ds.shape) < 1:
+                what = "query rows" if name == "q" else "tokens" if ds.shape[1] == 0 else "entries"
+                raise InputError(f"inputs.path: {path}:/{name} has shape {ds.shape}: no {what} "
+                                 f"(every dimension must be >= 1)")
         q, k, v = f["q"].shape, f["k"].shape, f["v"].shape
         if k != v:
             raise InputError(f"inputs.path: {path}: k {k} and v {v} differ in shape")
         if q[0] != k[0] or q[3] != k[3]:
             raise InputError(f"inputs.path: {path}: q {q} and k {k} disagree in batch or head_dim")
-        lengths = [int(x) for x in f["lengths"][()]] if "lengths" in f else None
+        lengths = None
+        if "lengths" in f:
+            ln = f["lengths"]
+            if not isinstance(ln, h5py.Dataset) or ln.ndim != 1 or ln.dtype.kind not in "iu" or ln.shape[0] != q[0]:
+                got = f"shape {ln.shape}, {ln.dtype}" if isinstance(ln, h5py.Dataset) else "a group"
+                raise InputError(f"inputs.path: {path}:/lengths is {got}; expected ({q[0]},) integers "
+                                 f"(valid KV tokens per sequence)")
+            lengths = [int(x) for x in ln[()]]
     return {"batch": q[0], "q_len": q[1], "heads_q": q[2], "heads_kv": k[2], "head_dim": q[3],
             "context": k[1], "lengths": lengths}
 
@@ -114,6 +133,8 @@ def apply_file_shape(cfg, path: str) -> None:
     if cfg.job == "prefill" and fs["q_len"] != fs["context"]:
         raise ConfigError(f"inputs.path {path}: prefill needs q and k of equal length, "
                           f"got q {fs['q_len']} and k {fs['context']} tokens")
+    from hpcattn.jobs.check import validate_input_file
+    validate_input_file(path, cfg.shape.dtype)            # NaN/Inf, or overflow of shape.dtype: InputError
 
 
 def read_tokens(path: str, name: str, index: torch.Tensor, *, dtype: torch.dtype, device) -> torch.Tensor:

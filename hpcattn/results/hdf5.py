@@ -6,7 +6,10 @@ own file in ``NAME.tmp.d/`` (written as ``*.partial``, then renamed). :meth:`Rec
 merges the case files into ``NAME.tmp``, sets ``status = "complete"`` and renames it to ``NAME``.
 A run that dies leaves ``NAME.tmp`` + ``NAME.tmp.d/`` with every case finished so far:
 :func:`read_cases` (and so ``hpcattn report``) reads the pair as one record, and :func:`recover`
-(``hpcattn recover NAME.tmp``) merges it into ``NAME`` with ``status = "incomplete"``.
+(``hpcattn recover NAME.tmp``) merges it into ``NAME`` with ``status = "incomplete"``. A record
+that is truncated or corrupt is an InputError naming it; one unreadable case file of a
+``NAME.tmp`` is skipped (read, recover) with a warning naming it, the others are kept.
+``NAME.tmp.lock`` (:func:`take_lock`) keeps a second run from writing (and deleting) the same record.
 
 Layout::
 
@@ -27,12 +30,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 SCHEMA_VERSION = 1
+# what h5py raises for a truncated or corrupt file (found by truncating and overwriting records)
+UNREADABLE = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 
 def _attr(v):
@@ -74,11 +80,32 @@ class RecordWriter:
     """
 
     def __init__(self, path: str, attrs: dict, config_yaml: str, hosts: list[dict], kernel_info: dict):
+        from hpcattn.errors import InputError
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.parts = parts_dir(self.tmp)
-        shutil.rmtree(self.parts, ignore_errors=True)        # a crashed earlier run to the same NAME
+        check_output_path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.lock = take_lock(self.tmp)            # raises InputError while another run holds it
+        except OSError as e:
+            raise InputError(f"output {path}: cannot write in {self.path.parent}: {_os_reason(e)}") from None
+        if self.tmp.exists() or self.parts.exists():        # never delete finished work
+            self.lock.unlink(missing_ok=True)
+            raise InputError(_leftover_message(self.tmp, None))
+        try:
+            self._start(attrs, config_yaml, hosts, kernel_info)
+        except BaseException as e:                          # undo what this writer created
+            self.tmp.unlink(missing_ok=True)
+            shutil.rmtree(self.parts, ignore_errors=True)
+            self.lock.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise InputError(f"output {path}: cannot write {self.tmp}: {_os_reason(e)}") from None
+            raise
+        self.written = 0
+
+    def _start(self, attrs: dict, config_yaml: str, hosts: list[dict], kernel_info: dict) -> None:
         with h5py.File(self.tmp, "w", track_order=True) as f:
             for k, v in attrs.items():
                 f.attrs[k] = _attr(v)
@@ -98,7 +125,6 @@ class RecordWriter:
                 kg.attrs[k] = _attr(v)
             f.create_group("cases", track_order=True)
         self.parts.mkdir()
-        self.written = 0
 
     def write_case(self, case_id: str, attrs: dict, datasets: dict[str, tuple[np.ndarray, dict]]) -> None:
         """Write one finished case to its own file, atomically. ``datasets``: name -> (array, attrs)."""
@@ -122,8 +148,135 @@ class RecordWriter:
         self.written += 1
 
     def close(self, status: str = "complete") -> Path:
-        """Merge the case files, mark the record finished and atomically rename it to its name."""
-        return _finish(self.tmp, self.path, status)
+        """Merge the case files, mark the record finished, atomically rename it to its name and
+        release the lock."""
+        path = _finish(self.tmp, self.path, status)
+        self.lock.unlink(missing_ok=True)
+        return path
+
+
+# -- the record lock ---------------------------------------------------------------------------
+#
+# ``NAME.tmp.lock`` (JSON: host, pid, started_utc) exists from the writer's start to its close.
+# It is created with O_CREAT|O_EXCL, so of two runs writing the same NAME the second is refused
+# before it touches anything; a run that dies leaves it behind, and the next run to NAME is told
+# to ``hpcattn recover NAME.tmp`` (which removes it).
+
+
+def lock_path(tmp: Path) -> Path:
+    """The lock file of ``NAME.tmp`` (``NAME.tmp.lock``)."""
+    return tmp.with_name(tmp.name + ".lock")
+
+
+def check_output_path(path: str) -> None:
+    """Raise InputError when ``path`` cannot become the record: an existing directory, a parent
+    that is a file, a folder that is not writable. Missing folders are fine (created)."""
+    from hpcattn.errors import InputError
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"output {path} is an existing directory; give a file name (e.g. {p / 'run.h5'})")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"output {path}: {parent} is a file, not a directory")
+    probe = parent / f".{p.name}.probe-{os.getpid()}"
+    try:                                           # the one sure test: create a file there
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        probe.unlink()
+    except OSError as e:
+        reason = "read-only file system" if _read_only(parent) else _os_reason(e)
+        raise InputError(f"output {path}: cannot write in {parent} ({reason})") from None
+    tmp = p.with_name(p.name + ".tmp")
+    if lock_path(tmp).exists():                    # early word; take_lock decides race-free
+        raise InputError(_leftover_message(tmp, _lock_owner(lock_path(tmp))))
+    if tmp.exists() or parts_dir(tmp).exists():
+        raise InputError(_leftover_message(tmp, None))
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _os_reason(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+def take_lock(tmp: Path) -> Path:
+    """Create ``NAME.tmp.lock`` exclusively, or raise InputError naming its owner."""
+    import socket
+    import time
+
+    from hpcattn.errors import InputError
+
+    lock = lock_path(tmp)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise InputError(_leftover_message(tmp, _lock_owner(lock))) from None
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                   "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return lock
+
+
+def _lock_owner(lock: Path) -> dict:
+    """The lock's content; ``{}`` when unreadable (a run that died while taking it)."""
+    try:
+        info = json.loads(lock.read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _owner_state(info: dict) -> str:
+    """"alive", "dead" or "unknown" (another host, or an unreadable lock)."""
+    import socket
+
+    if not info or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return "unknown"
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        pass                                       # another user's process
+    try:                                           # a zombie (exited, not yet reaped) is dead
+        if Path(f"/proc/{info['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+            return "dead"
+    except (OSError, IndexError):
+        pass
+    return "alive"
+
+
+def _leftover_message(tmp: Path, owner: dict | None) -> str:
+    """Why a run cannot write ``NAME``: a live writer, a dead one's unfinished record, or one
+    whose state cannot be told. ``owner``: the lock's content (None: no lock, only ``NAME.tmp``)."""
+    import socket
+
+    name = tmp.with_suffix("")
+    lock = lock_path(tmp)
+    who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started_utc')}" if owner else ""
+    state = _owner_state(owner) if owner is not None else "dead"
+    if state == "alive":
+        return (f"output {name} is being written by another run ({who}; lock {lock}); "
+                f"use another -o, or wait for that run to finish")
+    n = len(_part_files(tmp))
+    keep = (f"`hpcattn recover {tmp}` merges its {n} finished case(s) into {name} (or delete {tmp}, "
+            f"{parts_dir(tmp)}/ and {lock} to discard them)")
+    if state == "dead":
+        what = f"a run that died ({who})" if owner else "an earlier run that did not finish"
+        return f"output {name}: {what} left an unfinished record {tmp}; {keep}"
+    if not owner:
+        return f"output {name}: lock {lock} exists but is unreadable (a run that died while starting?); {keep}"
+    return (f"output {name} is locked by {who}; from {socket.gethostname()} hpcattn cannot tell whether that "
+            f"run is still going. If it is not: {keep}")
 
 
 def _finish(tmp: Path, path: Path, status: str) -> Path:
@@ -131,17 +284,27 @@ def _finish(tmp: Path, path: Path, status: str) -> Path:
 
     The merge goes to a copy (``path.merging``) renamed over ``path`` when whole, so ``tmp`` and
     its case files stay intact until then: a kill during the merge loses nothing, and repeating
-    it (``recover``) starts again from the same files."""
+    it (``recover``) starts again from the same files. A case file that cannot be read (truncated
+    or corrupt) is left out with a warning naming it, and ``NAME.tmp.d/`` is then kept."""
     merging = path.with_name(path.name + ".merging")
     shutil.copyfile(tmp, merging)
+    bad = []
     with h5py.File(merging, "a") as f:
         for cid, part in _part_files(tmp):
-            with h5py.File(part, "r") as src:
-                src.copy(src["case"], f["cases"], name=cid)
+            try:
+                with h5py.File(part, "r", locking=False) as src:
+                    src.copy(src["case"], f["cases"], name=cid)
+            except UNREADABLE as e:
+                if cid in f["cases"]:
+                    del f["cases"][cid]                # a half-copied group
+                bad.append(part)
+                print(f"hpcattn: warning: {part}: unreadable case file, truncated or corrupt "
+                      f"({type(e).__name__}: {e}); not merged into {path}, kept", file=sys.stderr)
         f.attrs["status"] = status
     os.replace(merging, path)
     tmp.unlink()
-    shutil.rmtree(parts_dir(tmp), ignore_errors=True)
+    if not bad:
+        shutil.rmtree(parts_dir(tmp), ignore_errors=True)
     return path
 
 
@@ -154,16 +317,28 @@ def recover(tmp: str, output: str | None = None) -> Path:
     t = Path(tmp)
     if t.suffix != ".tmp" or not t.is_file():
         raise InputError(f"{tmp}: expected the NAME.tmp file of an unfinished run")
-    meta, _ = read_cases(tmp)                      # validates that it is a record
+    meta, _ = read_cases(tmp, warn=False)          # validates that it is a record (_finish warns)
     if meta.get("status") != "running":
         raise InputError(f"{tmp}: status is {meta.get('status')!r}, not 'running'")
-    return _finish(t, Path(output) if output else t.with_suffix(""), "incomplete")
+    lock = lock_path(t)
+    owner = _lock_owner(lock) if lock.exists() else None
+    if owner and owner.get("pid") != os.getpid() and _owner_state(owner) == "alive":
+        raise InputError(f"{tmp}: its run is still going (pid {owner['pid']} on {owner['host']}, started "
+                         f"{owner.get('started_utc')}; lock {lock}); recover it once that run has ended")
+    path = _finish(t, Path(output) if output else t.with_suffix(""), "incomplete")
+    lock.unlink(missing_ok=True)
+    return path
 
 
-def read_cases(path: str) -> tuple[dict, list[dict]]:
+def read_cases(path: str, datasets: tuple[str, ...] = (), warn: bool = True) -> tuple[dict, list[dict]]:
     """Read a record: (root attrs, [case summary dict per case, with 'id' and 'file']).
 
-    Raises hpcattn.errors.InputError for a file that is not an hpcattn record.
+    ``datasets``: also read these datasets of each case (the ones it has, e.g. ``time_s``,
+    ``phase_s``) into ``row["datasets"]`` as name -> (array, attrs), the form ``write_case`` takes.
+    Raises hpcattn.errors.InputError for a file that is not an hpcattn record, or one that is
+    truncated or corrupt (naming the file). A ``NAME.tmp``'s case file (``NAME.tmp.d/*.h5``) that
+    cannot be read is skipped with a warning naming it on stderr (``warn``), and listed in
+    ``meta["unreadable_case_files"]``: the other finished cases of a crashed run stay readable.
     """
     from hpcattn.errors import InputError
 
@@ -171,21 +346,49 @@ def read_cases(path: str) -> tuple[dict, list[dict]]:
         f = h5py.File(path, "r", locking=False)   # readers never lock (crashed writers, Lustre)
     except (OSError, FileNotFoundError) as e:
         raise InputError(f"{path}: cannot open as HDF5 ({e})") from None
-    with f:
-        if "cases" not in f or "schema_version" not in f.attrs:
-            raise InputError(f"{path}: not an hpcattn record (no /cases group)")
-        meta = {k: _decode(v) for k, v in f.attrs.items()}
-        rows = [_row(cid, g, path) for cid, g in f["cases"].items()]
+    try:
+        with f:
+            if "cases" not in f or "schema_version" not in f.attrs:
+                raise InputError(f"{path}: not an hpcattn record (no /cases group)")
+            meta = {k: _decode(v) for k, v in f.attrs.items()}
+            rows = [_row(cid, g, path, datasets) for cid, g in f["cases"].items()]
+    except UNREADABLE as e:
+        raise InputError(f"{path}: unreadable hpcattn record, truncated or corrupt "
+                         f"({type(e).__name__}: {e})") from None
+    bad = []
     for cid, part in _part_files(Path(path)):      # an unfinished run's cases (NAME.tmp.d/)
-        with h5py.File(part, "r", locking=False) as src:
-            rows.append(_row(cid, src["case"], path))
+        try:
+            with h5py.File(part, "r", locking=False) as src:
+                rows.append(_row(cid, src["case"], path, datasets))
+        except UNREADABLE as e:
+            bad.append(str(part))
+            if warn:
+                print(f"hpcattn: warning: {part}: unreadable case file, truncated or corrupt "
+                      f"({type(e).__name__}: {e}); skipped", file=sys.stderr)
+    if bad:
+        meta["unreadable_case_files"] = bad
     return meta, rows
 
 
-def _row(cid: str, g, path: str) -> dict:
+def read_hosts(path: str) -> dict[str, list]:
+    """The record's ``/meta/hosts``: field (rank, hostname, gpu_name, ...) -> one value per rank."""
+    from hpcattn.errors import InputError
+
+    read_cases(path, warn=False)                   # validates that it is a record
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return {k: [_decode(x) for x in ds[()]] for k, ds in f["meta/hosts"].items()}
+    except UNREADABLE as e:
+        raise InputError(f"{path}: unreadable /meta/hosts ({type(e).__name__}: {e})") from None
+
+
+def _row(cid: str, g, path: str, datasets: tuple[str, ...] = ()) -> dict:
     row = {k: _decode(v) for k, v in g.attrs.items()}
     row["id"] = cid
     row["file"] = str(path)
+    if datasets:
+        row["datasets"] = {n: (g[n][()], {k: _decode(v) for k, v in g[n].attrs.items()})
+                           for n in datasets if n in g}
     return row
 
 
