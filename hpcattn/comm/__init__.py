@@ -128,6 +128,32 @@ def setup(world_mpi, *, device_kind: str, backend: str = "auto", gpu_aware_setti
                        counters=counters)
 
 
+def split(ctx: CommContext, colors: list[int]) -> CommContext:
+    """The context of this rank's group when world rank r joins group ``colors[r]`` (collective
+    over the world; ``colors`` identical on every rank). Group ranks follow world rank order; the
+    group is one node with its rank 0 as leader; counters are shared with ``ctx``."""
+    rank = ctx.rank
+    mine = [r for r, c in enumerate(colors) if c == colors[rank]]
+    sub_mpi = ctx.world.mpi.Split(colors[rank], rank)
+    if isinstance(ctx.world, MPIComm):
+        cls = type(ctx.world)
+        make = (lambda c: cls(c, ctx.counters)) if cls is MPIHostComm else \
+            (lambda c: MPIComm(c, ctx.counters, gpu_aware=ctx.gpu_aware))  # noqa: E731
+        world = make(sub_mpi)
+    else:
+        import torch.distributed as dist
+
+        from hpcattn.comm.torchdist import TorchDistComm
+
+        groups = {c: dist.new_group([r for r, x in enumerate(colors) if x == c]) for c in sorted(set(colors))}
+        world = TorchDistComm(sub_mpi, ctx.counters, groups[colors[rank]], mine, ctx.backend)
+    leaders = world if world.rank == 0 else None
+    return CommContext(world=world, node=world, leaders=leaders, device=ctx.device, backend=ctx.backend,
+                       transport=world.transport, gpu_aware=ctx.gpu_aware, gpu_aware_method=ctx.gpu_aware_method,
+                       local_rank=world.rank, node_index=0, node_ranks=[list(range(world.size))],
+                       counters=ctx.counters)
+
+
 def teardown(ctx: CommContext) -> None:
     """End torch.distributed if this run started it: the nccl/gloo transport, or a method that
     needed a process group on an ``mpi`` run (the ``torch_cp`` peer)."""

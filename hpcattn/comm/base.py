@@ -7,6 +7,8 @@ tensors only: hpcattn reduces in fp32, never in bf16 (MPI has no bf16 reduction 
 Byte counters record the *payload* each rank hands to each call (allreduce/reduce/broadcast: the
 buffer; allgather: this rank's contribution; sendrecv: the bytes sent), summed per phase, so that
 a job can report bytes per step and per phase without knowing the library's algorithm.
+Point-to-point ``isend`` counts the bytes sent; ``irecv`` counts nothing (every byte is counted
+once, by its sender).
 """
 
 from __future__ import annotations
@@ -101,6 +103,19 @@ class Comm:
         received data is visible to work queued on the current stream. ``send`` must not be
         modified and ``recv`` not read before ``wait()``.
         """
+        raise NotImplementedError
+
+    def isend(self, t: torch.Tensor, dest: int, tag: int) -> Request:
+        """Post a send of contiguous ``t`` to group rank ``dest`` with message ``tag`` (0 <= tag < 1000).
+
+        Messages of one (source, dest, tag) are received in the order they were sent. ``t`` must
+        not be modified before ``wait()``.
+        """
+        raise NotImplementedError
+
+    def irecv(self, t: torch.Tensor, source: int, tag: int) -> Request:
+        """Post a receive into contiguous ``t`` from group rank ``source``; ``t`` holds the data
+        (visible to work queued on the current stream) after ``wait()``."""
         raise NotImplementedError
 
     def barrier(self) -> None:

@@ -55,6 +55,7 @@ class MPIComm(Comm):
         self.gpu_aware = gpu_aware
         self.is_device = is_device or (lambda t: t.device.type != "cpu")
         self._pool: dict[tuple[str, int], _HostBuffer] = {}
+        self._inflight: set[tuple[str, int]] = set()     # pool keys of point-to-point messages in flight
         self.transport = "mpi_device" if gpu_aware else "mpi_staged"
 
     # -- buffers -------------------------------------------------------------------------------
@@ -187,6 +188,64 @@ class MPIComm(Comm):
             return Request(wait)
         self._sync(send)
         reqs = self._p2p(send, dest, recv, source)
+        return Request(lambda: MPI.Request.Waitall(reqs))
+
+
+    # -- point to point -----------------------------------------------------------------------
+    P2P_TAG_BASE, P2P_TAGS, P2P_CHUNKS = 1000, 100, 64   # MPI tag = base + tag * chunks + piece
+
+    def _pieces(self, t: torch.Tensor, tag: int):
+        if not 0 <= tag < self.P2P_TAGS:
+            raise ValueError(f"internal error: point-to-point tag {tag} outside [0, {self.P2P_TAGS})")
+        b = self._bytes(self._mpi_buf(t))
+        step = self.CHUNK // b.element_size()
+        starts = range(0, max(b.numel(), 1), step)
+        if len(starts) > self.P2P_CHUNKS:
+            raise ValueError(f"internal error: a {t.numel() * t.element_size()}-byte message exceeds "
+                             f"{self.P2P_CHUNKS} pieces of {self.CHUNK} bytes")
+        base = self.P2P_TAG_BASE + tag * self.P2P_CHUNKS
+        return [(b[a:a + step], base + i) for i, a in enumerate(starts)]
+
+    def _p2p_host(self, like: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """A pooled host buffer for one point-to-point message, not used by a message in flight
+        (slots ``p2p0``, ``p2p1``, ... per size; released by the message's ``wait``)."""
+        nbytes = like.numel() * like.element_size()
+        i = 0
+        while (f"p2p{i}", nbytes) in self._inflight:
+            i += 1
+        key = (f"p2p{i}", nbytes)
+        self._inflight.add(key)
+        return self._host(key[0], like).view(like), key
+
+    def isend(self, t, dest, tag):
+        self.counters.add(t.numel() * t.element_size())
+        key = None
+        if self._staged(t):
+            h, key = self._p2p_host(t)
+            h.copy_(t, non_blocking=True)
+            self._sync(t)
+            t = h
+        else:
+            self._sync(t)
+        reqs = [self.mpi.Isend(piece, dest=dest, tag=mtag) for piece, mtag in self._pieces(t, tag)]
+
+        def wait():
+            MPI.Request.Waitall(reqs)
+            if key is not None:
+                self._inflight.discard(key)
+        return Request(wait)
+
+    def irecv(self, t, source, tag):
+        if self._staged(t):
+            h, key = self._p2p_host(t)
+            reqs = [self.mpi.Irecv(piece, source=source, tag=mtag) for piece, mtag in self._pieces(h, tag)]
+
+            def wait():
+                MPI.Request.Waitall(reqs)
+                self._from_host(h, t, key[0])
+                self._inflight.discard(key)
+            return Request(wait)
+        reqs = [self.mpi.Irecv(piece, source=source, tag=mtag) for piece, mtag in self._pieces(t, tag)]
         return Request(lambda: MPI.Request.Waitall(reqs))
 
 

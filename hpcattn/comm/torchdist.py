@@ -106,3 +106,12 @@ class TorchDistComm(Comm):
             for w in works:
                 w.wait()
         return Request(wait)
+
+    def isend(self, t, dest, tag):
+        self.counters.add(t.numel() * t.element_size())
+        work = dist.isend(t, self._g(dest), group=self.group, tag=tag)
+        return Request(work.wait)
+
+    def irecv(self, t, source, tag):
+        work = dist.irecv(t, self._g(source), group=self.group, tag=tag)
+        return Request(work.wait)

@@ -1,0 +1,180 @@
+"""``generate.decode: lamina``: one Lamina case of the generate job (hooked from
+:func:`hpcattn.jobs.generate.run_generate_cases`), its record, plan estimate and variant name.
+
+Per case, after ``run.warmup`` untimed generations, ``run.repeats`` timed ones record per rank the
+prefill time (model ranks: prefill + posting the KV hand-over), every decode step's wall time, and
+how much of it the rank spent computing (busy) or waiting for data (wait); rank 0 writes the usual
+generate datasets plus ``lamina_busy_s`` / ``lamina_wait_s`` (repeats, steps, ranks) and
+``lamina_bytes`` (ranks, phases), and attributes: roles, per-role utilisation (busy / step time),
+decode bytes per token, decode throughput (B / median step time).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hpcattn.model.lamina import BYTE_PHASES, DECODE_PHASES, MODEL, Layout, prompt_lengths
+
+
+_ROLE_CTX: dict = {}
+
+
+def layout_of(cfg, world: int) -> Layout:
+    s = cfg.shape
+    return Layout(world, cfg.lamina.attention_ranks, s.heads_q, s.heads_kv, s.batch, cfg.lamina.microbatches)
+
+
+def variant(cfg, p: int) -> str:
+    """The case variant: ring layout (over the model ranks), attention ranks, micro-batches."""
+    M = p - cfg.lamina.attention_ranks
+    parts = [cfg.ring.layout] if cfg.generate.prefill == "ring" and M > 1 else []
+    return "/".join(parts + [f"model{M}-attn{cfg.lamina.attention_ranks}", f"mb{cfg.lamina.microbatches}"])
+
+
+def estimate(cfg, p: int) -> tuple[int, int]:
+    """(bytes on the busiest rank: weights on a model rank or KV on an attention rank, payload bytes
+    per decode step summed over ranks) for ``hpcattn run --dry-run``."""
+    from hpcattn.jobs.generate import model_args
+    from hpcattn.jobs.inputs import DTYPES
+
+    a = model_args(cfg)
+    e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
+    weights = e * (2 * a.vocab_size * a.dim + a.n_layers * (
+        a.dim * a.head_dim * (a.n_heads * 2 + a.n_kv_heads * 2) + 3 * a.dim * a.ffn_dim + 2 * a.dim))
+    A = cfg.lamina.attention_ranks
+    n = max(prompt_lengths(cfg)) + cfg.generate.new_tokens
+    kv = 2 * a.n_layers * cfg.shape.batch * n * (a.n_kv_heads // max(A, 1)) * a.head_dim * e
+    B, L = cfg.shape.batch, a.n_layers
+    step = B * L * e * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + (B * L * a.dim * e if p - A > 1 else 0)
+    return max(weights, kv), step
+
+
+def run_lamina_case(case, ctx, kernel, writer, model=None):
+    """Run one Lamina case on every rank (collective). Returns (row on rank 0 else None, the model
+    of this rank: None on attention ranks, reused by the next case on model ranks)."""
+    from hpcattn import comm as comm_mod
+    from hpcattn.jobs.generate import GenerateJob, model_args
+    from hpcattn.jobs.inputs import DTYPES
+    from hpcattn.jobs.runner import _peak_memory
+    from hpcattn.model.lamina import LaminaDecoder
+
+    c = case.cfg
+    lay = layout_of(c, ctx.size)
+    role = lay.role(ctx.rank)
+    lengths, n = prompt_lengths(c), c.generate.new_tokens
+    colors = tuple(0 if lay.role(r) == MODEL else 1 for r in range(ctx.size))
+    key = (id(ctx), colors)
+    if key not in _ROLE_CTX:               # one split per role layout and run (nccl groups are costly)
+        _ROLE_CTX[key] = comm_mod.split(ctx, list(colors))
+    role_ctx = _ROLE_CTX[key]
+    job = tokens = None
+    if role == MODEL:
+        job = GenerateJob(c, ctx, kernel, model)
+        model, tokens = job.model, job.tokens
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    dec = LaminaDecoder(lay, ctx, role_ctx, model_args(c), kernel, DTYPES[c.shape.dtype], model,
+                        prefill=c.generate.prefill, ring_layout=c.ring.layout)
+    runs = []
+    res = None
+    for i in range(c.run.warmup + c.run.repeats):
+        ctx.barrier()
+        res = dec.generate(tokens, lengths, n, keep_logits=c.run.check or c.run.save_outputs)
+        if i >= c.run.warmup:
+            runs.append(res)
+    mine = {"prefill": np.asarray([r.prefill_s for r in runs]),
+            "step": np.asarray([r.step_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
+            "busy": np.asarray([r.busy_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
+            "wait": np.asarray([r.wait_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
+            "bytes": [res.bytes[ph] for ph in BYTE_PHASES], "role": role, "kernel": kernel.name,
+            "device": str(ctx.device), "mem": _peak_memory(ctx.device)}
+    per_rank = ctx.world.mpi.gather(mine, root=0)
+    if ctx.rank != 0:
+        return None, model
+    from hpcattn.jobs.generate import _record
+
+    check = _check(job, case, res.tokens, res.logits, lengths) if c.run.check else {}
+    extra_attrs, extra_sets = _lamina_summary(c, lay, per_rank, lengths)
+    row = _record(case, kernel, ctx, job, res.tokens, res.logits, check,
+                  [(pr["prefill"], pr["step"], pr["mem"]) for pr in per_rank],
+                  _Augment(writer, extra_attrs, extra_sets))
+    return row, model
+
+
+def _check(job, case, toks: torch.Tensor, logits: torch.Tensor, lengths: list[int]) -> dict:
+    """The generate job's check (:meth:`GenerateJob.check`) of the Lamina tokens (B, n) and logits
+    (n, B, V); a ragged batch is checked one sequence at a time (its own prompt length) and the
+    figures combined (max errors, summed token counts, mean agreement, all must pass)."""
+    if len(set(lengths)) == 1:
+        job.compute_reference(case)
+        return job.check(toks, logits) or {}
+    full, parts = job.tokens, []
+    try:
+        for b, n in enumerate(lengths):
+            job.tokens = full[b:b + 1, :n]
+            job.compute_reference(case)
+            parts.append(job.check(toks[b:b + 1], logits[:, b:b + 1]))
+    finally:
+        job.tokens = full
+    out = dict(parts[0])
+    for k in ("logits_max_err", "logits_base_err", "logits_rel_err"):
+        out[k] = max(p[k] for p in parts)
+    for k in ("tokens_decided", "tokens_mismatched"):
+        out[k] = sum(p[k] for p in parts)
+    out["token_agreement"] = float(np.mean([p["token_agreement"] for p in parts]))
+    verdicts = [p["check_passed"] for p in parts]
+    out["check_passed"] = None if None in verdicts else all(verdicts)
+    out["check_reason"] = "; ".join(f"sequence {b}: {p['check_reason']}" for b, p in enumerate(parts)
+                                    if p.get("check_reason"))
+    return out
+
+
+def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) -> tuple[dict, dict]:
+    """Attributes and datasets a Lamina case adds to the generate record."""
+    roles = [pr["role"] for pr in per_rank]
+    busy = np.stack([pr["busy"] for pr in per_rank], axis=2)            # (R, steps, ranks)
+    wait = np.stack([pr["wait"] for pr in per_rank], axis=2)
+    step = np.stack([pr["step"] for pr in per_rank], axis=2)
+    nbytes = np.asarray([pr["bytes"] for pr in per_rank], dtype=np.int64)   # (ranks, phases)
+    B, steps = c.shape.batch, c.generate.new_tokens - 1
+    step_max = step.max(axis=2) if steps else np.zeros((step.shape[0], 0))
+    attrs = {"lamina_model_ranks": lay.model_ranks, "lamina_attention_ranks": lay.attention_ranks,
+             "lamina_microbatches": lay.microbatches, "lamina_roles": roles,
+             "lamina_devices": [pr["device"] for pr in per_rank],
+             "lamina_attention_kernel": next((pr["kernel"] for pr in per_rank if pr["role"] != MODEL), ""),
+             "lengths": lengths if len(set(lengths)) > 1 else None,
+             "handover_bytes": int(nbytes[:, BYTE_PHASES.index("handover")].sum())}
+    decode_cols = [BYTE_PHASES.index(ph) for ph in DECODE_PHASES]
+    if steps:
+        attrs["bytes_per_token"] = float(nbytes[:, decode_cols].sum() / (B * steps))
+        attrs["bytes_per_step"] = int(nbytes[:, decode_cols].sum() // steps)
+        attrs["decode_tok_s"] = float(B / np.median(step_max))
+        for r in (MODEL, "attention"):
+            cols = [i for i, x in enumerate(roles) if x == r]
+            tot = step[:, :, cols].sum()
+            attrs[f"lamina_{r}_util"] = float(busy[:, :, cols].sum() / tot) if tot > 0 else 0.0
+            attrs[f"lamina_{r}_wait_frac"] = float(wait[:, :, cols].sum() / tot) if tot > 0 else 0.0
+    sets = {"lamina_busy_s": (busy, {"units": "s", "layout": "(repeats, steps, ranks)", "roles": roles}),
+            "lamina_wait_s": (wait, {"units": "s", "layout": "(repeats, steps, ranks)", "roles": roles}),
+            "lamina_bytes": (nbytes, {"units": "bytes", "phases": list(BYTE_PHASES), "roles": roles,
+                                      "note": "payload sent per generation, warm-up excluded"})}
+    return attrs, sets
+
+
+class _Augment:
+    """A writer in front of the record writer that adds the Lamina attributes and datasets to the
+    generate job's case (and corrects its throughput for ragged prompts)."""
+
+    def __init__(self, writer, attrs: dict, datasets: dict):
+        self.writer, self.attrs, self.datasets = writer, attrs, datasets
+
+    def write_case(self, case_id: str, attrs: dict, datasets: dict) -> None:
+        lengths = self.attrs.get("lengths")
+        if lengths:
+            attrs["throughput_tok_s"] *= (sum(lengths) + len(lengths) * attrs["new_tokens"]) / (
+                attrs["batch"] * (attrs["context"] + attrs["new_tokens"]))
+        attrs.update(self.attrs)
+        datasets.update(self.datasets)
+        if self.writer is not None:
+            self.writer.write_case(case_id, attrs, datasets)

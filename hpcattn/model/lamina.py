@@ -1,0 +1,598 @@
+"""Lamina (arXiv 2405.01814, spec lamina.md): model-attention disaggregated greedy decoding.
+
+Roles on one MPI world of W ranks, A = ``lamina.attention_ranks``:
+
+* world ranks [0, M), M = W - A, are **model ranks**: they hold the weights and run embeddings,
+  norms, the q/k/v and output projections, the FFN, the final norm + head and sampling;
+* world ranks [M, W) are **attention ranks**: attention rank a holds the KV heads
+  [a*Hkv/A, (a+1)*Hkv/A) of *every* sequence (head split; Hkv % A == 0) and runs only attention.
+  They hold no weights.
+
+**Slices.** A decode step of L layers is L model *slices* per micro-batch; slice k of step t
+(global slice s = t*L + k) runs "post-attention of layer k-1 (o-proj, residual, FFN), pre-attention
+of layer k (norm, q/k/v projections, RoPE)". Slice k = 0 instead takes the last layer's output of
+step t-1 through the head, samples token t (step 0: from the prefill logits), embeds it and runs
+layer 0's pre-attention. A last slice s = (n-1)*L only samples token n-1.
+
+**Exchange per layer and micro-batch** (spec section 4, 5.3): the model rank computes q first and
+sends attention rank a its query heads, then k, v and sends a its KV heads; attention rank a
+attends q to its cached prefix (ragged lengths allowed) while k, v are in flight, receives them,
+folds the new token's state (out = v_new, lse = scale * q.k_new) in with the LSE merge
+(:func:`hpcattn.kernels.merge_pair`), appends k, v to its cache and sends the output heads to the
+model rank of the next slice. Bytes per token per layer: (2 + 2/G) * Hq*d * e.
+
+**Rotational staggered pipeline** (spec 5.4): the batch is cut into m contiguous micro-batches;
+slice s of micro-batch j runs on model rank (j + s) mod M, so with several model ranks the
+micro-batches rotate over them and the residual stream x (B_j, 1, dim) migrates with each slice;
+with one model rank it alternates between micro-batches (no migration). Every send and receive is
+non-blocking (``Comm.isend``/``Comm.irecv``), the receives of a rank's next item are posted
+before it computes the current one, so a model rank computes micro-batch j+1 while the attention
+ranks work on micro-batch j. Every rank walks its items in the global order (s, j), which is a
+topological order of the dependencies, so the schedule cannot deadlock.
+
+**When receives are posted**: a rank posts the receives of
+its next item *before* computing the current one when the next item is another micro-batch
+(independent of the current item), so its transfer overlaps this compute; when it is the same
+micro-batch (one micro-batch, or its next slice on this rank), its inputs depend on the current
+item's sends, and the receives are posted *after* them: NCCL runs a rank pair's operations in
+issue order, so a receive queued before the send it depends on would deadlock.
+
+**Prefill hand-over**: the model ranks run an existing prefill method (``local`` or ``ring``,
+:class:`hpcattn.model.runner.ModelRunner` over the model ranks' sub-communicator), once per distinct
+prompt length (ragged prompts); as soon as a layer's KV is in the runner's cache they post one
+non-blocking send per attention rank of its heads of their prompt-KV shard, so the transfer of
+layer l overlaps the prefill of layers > l; attention ranks wait for layer l's pieces only when
+their first attention of layer l needs them (decode step 0).
+
+Shapes (hpcattn convention): tokens (B, N) int64; q (B_j, 1, Hq, d), k, v (B_j, 1, Hkv, d);
+logits (B_j, vocab) float32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from hpcattn.errors import ConfigError
+from hpcattn.kernels import Kernel, merge_pair
+from hpcattn.methods.sharding import contiguous_bounds, layout_indices
+from hpcattn.model.llama import ModelArgs, apply_rope
+from hpcattn.model.runner import ModelRunner, ShardedKVCache
+
+MODEL, ATTENTION = "model", "attention"
+TAG_Q, TAG_KV, TAG_OUT, TAG_X, TAG_PROMPT_KV = 1, 2, 3, 4, 5
+BYTE_PHASES = ("handover", "q", "kv", "out", "migrate")     # byte-counter phases of a Lamina run
+DECODE_PHASES = ("q", "kv", "out", "migrate")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ranks, heads and micro-batches of one Lamina run.
+
+    Args:
+        world: W ranks; attention_ranks: A (the last A world ranks).
+        n_heads, n_kv_heads: Hq, Hkv of the model; batch: B; microbatches: m (<= B).
+    """
+
+    world: int
+    attention_ranks: int
+    n_heads: int
+    n_kv_heads: int
+    batch: int
+    microbatches: int
+
+    @property
+    def model_ranks(self) -> int:
+        return self.world - self.attention_ranks
+
+    def role(self, rank: int) -> str:
+        return MODEL if rank < self.model_ranks else ATTENTION
+
+    def kv_heads(self, a: int) -> tuple[int, int]:
+        """[lo, hi) of the KV heads attention rank a (0-based among attention ranks) owns."""
+        h = self.n_kv_heads // self.attention_ranks
+        return a * h, (a + 1) * h
+
+    def q_heads(self, a: int) -> tuple[int, int]:
+        g = self.n_heads // self.n_kv_heads
+        lo, hi = self.kv_heads(a)
+        return lo * g, hi * g
+
+    def rows(self, j: int) -> tuple[int, int]:
+        """[b0, b1) of micro-batch j's sequences."""
+        return contiguous_bounds(self.batch, self.microbatches, j)
+
+    def model_rank(self, j: int, s: int) -> int:
+        """World rank running slice s of micro-batch j (the rotation of spec section 5.4)."""
+        return (j + s) % self.model_ranks
+
+
+def kept_indices(prefill: str, ring_layout: str, n: int, p: int, r: int) -> torch.Tensor:
+    """Prompt token indices whose KV model rank r of p keeps after ModelRunner's prefill with a
+    distributed decode (local: contiguous shard; ring: its layout shard)."""
+    if p == 1:
+        return torch.arange(n)
+    if prefill == "local":
+        a, b = contiguous_bounds(n, p, r)
+        return torch.arange(a, b)
+    return layout_indices(ring_layout, n, p, r)
+
+
+@dataclass
+class RankResult:
+    """What one rank measured in one generation.
+
+    tokens (B, n) int64 and logits (n, B, vocab) float32 are set on world rank 0 only (logits when
+    asked for). step_s, busy_s, wait_s: (n-1,) seconds per decode step of this rank: wall time
+    since the rank's previous step ended, time computing, time waiting for data.
+    """
+
+    role: str
+    prefill_s: float
+    step_s: list[float]
+    busy_s: list[float]
+    wait_s: list[float]
+    bytes: dict[str, int]
+    tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class _Clock:
+    """Per-step busy / wait / end-time accounting of one rank (perf_counter, device-synced)."""
+
+    ctx: object
+    steps: int
+    busy: list[float] = field(default_factory=list)
+    wait: list[float] = field(default_factory=list)
+    end: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.busy, self.wait, self.end = [0.0] * self.steps, [0.0] * self.steps, [0.0] * self.steps
+
+    def waited(self, step: int, reqs) -> None:
+        """Wait for receives; on GPUs also for the device (an nccl wait only orders the stream)."""
+        t0 = time.perf_counter()
+        for r in reqs:
+            r.wait()
+        self.ctx.sync()
+        if self.steps:
+            self.wait[step] += time.perf_counter() - t0
+
+    def computed(self, step: int, t0: float) -> None:
+        self.ctx.sync()
+        if self.steps:
+            self.busy[step] += time.perf_counter() - t0
+
+    def finished(self, step: int) -> None:
+        if self.steps:
+            self.end[step] = time.perf_counter()
+
+    def step_times(self, start: float) -> list[float]:
+        out, prev = [], start
+        for e in self.end:
+            e = max(e, prev)                      # a step with no item on this rank takes 0 s
+            out.append(e - prev)
+            prev = e
+        return out
+
+
+class LaminaDecoder:
+    """One rank's part of a Lamina generation (collective over ``ctx.world``).
+
+    Args:
+        layout: the run's :class:`Layout`.
+        ctx: the world CommContext; ``role_ctx``: this rank's role group (:func:`hpcattn.comm.split`).
+        args: model shapes (every rank); model: the Transformer (model ranks; None on attention ranks).
+        kernel: local attention kernel (attention ranks: decode; model ranks: prefill).
+        dtype: model/KV dtype; prefill: ``local`` | ``ring``; ring_layout: ``zigzag`` | ``contiguous``.
+    """
+
+    def __init__(self, layout: Layout, ctx, role_ctx, args: ModelArgs, kernel: Kernel, dtype: torch.dtype,
+                 model=None, prefill: str = "ring", ring_layout: str = "zigzag"):
+        self.layout, self.ctx, self.role_ctx = layout, ctx, role_ctx
+        self.args, self.kernel, self.dtype, self.model = args, kernel, dtype, model
+        self.prefill_method, self.ring_layout = prefill, ring_layout
+        self.rank = ctx.rank
+        self.role = layout.role(self.rank)
+        self.scale = args.head_dim ** -0.5
+        if self.role == MODEL and model is None:
+            raise ValueError("a model rank needs the model")
+
+    # -- schedule ------------------------------------------------------------------------------
+    def _slices(self, n: int) -> int:
+        """Model slices per micro-batch: (n-1) decode steps of L slices, plus the last sampling."""
+        return (n - 1) * self.args.n_layers + 1
+
+    def _step_of(self, s: int, n: int) -> int:
+        return min(s // self.args.n_layers, n - 2)
+
+    @torch.inference_mode()
+    def generate(self, tokens: torch.Tensor | None, lengths: list[int], new_tokens: int,
+                 keep_logits: bool = True) -> RankResult:
+        """Greedy generation of ``new_tokens`` tokens for prompts tokens[b, :lengths[b]].
+
+        ``tokens`` (B, N) on model ranks (None on attention ranks); ``lengths`` (B,) prompt lengths.
+        """
+        ctx = self.ctx
+        ctx.counters.reset()
+        t0 = time.perf_counter()
+        if self.role == MODEL:
+            state = self._model_prefill(tokens, lengths, new_tokens)
+        else:
+            state = self._attention_prefill(lengths, new_tokens)
+        ctx.sync()
+        t1 = time.perf_counter()
+        clock = _Clock(ctx, new_tokens - 1)
+        if self.role == MODEL:
+            result = self._model_decode(state, lengths, new_tokens, clock, keep_logits)
+        else:
+            self._attention_decode(state, lengths, new_tokens, clock)
+            result = None
+        bytes_ = {ph: int(ctx.counters.bytes.get(ph, 0)) for ph in BYTE_PHASES}
+        gathered = ctx.world.mpi.gather(result, root=0)
+        toks = logits = None
+        if self.rank == 0:
+            toks, logits = self._assemble([g for g in gathered if g is not None], new_tokens, keep_logits)
+        return RankResult(self.role, t1 - t0, clock.step_times(t1), clock.busy, clock.wait, bytes_, toks, logits)
+
+    def _assemble(self, parts: list[dict], n: int, keep_logits: bool):
+        """{(micro-batch j, token t): (tokens (B_j,), logits (B_j, V))} of every model rank -> (B, n), (n, B, V)."""
+        B = self.layout.batch
+        toks = torch.full((B, n), -1, dtype=torch.int64)
+        logits = torch.empty(n, B, self.args.vocab_size, dtype=torch.float32) if keep_logits else None
+        for part in parts:
+            for (j, t), (tk, lg) in part.items():
+                b0, b1 = self.layout.rows(j)
+                toks[b0:b1, t] = tk
+                if keep_logits:
+                    logits[t, b0:b1] = lg
+        return toks, logits
+
+    # -- model ranks ---------------------------------------------------------------------------
+    def _model_prefill(self, tokens: torch.Tensor, lengths: list[int], n: int) -> dict:
+        """Prefill per prompt-length group on the model ranks, posting each layer's KV hand-over
+        sends as soon as the layer's KV is cached."""
+        lay, a = self.layout, self.args
+        M = lay.model_ranks
+        dev = tokens.device
+        logits = torch.empty(lay.batch, a.vocab_size, dtype=torch.float32, device=dev)
+        sends = []
+        for plen, rows in _length_groups(lengths):
+            runner = ModelRunner(self.model, self.role_ctx if M > 1 else None, self.kernel,
+                                 prefill=self.prefill_method, decode="tree", layout=self.ring_layout)
+
+            want = len(kept_indices(self.prefill_method, self.ring_layout, plen, M, self.rank))
+
+            def hand_over(layer: int, kv: torch.Tensor) -> None:     # kv (2, Bg, Hkv, kept, d)
+                if kv.shape[3] != want:     # the attention ranks size their receives by kept_indices
+                    raise RuntimeError(f"internal error: prefill kept {kv.shape[3]} tokens, kept_indices says {want}")
+                with ctx_phase(self.ctx, "handover"):
+                    for ai in range(lay.attention_ranks):
+                        lo, hi = lay.kv_heads(ai)
+                        sends.append(self.ctx.world.isend(kv[:, :, lo:hi].contiguous(), M + ai, TAG_PROMPT_KV))
+
+            idx = torch.tensor(rows, device=dev)
+            logits[idx] = runner.prefill(tokens[idx, :plen], 0, on_layer_kv=hand_over)
+        return {"logits": logits, "sends": sends}
+
+    def _pre(self, layer: int, x: torch.Tensor, cos, sin, step_sends: list) -> None:
+        """Norm + q projection (sent first) + k, v projections (sent next) of ``layer`` for x (B_j, 1, dim)."""
+        lay = self.layout
+        h = self.model.layers[layer].attention_norm(x)
+        q = project_q(self.model, layer, h, cos, sin)
+        M = lay.model_ranks
+        with ctx_phase(self.ctx, "q"):
+            for ai in range(lay.attention_ranks):
+                lo, hi = lay.q_heads(ai)
+                step_sends.append(self.ctx.world.isend(q[:, :, lo:hi].contiguous(), M + ai, TAG_Q))
+        k, v = project_kv(self.model, layer, h, cos, sin)
+        with ctx_phase(self.ctx, "kv"):
+            for ai in range(lay.attention_ranks):
+                lo, hi = lay.kv_heads(ai)
+                step_sends.append(self.ctx.world.isend(torch.stack((k[:, :, lo:hi], v[:, :, lo:hi])).contiguous(),
+                                                       M + ai, TAG_KV))
+
+    def _post(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return finish_layer(self.model, layer, x, o)
+
+    def _model_decode(self, state: dict, lengths: list[int], n: int, clock: _Clock, keep_logits: bool) -> dict:
+        lay, a = self.layout, self.args
+        L, M, A = a.n_layers, lay.model_ranks, lay.attention_ranks
+        dev = state["logits"].device
+        g_size = a.n_heads // A
+        items = [(s, j) for s in range(self._slices(n)) for j in range(lay.microbatches)
+                 if lay.model_rank(j, s) == self.rank]
+        posted: dict = {}
+        xs: dict[int, torch.Tensor] = {}
+        out: dict[tuple[int, int], tuple] = {}          # (j, t) -> (tokens, logits) sampled here
+        sends: deque = deque((0, r) for r in state["sends"])          # (step, request), waited a step late
+        rope_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+
+        def post(item):
+            s, j = item
+            if item in posted or s == 0:
+                return
+            b0, b1 = lay.rows(j)
+            o = torch.empty(A, b1 - b0, 1, g_size, a.head_dim, dtype=self.dtype, device=dev)
+            reqs = [self.ctx.world.irecv(o[ai], M + ai, TAG_OUT) for ai in range(A)]
+            x = None
+            if M > 1:                            # the residual stream migrates with the slice
+                x = torch.empty(b1 - b0, 1, a.dim, dtype=self.dtype, device=dev)
+                reqs.append(self.ctx.world.irecv(x, lay.model_rank(j, s - 1), TAG_X))
+            posted[item] = (o, x, reqs)
+
+        if items:
+            post(items[0])
+        for i, (s, j) in enumerate(items):
+            ahead = items[i + 1] if i + 1 < len(items) else None
+            early = ahead is not None and ahead[1] != j          # see "When receives are posted" (module docstring)
+            if early:
+                post(ahead)
+            step = self._step_of(s, n)
+            t, k = divmod(s, L)
+            b0, b1 = lay.rows(j)
+            o = None
+            if s > 0:
+                o, x_in, reqs = posted.pop((s, j))
+                clock.waited(step, reqs)
+                o = o.permute(1, 2, 0, 3, 4).reshape(b1 - b0, 1, a.n_heads, a.head_dim)
+                if x_in is not None:
+                    xs[j] = x_in
+            c0 = time.perf_counter()
+            step_sends: list = []
+            if k == 0:
+                if s == 0:
+                    lg = state["logits"][b0:b1]
+                else:
+                    x = self._post(L - 1, xs[j], o)
+                    lg = self.model.logits(x)[:, -1]
+                tok = lg.argmax(dim=-1)
+                out[(j, t)] = (tok.cpu(), lg.cpu() if keep_logits else None)
+                x = self.model.tok_embeddings(tok[:, None]) if t < n - 1 else None   # t = n-1: done
+            else:
+                x = self._post(k - 1, xs[j], o)
+            if x is not None:
+                pos = torch.tensor([lengths[b] + t for b in range(b0, b1)], device=dev)
+                cos, sin = self.model.rope(pos, rope_dtype)
+                self._pre(k, x, cos[:, None, :], sin[:, None, :], step_sends)   # (B_j, 1, d): per-row positions
+                nxt = lay.model_rank(j, s + 1)
+                if nxt == self.rank:
+                    xs[j] = x
+                else:
+                    with ctx_phase(self.ctx, "migrate"):
+                        step_sends.append(self.ctx.world.isend(x.contiguous(), nxt, TAG_X))
+            clock.computed(step, c0)
+            clock.finished(step)
+            sends.extend((step, r) for r in step_sends)
+            while sends and sends[0][0] < step - 1:
+                sends.popleft()[1].wait()
+            if ahead is not None and not early:
+                post(ahead)
+        for _, r in sends:
+            r.wait()
+        return out
+
+    # -- attention ranks -----------------------------------------------------------------------
+    def _attention_prefill(self, lengths: list[int], n: int) -> dict:
+        """Allocate the head-split cache and post the receives of the prompt KV hand-over."""
+        lay, a = self.layout, self.args
+        ai = self.rank - lay.model_ranks
+        lo, hi = lay.kv_heads(ai)
+        h = hi - lo
+        dev = self.ctx.device
+        cache = ShardedKVCache(a.n_layers, lay.batch, h, a.head_dim, max(lengths) + n - 1, self.dtype, dev)
+        pending = [[] for _ in range(a.n_layers)]     # per layer: (buffer, request, rows, token indices)
+        for plen, rows in _length_groups(lengths):
+            for r in range(lay.model_ranks):
+                idx = kept_indices(self.prefill_method, self.ring_layout, plen, lay.model_ranks, r).to(dev)
+                for layer in range(a.n_layers):
+                    buf = torch.empty(2, len(rows), h, len(idx), a.head_dim, dtype=self.dtype, device=dev)
+                    pending[layer].append((buf, self.ctx.world.irecv(buf, r, TAG_PROMPT_KV), rows, idx))
+        return {"cache": cache, "pending": pending}
+
+    def _attention_decode(self, state: dict, lengths: list[int], n: int, clock: _Clock) -> None:
+        lay, a = self.layout, self.args
+        L, M = a.n_layers, lay.model_ranks
+        ai = self.rank - M
+        lo, hi = lay.kv_heads(ai)
+        h, qlo, qhi = hi - lo, *lay.q_heads(ai)
+        G = a.n_heads // a.n_kv_heads
+        cache, pending = state["cache"], state["pending"]
+        dev = self.ctx.device
+        items = [(s, j) for s in range((n - 1) * L) for j in range(lay.microbatches)]
+        posted: dict = {}
+        sends: deque = deque()
+        ragged = len(set(lengths)) > 1
+
+        def post(item):
+            if item in posted:
+                return
+            s, j = item
+            b0, b1 = lay.rows(j)
+            src = lay.model_rank(j, s)
+            q = torch.empty(b1 - b0, 1, qhi - qlo, a.head_dim, dtype=self.dtype, device=dev)
+            kv = torch.empty(2, b1 - b0, 1, h, a.head_dim, dtype=self.dtype, device=dev)
+            posted[item] = (q, kv, self.ctx.world.irecv(q, src, TAG_Q), self.ctx.world.irecv(kv, src, TAG_KV))
+
+        if items:
+            post(items[0])
+        for i, (s, j) in enumerate(items):
+            ahead = items[i + 1] if i + 1 < len(items) else None
+            early = ahead is not None and ahead[1] != j          # see "When receives are posted" (module docstring)
+            if early:
+                post(ahead)
+            t, k = divmod(s, L)
+            step = t
+            if pending[k]:                                   # first use of layer k: the hand-over
+                clock.waited(step, [p[1] for p in pending[k]])
+                c0 = time.perf_counter()
+                for buf, _, rows, idx in pending[k]:
+                    for gi, b in enumerate(rows):
+                        cache.buf[k, :, b, :, idx] = buf[:, gi]
+                pending[k] = []
+                clock.computed(step, c0)
+            q, kv, rq, rkv = posted.pop((s, j))
+            b0, b1 = lay.rows(j)
+            prefix = [lengths[b] + t for b in range(b0, b1)]
+            clock.waited(step, [rq])
+            c0 = time.perf_counter()
+            kc, vc = cache.view(k, max(prefix))
+            kc, vc = kc[b0:b1], vc[b0:b1]
+            o_prev, lse_prev = self.kernel(q, kc, vc, scale=self.scale, k_lengths=prefix if ragged else None)
+            clock.computed(step, c0)
+            clock.waited(step, [rkv])
+            c0 = time.perf_counter()
+            out = fold_new_token(q, kv, o_prev, lse_prev, self.scale, G)
+            rows = torch.arange(b0, b1, device=dev)
+            slots = torch.tensor(prefix, device=dev)
+            cache.buf[k, 0, rows, :, slots] = kv[0, :, 0]
+            cache.buf[k, 1, rows, :, slots] = kv[1, :, 0]
+            with ctx_phase(self.ctx, "out"):
+                req = self.ctx.world.isend(out, lay.model_rank(j, s + 1), TAG_OUT)
+            clock.computed(step, c0)
+            clock.finished(step)
+            sends.append((step, req))
+            while sends and sends[0][0] < step - 1:
+                sends.popleft()[1].wait()
+            if ahead is not None and not early:
+                post(ahead)
+        for _, r in sends:
+            r.wait()
+
+
+
+# -- the compute pieces (also timed by the cost model's measurements) ---------------------------------
+
+def project_q(model, layer: int, h: torch.Tensor, cos, sin) -> torch.Tensor:
+    """Post-RoPE q (B, 1, Hq, d) of the normed hidden h (B, 1, dim); cos/sin (S, d) or (B, 1, d)."""
+    a = model.args
+    return apply_rope(model.layers[layer].attention.wq(h).view(h.shape[0], 1, a.n_heads, a.head_dim), cos, sin)
+
+
+def project_kv(model, layer: int, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-RoPE k and v (B, 1, Hkv, d) of the normed hidden h (B, 1, dim)."""
+    a, att = model.args, model.layers[layer].attention
+    B = h.shape[0]
+    return (apply_rope(att.wk(h).view(B, 1, a.n_kv_heads, a.head_dim), cos, sin),
+            att.wv(h).view(B, 1, a.n_kv_heads, a.head_dim))
+
+
+def finish_layer(model, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Output projection, residual and FFN of ``layer`` (as :class:`hpcattn.model.llama.Block`):
+    x (B, 1, dim), o (B, 1, Hq, d) -> x (B, 1, dim)."""
+    blk = model.layers[layer]
+    x = x + blk.attention.wo(o.reshape(x.shape[0], 1, -1))
+    return x + blk.feed_forward(blk.ffn_norm(x))
+
+
+def fold_new_token(q, kv, o_prev, lse_prev, scale: float, G: int) -> torch.Tensor:
+    """Merge the cached prefix's state with the new token's own state (out = v_new, lse = scale
+    q.k_new; spec section 5.3, in LSE form): q (B, 1, h*G, d), kv (2, B, 1, h, d), o_prev
+    (B, 1, h*G, d), lse_prev (B, h*G, 1) -> out (B, 1, h*G, d) in q's dtype."""
+    acc = lse_prev.dtype
+    k_new = kv[0].repeat_interleave(G, dim=2).to(acc)             # (B, 1, h*G, d)
+    v_new = kv[1].repeat_interleave(G, dim=2)
+    s_new = (q.to(acc) * k_new).sum(-1).transpose(1, 2) * scale   # (B, h*G, 1)
+    out, _ = merge_pair(o_prev, lse_prev, v_new, s_new)
+    return out.to(q.dtype).contiguous()
+
+
+def ctx_phase(ctx, name: str):
+    """Count the bytes sent inside the block under phase ``name``."""
+    return ctx.counters.phase(name)
+
+
+def _length_groups(lengths: list[int]) -> list[tuple[int, list[int]]]:
+    """[(prompt length, sequence indices with it)] in increasing length order."""
+    groups: dict[int, list[int]] = {}
+    for b, n in enumerate(lengths):
+        groups.setdefault(n, []).append(b)
+    return sorted(groups.items())
+
+
+# -- one-process reference and config validation --------------------------------------------------
+
+def reference_generate(model, kernel: Kernel, tokens: torch.Tensor, lengths: list[int], new_tokens: int):
+    """One process, local prefill and decode: (tokens (B, n), logits (n, B, vocab)); a ragged batch
+    runs one sequence at a time (the model runner has no ragged prompts)."""
+    if len(set(lengths)) == 1:
+        return ModelRunner(model, None, kernel, prefill="local", decode="local").generate(
+            tokens[:, :lengths[0]], new_tokens)
+    toks, logits = [], []
+    for b, n in enumerate(lengths):
+        t, lg = ModelRunner(model, None, kernel, prefill="local", decode="local").generate(
+            tokens[b:b + 1, :n], new_tokens)
+        toks.append(t)
+        logits.append(lg)
+    return torch.cat(toks), torch.cat(logits, dim=1)
+
+
+def role_devices(cfg, cuda_available: bool) -> tuple[str, str]:
+    """(model device, attention device) of a config: lamina.*_device, auto = run.device resolved."""
+    from hpcattn.config import resolve_device
+
+    run = resolve_device(cfg, cuda_available)
+    lm = cfg.lamina
+    return (run if lm.model_device == "auto" else lm.model_device,
+            run if lm.attention_device == "auto" else lm.attention_device)
+
+
+def rank_device(cfg, rank: int, world: int, cuda_available: bool) -> str:
+    """The device kind of world rank ``rank`` in a Lamina run."""
+    model_dev, attn_dev = role_devices(cfg, cuda_available)
+    return attn_dev if rank >= world - cfg.lamina.attention_ranks else model_dev
+
+
+def prompt_lengths(cfg) -> list[int]:
+    """Per-sequence prompt lengths: shape.lengths (ragged prompts) or shape.context for every row."""
+    s = cfg.shape
+    return list(s.lengths) if s.lengths is not None else [s.context] * s.batch
+
+
+def validate_config(cfg, world_size: int, cuda_available: bool, source: str) -> None:
+    """Checks of a ``generate.decode: lamina`` case (shape.heads_* already resolved from the model)."""
+    lm, s, g = cfg.lamina, cfg.shape, cfg.generate
+    A = lm.attention_ranks
+    if A < 1:
+        raise ConfigError(f"{source}: lamina.attention_ranks must be >= 1, got {A}")
+    if world_size - A < 1:
+        raise ConfigError(f"{source}: lamina.attention_ranks={A} leaves no model rank: generate.decode=lamina "
+                          f"needs at least {A + 1} ranks, the run has {world_size}")
+    if s.heads_kv % A:
+        raise ConfigError(f"{source}: lamina.attention_ranks={A} must divide the model's KV heads "
+                          f"(shape.heads_kv={s.heads_kv}): each attention rank owns Hkv/A heads of every sequence")
+    if lm.microbatches < 1 or lm.microbatches > s.batch:
+        raise ConfigError(f"{source}: lamina.microbatches={lm.microbatches} must be in [1, shape.batch={s.batch}]")
+    if g.prefill not in ("local", "ring"):
+        raise ConfigError(f"{source}: generate.decode=lamina hands over exact prompt KV: generate.prefill must be "
+                          f"local or ring, got {g.prefill}")
+    model_dev, attn_dev = role_devices(cfg, cuda_available)
+    for key, dev in (("lamina.model_device", model_dev), ("lamina.attention_device", attn_dev)):
+        if dev == "cuda" and not cuda_available:
+            raise ConfigError(f"{source}: {key}=cuda but no CUDA GPU is visible")
+        if dev == "cpu" and s.dtype == "float16":
+            raise ConfigError(f"{source}: {key}=cpu: shape.dtype=float16 is not supported on CPU ranks")
+        if dev == "cpu" and cfg.kernel.backend not in ("auto", "torch_ref", "cpu_flash"):
+            raise ConfigError(f"{source}: {key}=cpu: kernel.backend={cfg.kernel.backend} needs a GPU "
+                              f"(use auto or torch_ref)")
+    if model_dev != attn_dev and cfg.comm.backend != "mpi":
+        raise ConfigError(f"{source}: a mixed pool (model ranks on {model_dev}, attention ranks on {attn_dev}) "
+                          f"needs comm.backend=mpi (nccl/gloo serve one device kind), got {cfg.comm.backend}")
+    if cfg.comm.backend == "nccl" and "cpu" in (model_dev, attn_dev):
+        raise ConfigError(f"{source}: comm.backend=nccl needs every Lamina role on cuda")
+    if cfg.comm.backend == "gloo" and "cuda" in (model_dev, attn_dev):
+        raise ConfigError(f"{source}: comm.backend=gloo is the CPU stand-in for nccl; a cuda role needs nccl or mpi")
+    lengths = prompt_lengths(cfg)
+    if any(n < 1 for n in lengths):
+        raise ConfigError(f"{source}: shape.lengths: every prompt needs at least one token, got {lengths}")
+    M = world_size - A
+    if g.prefill == "ring" and M > 1:
+        for n in sorted(set(lengths)):
+            if n < M or (cfg.ring.layout == "zigzag" and n % (2 * M)):
+                raise ConfigError(f"{source}: ring prefill over the {M} model ranks: prompt length {n} must be "
+                                  f">= {M}" + (f" and divisible by 2 x {M} = {2 * M} (ring.layout=zigzag; use "
+                                               f"contiguous)" if cfg.ring.layout == "zigzag" else ""))
