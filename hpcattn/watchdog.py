@@ -11,6 +11,8 @@ rank blocked in a collective by a hung peer fires too if the launcher has not en
 ``catch_interrupt(world)`` does the same for Ctrl-C (SIGINT, which mpiexec and srun forward to
 every rank): rank 0 prints one ``hpcattn: interrupted`` line and ends the job with status 130,
 even while ranks are blocked inside an MPI call (where Python never sees a KeyboardInterrupt).
+Both end the job through :func:`abort_job`, the one abort path (it also leaves the code in
+``$HPCATTN_ABORT_FILE`` for the Slurm templates, where srun itself reports 137).
 
 Every message goes out in one ``write(2)`` ending in a newline (:func:`say`): the launchers
 forward each rank's output in the pieces it was written in, and ``print`` writes the text and
@@ -114,7 +116,8 @@ _interrupt = {"prev": None, "fd": None, "thread": None, "note": None}
 
 def catch_interrupt(rank: int, note=lambda: "") -> None:
     """From now on SIGINT ends the whole job: rank 0 prints ``hpcattn: interrupted`` (plus
-    ``note()``, e.g. where the finished cases are) and calls ``MPI_Abort(130)``; the other ranks
+    ``note()``, e.g. where the finished cases are) and ends the job with :func:`abort_job` (130:
+    ``MPI_Abort``, or ``os._exit`` in a 1-rank world); the other ranks
     wait for that abort (and exit 130 on their own after ``HPCATTN_INTERRUPT_WAIT_S``, default
     10 s, should rank 0 not get the signal). A watcher thread does it, woken through
     :func:`signal.set_wakeup_fd`, so a rank blocked in an MPI call still reacts.
@@ -158,11 +161,11 @@ def _on_interrupt(rfd: int, rank: int) -> None:
         except Exception:                  # noqa: BLE001 (the line must come out)
             note = ""
         say("hpcattn: interrupted" + (f"; {note}" if note else ""))
-        time.sleep(0.3)                      # let the launcher forward the line before the abort
         world = _world_from_thread()
-        if world is not None and world.Get_size() > 1:     # one process: no launcher to tell
-            world.Abort(INTERRUPT_CODE)
-        os._exit(INTERRUPT_CODE)
+        if world is not None and world.Get_size() == 1:    # one process: no launcher to tell
+            world = None
+        abort_job(world, INTERRUPT_CODE)     # the one abort path (the code reaches srun's job script too)
+        os._exit(INTERRUPT_CODE)             # should MPI_Abort ever return
     time.sleep(float(os.environ.get("HPCATTN_INTERRUPT_WAIT_S", "10")))
     os._exit(INTERRUPT_CODE)
 

@@ -17,6 +17,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from hpcattn import cli, watchdog
 from hpcattn.results.hdf5 import RecordWriter, lock_path, read_cases, recover
@@ -121,6 +122,28 @@ def test_bad_input_one_line_exit_2(tmp_path, capfd, monkeypatch, name):
     assert not list(tmp_path.glob("*.h5.tmp*")) and not (tmp_path / "x.h5").exists()
 
 
+BAD_VALUES = [  # (--set arguments, the key the one error line must name)
+    (["run.check_rows=0"], "run.check_rows must be >= 1"), (["shape.batch=0"], "shape.batch must be >= 1"),
+    (["shape.context=0"], "shape.context must be >= 1"), (["run.repeats=0"], "run.repeats must be >= 1"),
+    (["run.warmup=-1"], "run.warmup must be >= 0"), (["run.case_timeout_s=-5"], "run.case_timeout_s must be > 0"),
+    (["shape.heads_q=3", "shape.heads_kv=2"], "shape.heads_q (3) must be a multiple of shape.heads_kv (2)"),
+]
+
+
+@pytest.mark.parametrize("config", ["demo_decode", "demo_prefill"])
+@pytest.mark.parametrize("sets,expect", BAD_VALUES, ids=[" ".join(s) for s, _ in BAD_VALUES])
+def test_bad_value_is_one_line_naming_the_key(tmp_path, capfd, monkeypatch, config, sets, expect):
+    """The shipped demo configs with one bad value each (1 rank): one error line naming the key and
+    the value, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    path = str(ROOT / "configs" / f"{config}.yaml")
+    code, out, err = run_inprocess(capfd, ["run", path, *[a for s in sets for a in ("--set", s)],
+                                           "-o", str(tmp_path / "x.h5")])
+    line = one_error_line(err)
+    assert code == 2 and line.startswith(f"hpcattn: error: {path}: {expect}"), line
+    assert not list(tmp_path.iterdir())
+
+
 def test_output_into_missing_folders_creates_them(tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = write(tmp_path, "d.yaml", DECODE)
@@ -190,6 +213,46 @@ def test_case_too_big_for_memory_is_refused_before_allocating(tmp_path, capfd, m
     assert code == 0 and "23.3 TiB" in out, err
 
 
+PREFILL = """
+job: prefill
+methods: [ring]
+shape: {batch: 1, heads_q: 4, heads_kv: 2, head_dim: 16, context: 256, dtype: float32}
+run: {warmup: 0, repeats: 1, check_rows: 16}
+"""
+
+
+@pytest.mark.parametrize("job", ["decode", "prefill", "generate"])
+def test_memory_check_counts_rank_0s_reference_copy(tmp_path, capfd, monkeypatch, job):
+    """A case whose own tensors fit but not with the copy rank 0 holds for run.check (the whole KV
+    or q/k/v; for generate a float64 copy of the model) is refused; the dry-run shows that share."""
+    from hpcattn import config
+    from hpcattn.jobs import runner
+
+    monkeypatch.chdir(tmp_path)
+    text = {"decode": DECODE.replace("[local, tree]", "[tree]").replace("[64, 128]", "4096"),
+            "prefill": PREFILL, "generate": (ROOT / "configs" / "generate.yaml").read_text()}[job]
+    cfg_path = write(tmp_path, f"{job}.yaml", text)
+    sets = ["--set", "generate.decode=tree"] if job == "generate" else []
+    cases = runner.plan_cases(config.load(cfg_path, [s for s in sets if s != "--set"]), 1)
+    case = cases[0]
+    need, _, rank0 = runner.JOBS[job][1](case.cfg, case.method, 1)
+    case.cfg.run.check = False
+    bare, _, rank0_bare = runner.JOBS[job][1](case.cfg, case.method, 1)
+    assert rank0_bare == 0 and rank0 > 0 and need == bare + rank0, (need, bare, rank0)
+    if job == "generate":                       # float32 on CPU: the float64 copy of the weights alone
+        from hpcattn.jobs.generate import model_args, weight_bytes
+        assert rank0 > weight_bytes(model_args(case.cfg), 8)
+    monkeypatch.setattr(runner, "_host_available", lambda: (need + bare) // 2)
+    code, out, err = run_inprocess(capfd, ["run", cfg_path, *sets, "-o", str(tmp_path / "m.h5")])
+    line = one_error_line(err)
+    assert code == 2 and f"case {case.id} needs about {runner.format_bytes(need)} per rank" in line, line
+    assert not list(tmp_path.glob("m.h5*"))
+    runner.check_memory([case], 1, torch.device("cpu"), 1)         # run.check off: it fits
+    code, out, err = run_inprocess(capfd, ["run", cfg_path, *sets, "--dry-run"])
+    row = next(x for x in out.splitlines() if x.startswith(case.id))
+    assert code == 0 and f"{runner.format_bytes(need)} {runner.format_bytes(rank0):>11}" in row, row
+
+
 def test_watchdog_report_is_one_write_ending_in_newline(monkeypatch):
     """Launchers forward each rank's writes as they come: the hang line and the stacks go out in one
     write(2) that ends with a newline, so reports of different ranks cannot run together."""
@@ -211,6 +274,49 @@ def test_watchdog_report_is_one_write_ending_in_newline(monkeypatch):
     assert text.startswith("hpcattn: error (rank 3): case c0002-local ran longer than run.case_timeout_s = 4 s")
     assert "most recent call first" in text and "test_watchdog_report_is_one_write" in text
     assert text.endswith("\n")
+
+
+class _AbortingWorld:
+    """COMM_WORLD of ``size`` ranks whose ``Abort`` raises (as if the launcher had ended the job)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def Get_size(self):
+        return self.size
+
+    def Abort(self, code):
+        raise _Ended(("MPI_Abort", code))
+
+
+class _Ended(Exception):
+    pass
+
+
+@pytest.mark.parametrize("size", [4, 1])
+def test_ctrl_c_leaves_130_in_the_abort_file(tmp_path, capfd, monkeypatch, size):
+    """Ctrl-C ends the job through the one abort path: under the Slurm templates (srun reports 137
+    for any MPI_Abort) the code 130 is in $HPCATTN_ABORT_FILE for slurm/job_env.sh's run_ranks; a
+    1-rank world exits 130 itself (no launcher to tell, no file needed)."""
+    abort_file = tmp_path / "abort"
+    monkeypatch.setenv("HPCATTN_ABORT_FILE", str(abort_file))
+    monkeypatch.setenv("HPCATTN_ABORT_GRACE_S", "0")
+    monkeypatch.setattr(watchdog, "_world_from_thread", lambda: _AbortingWorld(size))
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(_Ended(("_exit", code))))
+    monkeypatch.setitem(watchdog._interrupt, "note", lambda: "nothing was written")
+    rfd, wfd = os.pipe()
+    os.write(wfd, bytes([signal.SIGINT]))           # what signal.set_wakeup_fd writes on SIGINT
+    try:
+        with pytest.raises(_Ended) as ended:
+            watchdog._on_interrupt(rfd, 0)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    assert capfd.readouterr().err == "hpcattn: interrupted; nothing was written\n"
+    if size > 1:
+        assert ended.value.args[0] == ("MPI_Abort", 130) and abort_file.read_text() == "130\n"
+    else:
+        assert ended.value.args[0] == ("_exit", 130) and not abort_file.exists()
 
 
 # -- the record lock -------------------------------------------------------------------------------

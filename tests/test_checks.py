@@ -345,6 +345,40 @@ def test_report_truncated_files(tmp_path):
             assert str(out) in str(e)
 
 
+def test_report_skips_a_projection_file_and_refuses_other_files(tmp_path, capfd):
+    """`hpcattn report runs/*.h5` where runs/ also holds a `hpcattn project -o` file: the records are
+    reported, the projection file is skipped with one warning line naming it; an HDF5 file that is
+    neither is one error line naming it (exit 2)."""
+    import h5py
+
+    from hpcattn import cli
+    from hpcattn.jobs.projection import run_projection
+
+    w = writer(tmp_path / "a.h5")
+    w.write_case("c0", case_attrs(0, True), {"time_s": (np.ones((1, 1)), {})})
+    w.close()
+    proj = tmp_path / "p.h5"
+    cfg = load_cfg(tmp_path, """
+        job: prefill
+        methods: [local, ring]
+        shape: {batch: 1, heads_q: 2, heads_kv: 1, head_dim: 8, context: 32, dtype: float32}
+        run: {warmup: 0, repeats: 1}
+        """)
+    run_projection(cfg, 2, 100.0, 10.0, str(proj), log=lambda *a: None)
+    capfd.readouterr()
+    assert cli.main(["report", "--csv", str(tmp_path / "a.h5"), str(proj)]) == 0
+    out, err = capfd.readouterr()
+    assert [r["id"] for r in csv.DictReader(io.StringIO(out))] == ["c0"]
+    assert err.splitlines() == [f"hpcattn: warning: {proj}: a projection file (hpcattn project -o, 2 hosts), "
+                                f"not a run record; skipped (its rows are the JSON in /rows_json: docs/hdf5.md)"]
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    assert cli.main(["report", str(proj), str(tmp_path / "other.h5")]) == 2
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"hpcattn: warning: {proj}: a projection file"), lines
+    assert lines[1] == f"hpcattn: error: {tmp_path / 'other.h5'}: not an hpcattn record (no /cases group)"
+
+
 # -- the CLI: exit 2 for a NaN input, exit 3 for a NaN output (one launch each) ---------------------------
 
 def nan_input_file(path, **kw):

@@ -307,6 +307,32 @@ def test_scancel_then_recover(slurm):
 
 
 @pytest.mark.slurm
+def test_scancel_sigint_exit_130(slurm):
+    """`scancel --signal=INT` (Ctrl-C for a batch job: srun's tasks get SIGINT): one `hpcattn:
+    interrupted` line, and the job exits 130 although srun says 137 (the abort code passes through
+    HPCATTN_ABORT_FILE, as the watchdog's 4 does)."""
+    job = _submit(slurm, "one_node.sbatch", ["configs/decode_tree.yaml", *TINY_DECODE, "--set", "methods=[local]",
+                                             "--set", "run.repeats=1000000"], opts=["--ntasks-per-node=2"])
+    tmp = ROOT / "runs" / f"{job}.h5.tmp"         # the record is opened just before the first case
+    end = time.monotonic() + 180
+    while not tmp.exists() and time.monotonic() < end:
+        if _jobs(job) and _jobs(job)[0].get("JobState") in DONE:
+            pytest.fail(f"job ended before its case started: {_log(_jobs(job)[0])}")
+        time.sleep(0.2)
+    assert tmp.exists(), f"the run did not start its case within 180 s: {_jobs(job)}"
+    time.sleep(1)                                  # in the case now (a million repeats: hours)
+    subprocess.run(["scancel", "--signal=INT", job], check=True)
+    (rec,) = _wait(job, timeout=90)
+    log = _log(rec)
+    assert (rec["JobState"], rec["ExitCode"]) == ("FAILED", "130:0"), log
+    ours = [line for line in log.splitlines() if line.startswith("hpcattn: interrupted")]
+    assert ours == [f"hpcattn: interrupted; finished cases are kept: hpcattn recover runs/{job}.h5.tmp"], log
+    said = re.findall(r"hpcattn: the ranks ended in MPI_Abort\((\d+)\) \(the launcher exited (\d+)\)", log)
+    assert said in ([("130", "137")], []), log
+    assert "Traceback" not in log and not list(ROOT.glob(f"runs/.abort-{job}"))
+
+
+@pytest.mark.slurm
 def test_bare_srun_refused(slurm):
     """`srun -n 2` without --mpi (MpiDefault=none): two 1-rank worlds; hpcattn refuses, one error line,
     exit 2 on both tasks, no record."""

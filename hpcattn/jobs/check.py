@@ -53,6 +53,15 @@ def reference_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     return out, lse
 
 
+def reference_state_bytes(B: int, Sq: int, Hq: int, Hkv: int, d: int, N: int, key_chunk: int = KEY_CHUNK) -> int:
+    """Peak bytes :func:`reference_state` allocates for q (B, Sq, Hq, d) over N keys: the float64
+    query, out/lse (two of each while merging), one key chunk of k, v in float64 (as given and
+    expanded to Hq heads) and its (B, Hq, rows, chunk) scores and probabilities."""
+    c = min(N, key_chunk)
+    rows = min(Sq, 1024)                                   # attn_reference's q_chunk
+    return 8 * (B * Sq * Hq * d + 2 * B * Sq * Hq * (d + 1) + 2 * B * c * (Hkv + Hq) * d + 2 * B * Hq * rows * c)
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b|, with matching infinities counting as 0; inf if either side has a NaN or an
     infinity the other lacks (so a non-finite output can never look accurate)."""

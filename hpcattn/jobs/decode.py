@@ -127,21 +127,31 @@ class DecodeJob:
         return {"out": result[0].float().cpu().numpy(), "lse": result[1].float().cpu().numpy()}
 
 
-def estimate(cfg, method: str, p: int) -> tuple[int, int]:
-    """(peak bytes of tensors on the busiest rank, payload bytes per rank per step) - a plan."""
+def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
+    """(peak bytes of tensors on the busiest rank, payload bytes per rank per step, the part of
+    the first that is rank 0's reference copy) - a plan. With ``run.check`` (or ``local`` among
+    the sweep point's methods) rank 0 also holds the whole KV cache (B, N, Hkv, d) x 2, plus the
+    float64 reference's working set (:func:`hpcattn.jobs.check.reference_state_bytes`)."""
+    from hpcattn.jobs.check import reference_state_bytes
+
     s = cfg.shape
     e = torch.empty(0, dtype=DTYPES[s.dtype]).element_size()
     lengths = s.lengths if s.lengths is not None else [s.context] * s.batch
     t = max(max(shard_lengths(lengths, p, r), default=0) for r in range(p))
     kv = lambda n: 2 * s.batch * n * s.heads_kv * s.head_dim * e  # noqa: E731
     state = s.batch * s.heads_q * (s.head_dim + 1) * 4
+    ref = 0
+    if cfg.run.check or "local" in cfg.methods:     # DecodeJob.k_full / v_full (the local case's own inputs)
+        ref = 0 if method == "local" else kv(s.context)
+    if cfg.run.check:
+        ref += reference_state_bytes(s.batch, 1, s.heads_q, s.heads_kv, s.head_dim, s.context)
     if method == "local":
-        return kv(s.context) + state, 0
+        return kv(s.context) + state + ref, 0, ref
     if method == "tree":
         if p == 1:
-            return kv(t) + state, 0
+            return kv(t) + state + ref, 0, ref
         msg = state if cfg.tree.reduction == "allgather" else state + s.batch * s.heads_q * 4
-        return kv(t) + state * (p + 2), msg
+        return kv(t) + state * (p + 2) + ref, msg, ref
     if method == "ring":
-        return 3 * kv(t) + state * 2, (p - 1) * kv(t)
+        return 3 * kv(t) + state * 2 + ref, (p - 1) * kv(t), ref
     raise ValueError(method)

@@ -260,10 +260,12 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
 
         import h5py
 
+        from hpcattn.results.hdf5 import PROJECTION_KIND
+
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{output}.tmp"                     # written whole, then renamed: never half a file
         with h5py.File(tmp, "w") as f:
-            f.attrs["kind"] = "hpcattn projection"
+            f.attrs["kind"] = PROJECTION_KIND      # how hpcattn report tells it from a run record
             f.attrs["hosts"] = hosts
             f.attrs["link_gbps"] = bw_gbps
             f.attrs["latency_us"] = lat_us

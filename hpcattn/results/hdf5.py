@@ -36,9 +36,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from hpcattn.errors import InputError
+
 SCHEMA_VERSION = 1
 # what h5py raises for a truncated or corrupt file (found by truncating and overwriting records)
 UNREADABLE = (OSError, RuntimeError, KeyError, ValueError, TypeError)
+# root attr ``kind`` of the file ``hpcattn project -o`` writes (hpcattn/jobs/projection.py; docs/hdf5.md)
+PROJECTION_KIND = "hpcattn projection"
+
+
+class ProjectionFile(InputError):
+    """:func:`read_cases` of a projection file (``hpcattn project -o``: projected rows, not a run's
+    cases). :func:`hpcattn.results.report.rows_from_files` skips it with one warning line; for
+    every other reader it is an error like any file that is not a record."""
 
 
 def _attr(v):
@@ -80,8 +90,6 @@ class RecordWriter:
     """
 
     def __init__(self, path: str, attrs: dict, config_yaml: str, hosts: list[dict], kernel_info: dict):
-        from hpcattn.errors import InputError
-
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.parts = parts_dir(self.tmp)
@@ -171,8 +179,6 @@ def lock_path(tmp: Path) -> Path:
 def check_output_path(path: str) -> None:
     """Raise InputError when ``path`` cannot become the record: an existing directory, a parent
     that is a file, a folder that is not writable. Missing folders are fine (created)."""
-    from hpcattn.errors import InputError
-
     p = Path(path)
     if p.is_dir():
         raise InputError(f"output {path} is an existing directory; give a file name (e.g. {p / 'run.h5'})")
@@ -210,8 +216,6 @@ def take_lock(tmp: Path) -> Path:
     """Create ``NAME.tmp.lock`` exclusively, or raise InputError naming its owner."""
     import socket
     import time
-
-    from hpcattn.errors import InputError
 
     lock = lock_path(tmp)
     try:
@@ -312,8 +316,6 @@ def recover(tmp: str, output: str | None = None) -> Path:
     """Turn a crashed run's ``NAME.tmp`` (+ ``NAME.tmp.d/``) into one file, ``status = "incomplete"``.
 
     ``output`` defaults to NAME (the ``.tmp`` suffix dropped). Raises InputError for anything else."""
-    from hpcattn.errors import InputError
-
     t = Path(tmp)
     if t.suffix != ".tmp" or not t.is_file():
         raise InputError(f"{tmp}: expected the NAME.tmp file of an unfinished run")
@@ -340,14 +342,15 @@ def read_cases(path: str, datasets: tuple[str, ...] = (), warn: bool = True) -> 
     cannot be read is skipped with a warning naming it on stderr (``warn``), and listed in
     ``meta["unreadable_case_files"]``: the other finished cases of a crashed run stay readable.
     """
-    from hpcattn.errors import InputError
-
     try:
         f = h5py.File(path, "r", locking=False)   # readers never lock (crashed writers, Lustre)
     except (OSError, FileNotFoundError) as e:
         raise InputError(f"{path}: cannot open as HDF5 ({e})") from None
     try:
         with f:
+            if "cases" not in f and _decode(f.attrs.get("kind", "")) == PROJECTION_KIND:
+                raise ProjectionFile(f"{path}: a projection file (hpcattn project -o, "
+                                     f"{_decode(f.attrs.get('hosts', '?'))} hosts), not a run record")
             if "cases" not in f or "schema_version" not in f.attrs:
                 raise InputError(f"{path}: not an hpcattn record (no /cases group)")
             meta = {k: _decode(v) for k, v in f.attrs.items()}
@@ -372,8 +375,6 @@ def read_cases(path: str, datasets: tuple[str, ...] = (), warn: bool = True) -> 
 
 def read_hosts(path: str) -> dict[str, list]:
     """The record's ``/meta/hosts``: field (rank, hostname, gpu_name, ...) -> one value per rank."""
-    from hpcattn.errors import InputError
-
     read_cases(path, warn=False)                   # validates that it is a record
     try:
         with h5py.File(path, "r", locking=False) as f:

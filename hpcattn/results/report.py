@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 
-from hpcattn.results.hdf5 import read_cases
+from hpcattn.results.hdf5 import ProjectionFile, read_cases
 
 COLUMNS = [  # (header, width, key or function)
     ("file", 14), ("case", 30), ("method", 6), ("variant", 18), ("B", 3), ("N", 8), ("p", 3),
@@ -62,10 +63,17 @@ PEERS = {"prefill": "torch_cp", "decode": "ring"}   # the method each job's case
 def rows_from_files(paths: list[str]) -> list[dict]:
     """Case rows of every file (case attrs, plus the record's root attrs: status, transport,
     git_commit, ...), with the speedup against the same file's local baseline and the
-    ratio to the same sweep point's peer (fastest peer case when it has several variants)."""
+    ratio to the same sweep point's peer (fastest peer case when it has several variants).
+    A projection file (``hpcattn project -o``, e.g. among ``runs/*.h5``) is skipped with one
+    warning line naming it; any other file that is not a record is an InputError."""
     out = []
     for path in paths:
-        meta, rows = read_cases(path)
+        try:
+            meta, rows = read_cases(path)
+        except ProjectionFile as e:
+            print(f"hpcattn: warning: {e}; skipped (its rows are the JSON in /rows_json: docs/hdf5.md)",
+                  file=sys.stderr)
+            continue
         base = {r["group"]: r["time_median_s"] for r in rows if r["method"] == "local"}
         peer: dict = {}
         for r in rows:
