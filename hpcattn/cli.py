@@ -208,13 +208,15 @@ def _print_plan(cfg, p: int) -> None:
     print(f"# plan: {p} ranks, device {device}, comm.backend {cfg.comm.backend}, kernel {cfg.kernel.backend}")
     cases = plan_cases(cfg, p)
     print(f"# {len(cases)} cases")
+    print("# mem/rank: tensors of the busiest rank, including rank0+ (what rank 0 alone holds: the "
+          "run.check reference, gathered outputs); the memory check's figure (docs/errors.md)")
     print(f"{'case':32} {'method':6} {'variant':20} {'B':>3} {'N':>9} {'dtype':9} "
-          f"{'mem/rank':>11} {'bytes/step':>11}")
+          f"{'mem/rank':>11} {'rank0+':>11} {'bytes/step':>11}")
     for c in cases:
-        mem, nbytes = JOBS[c.cfg.job][1](c.cfg, c.method, p)
+        mem, nbytes, rank0 = JOBS[c.cfg.job][1](c.cfg, c.method, p)
         s = c.cfg.shape
         print(f"{c.id:32} {c.method:6} {c.variant or '-':20} {s.batch:>3} {s.context:>9} {s.dtype:9} "
-              f"{format_bytes(mem):>11} {format_bytes(nbytes):>11}")
+              f"{format_bytes(mem):>11} {format_bytes(rank0):>11} {format_bytes(nbytes):>11}")
 
 
 # ------------------------------------------------------------------------------------------------

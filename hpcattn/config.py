@@ -164,6 +164,9 @@ class GenerateConfig:
     prompt_text: typing.Optional[str] = _f(None, doc="prompt text, tokenized with model.path's tokenizer.json")
     kv_placement: str = _f("last", choices=("last", "round_robin"),
                            doc="which rank stores generated tokens' KV")
+    prompt_logits: bool = _f(False, doc="with run.save_outputs: also store the logits of every prompt position, "
+                                        "prompt_logits (B, context, vocab) float32, gathered to rank 0 after "
+                                        "the last repeat (B x context x vocab x 4 bytes: for validation runs)")
 
 
 @dataclass
@@ -553,8 +556,10 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     if cfg.comm.ranks_per_node is not None and cfg.comm.ranks_per_node < 1:
         raise ConfigError(f"{source}: comm.ranks_per_node must be >= 1")
     r = cfg.run
-    if r.repeats < 1 or r.warmup < 0:
-        raise ConfigError(f"{source}: run.repeats must be >= 1 and run.warmup >= 0")
+    if r.repeats < 1:
+        raise ConfigError(f"{source}: run.repeats must be >= 1 (timed repetitions per case), got {r.repeats}")
+    if r.warmup < 0:
+        raise ConfigError(f"{source}: run.warmup must be >= 0 (untimed repetitions before them), got {r.warmup}")
     if r.check_rows < 1:
         raise ConfigError(f"{source}: run.check_rows must be >= 1 (query rows compared with the reference), "
                           f"got {r.check_rows}; use run.check=false to skip the check")
@@ -611,6 +616,10 @@ def _validate_generate(cfg: Config, world_size: int, source: str) -> None:
                           f"(after a ring prefill the KV cache is sharded)")
     if g.new_tokens < 1:
         raise ConfigError(f"{source}: generate.new_tokens must be >= 1")
+    if g.prompt_logits and not cfg.run.save_outputs:
+        raise ConfigError(f"{source}: generate.prompt_logits=true needs run.save_outputs=true (it stores them)")
+    if g.prompt_logits and g.decode == "lamina":
+        raise ConfigError(f"{source}: generate.prompt_logits is not supported with generate.decode=lamina")
     if g.prefill == "ring" and world_size > 1:
         if s.context < world_size:
             raise ConfigError(f"{source}: ring prefill needs at least one prompt token per rank: "

@@ -287,6 +287,10 @@ def test_default_config_is_valid():
     (["repeats=0"], 2, False, r"run.repeats"),
     (["inputs.source=file"], 2, False, r"needs inputs.path"),
     (["inputs.source=file", "inputs.path=/definitely/not/here.h5"], 2, False, r"file not found"),
+    (["job=generate", "generate.prompt_logits=true"], 2, False,
+     r"generate.prompt_logits=true needs run.save_outputs=true"),
+    (["job=generate", "generate.prompt_logits=true", "run.save_outputs=true", "generate.decode=lamina"], 3, False,
+     r"generate.prompt_logits is not supported with generate.decode=lamina"),
 ])
 def test_validate_errors(overrides, world, cuda, pattern):
     cfg = cfg_with(*overrides)

@@ -1,6 +1,7 @@
 """Checkpoints written by transformers itself (``save_pretrained``) give transformers' tokens and
-logits: in one process (every prompt position) and through ``hpcattn run`` on 1..4 ranks for every
-exact prefill x decode pairing.
+logits: in one process (every position) and through ``hpcattn run`` on 1..4 ranks for every exact
+prefill x decode pairing (every prompt position, gathered from the ranks with
+``generate.prompt_logits``, and every decode step).
 
 Checkpoints (tiny, float32, random weights of O(1) logits so that greedy choices are well separated):
 
@@ -174,7 +175,9 @@ def test_legacy_and_current_rope_layouts_agree(refs, tmp_path):
 def test_hpcattn_run_matches_transformers(refs, tmp_path, name, ranks):
     """``hpcattn run`` (job: generate) on a transformers checkpoint: every exact prefill x decode
     pairing of one launch gives transformers' greedy tokens and, within the tolerance, its logits
-    at the last prompt position and every decode step (4 ranks: both ring layouts and tree merges)."""
+    at every prompt position (``prompt_logits``: ring prefill's shards gathered in token order;
+    2 and 3 ranks zigzag, 4 ranks zigzag and contiguous) and every decode step (4 ranks: both
+    tree merges too)."""
     ref = refs(name)
     out = tmp_path / "g.h5"
     sweep = ["--set", "ring.layout=[zigzag,contiguous]", "--set", "tree.reduction=[allreduce,allgather]"] \
@@ -183,7 +186,8 @@ def test_hpcattn_run_matches_transformers(refs, tmp_path, name, ranks):
                           "--set", f"generate.prompt_ids={ref.prompt_file}", "--set", f"generate.new_tokens={NEW}",
                           "--set", "generate.prefill=[local,ring]", "--set", "generate.decode=[local,tree,ring]",
                           "--set", "shape.dtype=float32", "--set", "run.warmup=0", "--set", "run.repeats=1",
-                          "--set", "run.check=false", "--set", "run.save_outputs=true", *sweep, "-o", str(out)],
+                          "--set", "run.check=false", "--set", "run.save_outputs=true",
+                          "--set", "generate.prompt_logits=true", *sweep, "-o", str(out)],
                   timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     _, rows = read_cases(str(out))
@@ -199,6 +203,9 @@ def test_hpcattn_run_matches_transformers(refs, tmp_path, name, ranks):
             assert np.array_equal(case["tokens"][()], ref.tokens.numpy()), what
             logits = torch.from_numpy(case["logits"][()]).transpose(0, 1)        # (B, NEW, vocab)
             ref.assert_logits(logits, slice(PROMPT - 1, PROMPT - 1 + NEW), what)
+            prompt = torch.from_numpy(case["prompt_logits"][()])                 # (B, PROMPT, vocab)
+            assert prompt.shape == (2, PROMPT, 256), (what, prompt.shape)
+            ref.assert_logits(prompt, slice(0, PROMPT), f"{what}, prompt positions")
 
 
 @pytest.mark.mpi

@@ -143,8 +143,9 @@ class GenerateJob:
         self.ref_model = None             # the reference-precision copy of the model (rank 0, built once)
         self.graph_cache: dict = {}          # captured decode steps, reused by every repeat
         self.graph_attrs: dict = {}
+        self.prompt_logits = None            # rank 0, generate.prompt_logits: (B, N, vocab) float32
 
-    def runner(self, case, ctx=None, prefill=None, decode=None):
+    def runner(self, case, ctx=None, prefill=None, decode=None, prompt_logits=False):
         from hpcattn.model.runner import ModelRunner
 
         from hpcattn.config import apb_params
@@ -160,7 +161,7 @@ class GenerateJob:
                            apb=apb_params(c, p, c.shape.context - c.generate.query_len),
                            compressor=self.compressor(c), apb_seed=c.apb.seed,
                            cuda_graphs=c.run.cuda_graphs if ctx is not None else "false",
-                           graph_cache=self.graph_cache)
+                           graph_cache=self.graph_cache, prompt_logits=prompt_logits)
 
     def compressor(self, c):
         if c.apb.compressor != "retaining_heads" or c.generate.prefill != "apb":
@@ -241,7 +242,9 @@ class GenerateJob:
                 "check_reason": "; ".join(why) if exact else ""}
 
     def run(self, case):
-        """Warm-up + timed repeats. Returns (tokens, logits, prefill_s (R,), decode_s (R, steps))."""
+        """Warm-up + timed repeats. Returns (tokens, logits, prefill_s (R,), decode_s (R, steps)).
+        With ``generate.prompt_logits`` the last repeat's prompt logits are then gathered (untimed)
+        to ``self.prompt_logits`` on rank 0."""
         c = case.cfg
         n = c.generate.new_tokens
         spans: dict[str, list[float]] = {"prefill": [], "decode": []}
@@ -256,16 +259,19 @@ class GenerateJob:
 
         prefill_s, decode_s = [], []
         toks = logits = None
-        for i in range(c.run.warmup + c.run.repeats):
+        last = c.run.warmup + c.run.repeats - 1
+        for i in range(last + 1):
             for v in spans.values():
                 v.clear()
             self.ctx.barrier()
-            runner = self.runner(case, self.ctx)
+            runner = self.runner(case, self.ctx, prompt_logits=c.generate.prompt_logits and i == last)
             toks, logits = runner.generate(self.tokens, n, timer)
             self.graph_attrs = runner.graph_attrs()
             if i >= c.run.warmup:
                 prefill_s.append(spans["prefill"][0])
                 decode_s.append(list(spans["decode"]))
+        if c.generate.prompt_logits:
+            self.prompt_logits = runner.gather_prompt_logits()
         return toks, logits, np.asarray(prefill_s), np.asarray(decode_s, dtype=np.float64).reshape(c.run.repeats, n - 1)
 
 
@@ -334,25 +340,58 @@ def _record(case, kernel, ctx, job, toks, logits, check: dict, per_rank, writer)
                 "tokens": (tok_np, {"layout": "(B, new_tokens)"}), "peak_mem_bytes": (mem, {"units": "bytes"})}
     if c.run.save_outputs:
         datasets["logits"] = (logits.float().cpu().numpy(), {"layout": "(new_tokens, B, vocab)"})
+    if job.prompt_logits is not None:
+        datasets["prompt_logits"] = (job.prompt_logits.numpy(), {"layout": "(B, context, vocab)"})
     if writer is not None:
         writer.write_case(case.id, attrs, datasets)
     return attrs | {"id": case.id}
 
 
-def estimate(cfg, method: str, p: int) -> tuple[int, int]:
-    """(bytes of weights + KV cache on the busiest rank, payload bytes per rank per decode step)."""
-    if method.endswith("+lamina"):
-        from hpcattn.jobs.lamina import estimate as lamina_estimate
-        return lamina_estimate(cfg, p)
+def weight_bytes(a, element_size: int) -> int:
+    """Bytes of a model's weights (embedding + head, per layer attention, FFN and norms)."""
+    return element_size * (2 * a.vocab_size * a.dim + a.n_layers * (
+        a.dim * a.head_dim * (a.n_heads * 2 + a.n_kv_heads * 2) + 3 * a.dim * a.ffn_dim + 2 * a.dim))
+
+
+def reference_bytes(cfg, a, tokens: int, case_kv: int) -> int:
+    """Rank 0's bytes for ``run.check`` beyond the case's own (:meth:`GenerateJob.check`): the
+    reference-precision copy of the weights (float64 on CPU; float32 for a bfloat16/float16 model
+    on a GPU; none when the case already runs in it), the KV cache of a one-process run over all
+    ``tokens`` in that precision less the case's own ``case_kv`` bytes (freed by then), and three
+    (new_tokens, B, vocab) float32 logits (the free-running reference's, the case's, the forced
+    reference's). 0 without ``run.check``."""
+    if not cfg.run.check:
+        return 0
+    from hpcattn.config import resolve_device
+
+    dtype = DTYPES[cfg.shape.dtype]
+    rd = reference_dtype(dtype, torch.device(resolve_device(cfg, torch.cuda.is_available())))
+    re = torch.empty(0, dtype=rd).element_size()
+    copy = weight_bytes(a, re) if rd != dtype else 0
+    kv = 2 * a.n_layers * cfg.shape.batch * tokens * a.n_kv_heads * a.head_dim * re
+    return copy + max(kv - case_kv, 0) + 3 * cfg.generate.new_tokens * cfg.shape.batch * a.vocab_size * 4
+
+
+def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
+    """(bytes of weights + KV cache on the busiest rank, payload bytes per rank per decode step,
+    the part of the first that is rank 0's alone: its ``run.check`` reference (:func:`reference_bytes`)
+    and, with ``generate.prompt_logits``, the gathered (B, context, vocab) float32 prompt logits)."""
     a = model_args(cfg)
     e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
-    weights = e * (2 * a.vocab_size * a.dim + a.n_layers * (
-        a.dim * a.head_dim * (a.n_heads * 2 + a.n_kv_heads * 2) + 3 * a.dim * a.ffn_dim + 2 * a.dim))
-    prefill, decode = method.split("+")
+    weights = weight_bytes(a, e)
     n = cfg.shape.context + cfg.generate.new_tokens
+    if method.endswith("+lamina"):    # rank 0 is a model rank (weights, no KV), and runs the reference
+        from hpcattn.jobs.lamina import estimate as lamina_estimate
+        busiest, step = lamina_estimate(cfg, p)
+        ref = reference_bytes(cfg, a, n, 0)
+        return max(busiest, weights + ref), step, ref
+    prefill, decode = method.split("+")
     per_rank = n if (prefill == "local" and decode == "local") or p == 1 else -(-n // p) + cfg.generate.new_tokens
     kv = 2 * a.n_layers * cfg.shape.batch * per_rank * a.n_kv_heads * a.head_dim * e
+    ref = reference_bytes(cfg, a, n, kv)
+    if cfg.generate.prompt_logits:          # rank 0's gathered (B, context, vocab) float32
+        ref += cfg.shape.batch * cfg.shape.context * a.vocab_size * 4
     state = cfg.shape.batch * a.n_heads * (a.head_dim + 1) * 4
     # per decode step: tree sends one state per layer; ring moves every other rank's KV shard
     step = {"tree": a.n_layers * state, "ring": (p - 1) * kv, "local": 0}[decode] if p > 1 else 0
-    return weights + kv, step
+    return weights + kv + ref, step, ref

@@ -18,7 +18,7 @@ import torch
 from hpcattn.jobs.check import count_nonfinite, max_err, reference_state
 from hpcattn.jobs.inputs import DTYPES, InputSource, needle_positions, plant_needles
 from hpcattn.methods import local_attention, ring_prefill
-from hpcattn.methods.sharding import layout_indices
+from hpcattn.methods.sharding import gather_in_order, layout_indices
 
 APPROX = ("star", "apb")
 
@@ -233,19 +233,10 @@ class PrefillJob:
 
     def gathered_outputs(self, case, result):
         """All rows gathered to rank 0 in global order (collective): dict of float32 numpy, or None."""
-        owned = self._owned(case, result)
-        mine = None if owned is None else \
-            (owned[0], owned[1].float().cpu(), None if owned[2] is None else owned[2].float().cpu())
-        parts = self.ctx.world.mpi.gather(mine, root=0)
-        if self.r != 0:
-            return None
-        parts = [pp for pp in parts if pp is not None]
-        idx = torch.cat([pp[0] for pp in parts])
-        order = torch.argsort(idx)
-        res = {"out": torch.cat([pp[1] for pp in parts], dim=1)[:, order].numpy()}
-        if parts[0][2] is not None:
-            res["lse"] = torch.cat([pp[2] for pp in parts], dim=2)[:, :, order].numpy()
-        return res
+        index, out, lse = self._owned(case, result) or (None, None, None)
+        res = {"out": gather_in_order(self.ctx.world, index, None if out is None else out.float(), 1),
+               "lse": gather_in_order(self.ctx.world, index, None if lse is None else lse.float(), 2)}
+        return None if self.r != 0 else {k: v.numpy() for k, v in res.items() if v is not None}
 
 
 def star_anchor(cfg, p: int) -> int:
@@ -253,25 +244,40 @@ def star_anchor(cfg, p: int) -> int:
     return cfg.star.anchor if cfg.star.anchor is not None else block
 
 
-def estimate(cfg, method: str, p: int) -> tuple[int, int]:
-    """(peak bytes of tensors on the busiest rank, payload bytes per rank per step) - a plan."""
+def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
+    """(peak bytes of tensors on the busiest rank, payload bytes per rank per step, the part of
+    the first that is rank 0's reference copy) - a plan. With ``run.check`` (or ``local`` among
+    the sweep point's methods) rank 0 also holds the whole q, k, v (``PrefillJob.full``); with
+    ``run.check`` the float64 reference's working set on ``run.check_rows`` rows and the
+    same-dtype baseline's whole output, with ``run.save_outputs`` the gathered out/lse (float32;
+    the larger of those two, they never coexist)."""
+    from hpcattn.jobs.check import reference_state_bytes
+
     s = cfg.shape
     e = torch.empty(0, dtype=DTYPES[s.dtype]).element_size()
     qkv = lambda n: s.batch * n * (s.heads_q + 2 * s.heads_kv) * s.head_dim * e  # noqa: E731
     acc = lambda n: s.batch * n * s.heads_q * (s.head_dim + 1) * 4  # noqa: E731
+    holds_full = method in ("local", "torch_cp", "star", "apb")
+    ref = qkv(s.context) if (cfg.run.check or "local" in cfg.methods) and not holds_full else 0
+    if cfg.run.check:
+        ref += reference_state_bytes(s.batch, min(cfg.run.check_rows, s.context), s.heads_q, s.heads_kv,
+                                     s.head_dim, s.context)
+    if cfg.run.check or cfg.run.save_outputs:     # baseline output (B, N, Hq, d) + lse, or the gathered one
+        ref += max(s.batch * s.context * s.heads_q * (s.head_dim * e + 4) if cfg.run.check else 0,
+                   acc(s.context) if cfg.run.save_outputs else 0)
     if method == "local":
-        return qkv(s.context) + acc(s.context), 0
+        return qkv(s.context) + acc(s.context) + ref, 0, ref
     t = -(-s.context // p)
     kvblock = 2 * s.batch * t * s.heads_kv * s.head_dim * e
     if method == "ring":
-        return qkv(t) + 2 * kvblock + acc(t), (p - 1) * kvblock
+        return qkv(t) + 2 * kvblock + acc(t) + ref, (p - 1) * kvblock, ref
     if method == "torch_cp":  # full inputs + (B, H, t, d) shards with K/V expanded to Hq heads
         wire = kvblock * (s.heads_q // s.heads_kv if not cfg.torch_cp.native_gqa else 1)
-        return qkv(s.context) + qkv(t) + 2 * wire + acc(t), (p - 1) * wire
+        return qkv(s.context) + qkv(t) + 2 * wire + acc(t) + ref, (p - 1) * wire, ref
     if method == "star":      # the whole context is held (inputs), anchor + block computed
-        return qkv(s.context) + acc(2 * t), 0
+        return qkv(s.context) + acc(2 * t) + ref, 0, ref
     if method == "apb":
         from hpcattn.config import apb_params
         lp = apb_params(cfg, p).lp
-        return qkv(s.context) + acc(2 * t), 2 * s.batch * lp * s.heads_kv * s.head_dim * e
+        return qkv(s.context) + acc(2 * t) + ref, 2 * s.batch * lp * s.heads_kv * s.head_dim * e, ref
     raise ValueError(method)

@@ -124,8 +124,8 @@ def format_bytes(n: float) -> str:
 
 
 def check_memory(cases: list[Case], p: int, device: torch.device, ranks_on_host: int) -> None:
-    """Refuse (ConfigError) the first case whose memory estimate (the --dry-run ``mem/rank``)
-    exceeds what this rank has: its GPU's free memory, or its share of the host's available RAM
+    """Refuse (ConfigError) the first case whose memory estimate (the --dry-run ``mem/rank``: the
+    busiest rank, rank 0 with what it alone holds for ``run.check`` included) exceeds what this rank has: its GPU's free memory, or its share of the host's available RAM
     (``ranks_on_host`` ranks share it; a cgroup limit, e.g. Slurm's --mem, counts). Cases with
     ``run.memory_check`` false, or a host whose available memory is unknown, are not checked."""
     from hpcattn.errors import ConfigError

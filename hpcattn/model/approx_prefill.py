@@ -15,6 +15,8 @@ The prompt of N tokens is split into a context (the first N - ql tokens) and a q
 Then the query pass (Star phase 2, shared by both): every rank runs the query tokens at positions
 N-ql..N-1; each attends to its own cache (the last rank also to the query's KV, causally, and keeps
 it), and the states are merged exactly. Decoding continues with the runner's decode method.
+With the runner's ``prompt_logits`` every rank keeps the hidden states of its blocks (anchor
+dropped) and the query host those of the query (:meth:`ModelRunner.gather_prompt_logits`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def star_context(run, ctx_tok: torch.Tensor, room: int) -> int:
             run.cache.write(layer, k[:, _a:], v[:, _a:], _at)
             return run.kernel(q, k, v, scale=run.scale, causal="square")[0]
 
-        run.model(ids, pos, attend)
+        hidden = run.model(ids, pos, attend)
+        if run.prompt_logits:
+            run.prompt_hidden.append((torch.arange(s0, s1), hidden[:, a:]))
         at += s1 - s0
     run.cache.length = kept
     run.lengths = [sum(b - a for a, b in blocks) for blocks in every]
@@ -110,7 +114,9 @@ def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> i
         out_a, _ = run.kernel(q[:, :la], k[:, :la], v[:, :la], scale=run.scale, causal="square")
         return torch.cat([out_a, out_b], 1)
 
-    run.model(ids, pos, attend)
+    hidden = run.model(ids, pos, attend)
+    if run.prompt_logits:
+        run.prompt_hidden.append((torch.arange(r * lb, (r + 1) * lb), hidden[:, la:]))
     run.cache.length = lb
     run.lengths = [lb] * p
     return p - 1
@@ -135,6 +141,8 @@ def query_pass(run, q_tok: torch.Tensor, start: int, host: int) -> torch.Tensor:
     hidden = run.model(q_tok, torch.arange(start, start + ql, device=dev), attend)
     if is_host:
         run.cache.length = n0 + ql
+        if run.prompt_logits:
+            run.prompt_hidden.append((torch.arange(start, start + ql), hidden))
     run.lengths[host] += ql            # every rank keeps the same table of all ranks' cache lengths
     return run.model.logits(hidden[:, -1:])[:, 0]
 

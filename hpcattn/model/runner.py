@@ -14,6 +14,12 @@
 Every rank ends each step with identical logits; the greedy token is broadcast from rank 0 anyway,
 so ranks can never drift apart.
 
+Prompt logits (``prompt_logits=True``, for validation: B x N x vocab float32 on rank 0): the prefill
+keeps the final hidden states of the prompt positions this rank computed (ring: its zigzag or
+contiguous shard; local: rank 0 all of them; star/apb: its blocks without the anchor, and the
+query host the query), and :meth:`ModelRunner.gather_prompt_logits` (collective, after the timed
+work) turns them into logits and gathers them to rank 0 in token order.
+
 CUDA graphs (``cuda_graphs``: ``auto`` | ``true`` | ``false``, see :mod:`hpcattn.graph`): the
 decode step of ``local`` and ``tree`` (NCCL, ``kv_placement: last``) is captured once per batch
 shape over static buffers - the KV cache at its capacity, the token, its position, the cache slot
@@ -33,7 +39,7 @@ import torch
 
 from hpcattn.kernels import Kernel
 from hpcattn.methods import ring_decode, ring_prefill, tree_decode
-from hpcattn.methods.sharding import contiguous_bounds, layout_indices
+from hpcattn.methods.sharding import contiguous_bounds, gather_in_order, layout_indices
 from hpcattn.model.llama import Transformer
 
 
@@ -73,6 +79,7 @@ class ModelRunner:
         layout: ring prefill layout (``zigzag`` | ``contiguous``).
         reduction, topology: tree decode merge (see :func:`hpcattn.methods.tree_decode`).
         placement: where generated tokens' KV goes: ``last`` rank or ``round_robin``.
+        prompt_logits: keep what :meth:`gather_prompt_logits` needs (see the module docstring).
     """
 
     def __init__(self, model: Transformer, ctx, kernel: Kernel, *, prefill: str = "ring", decode: str = "tree",
@@ -80,7 +87,7 @@ class ModelRunner:
                  placement: str = "last", query_len: int = 1, star_block: int | None = None,
                  star_anchor: int | None = None, star_quirk: bool = False, apb=None,
                  compressor="query_aware", apb_seed: int = 0, cuda_graphs: str = "false",
-                 graph_cache: dict | None = None):
+                 graph_cache: dict | None = None, prompt_logits: bool = False):
         if decode == "local" and prefill != "local" and ctx is not None and ctx.size > 1:
             raise ValueError("decode=local needs prefill=local (the cache must be whole on every rank)")
         self.model, self.ctx, self.kernel = model, ctx, kernel
@@ -99,6 +106,8 @@ class ModelRunner:
         self.lengths: list[int] = []      # valid cache tokens of every rank
         self.n_prompt = 0
         self.step = 0
+        self.prompt_logits = prompt_logits
+        self.prompt_hidden: list[tuple[torch.Tensor, torch.Tensor]] = []   # (index (n,), hidden (B, n, dim))
         self.cuda_graphs = cuda_graphs
         self.graph_cache = graph_cache if graph_cache is not None else {}
         self._graph_on, self._graph_why = self._graph_decision()
@@ -120,7 +129,9 @@ class ModelRunner:
         """tokens (B, N) identical on every rank -> float32 logits (B, vocab) of the last prompt
         token, identical on every rank. Allocates the cache for ``new_tokens`` more tokens.
         ``on_layer_kv(layer, kv)`` (local/ring; optional) gets each layer's kept KV, (2, B, Hkv,
-        kept, d), as soon as it is in the cache (Lamina streams it to its attention ranks)."""
+        kept, d), as soon as it is in the cache (Lamina streams it to its attention ranks).
+        With ``prompt_logits`` it also keeps this rank's final hidden states of the prompt."""
+        self.prompt_hidden = []
         if self.prefill_method in ("star", "apb"):
             from hpcattn.model.approx_prefill import approx_prefill
             if self.p == 1:
@@ -151,6 +162,8 @@ class ModelRunner:
 
         hidden = self.model(tokens[:, idx.to(dev)], idx.to(dev), attend)
         self.cache.length = kept
+        if self.prompt_logits and (self.prefill_method == "ring" or self.r == 0):
+            self.prompt_hidden.append((idx, hidden))      # local prefill: every rank has all; rank 0 keeps them
         last = (idx == N - 1).nonzero().flatten()
         logits = torch.empty(B, a.vocab_size, dtype=torch.float32, device=dev)
         if len(last):
@@ -159,6 +172,19 @@ class ModelRunner:
             # the last prompt token is in chunk 2p-1 (rank 0) under zigzag, on rank p-1 if contiguous
             self.ctx.world.broadcast(logits, root=0 if causal_layout == "zigzag" else self.p - 1)
         return logits
+
+    @torch.inference_mode()
+    def gather_prompt_logits(self) -> torch.Tensor | None:
+        """Collective, after :meth:`prefill` of a runner made with ``prompt_logits=True``: float32
+        logits (B, N, vocab) of every prompt position, in token order, on rank 0 (CPU; computed on
+        the ranks that hold the positions); None on the other ranks."""
+        if not self.prompt_logits:
+            raise RuntimeError("gather_prompt_logits needs a ModelRunner made with prompt_logits=True")
+        mine = self.prompt_hidden
+        index = torch.cat([i for i, _ in mine]) if mine else None
+        logits = torch.cat([self.model.logits(h) for _, h in mine], dim=1) if mine else None
+        self.prompt_hidden = []
+        return gather_in_order(self.ctx.world if self.p > 1 else None, index, logits, 1, self.n_prompt)
 
     def prime(self, B: int, n_cached: int, new_tokens: int) -> None:
         """Decode set-up without a prefill (benchmarks: a step's cost does not depend on the cache's
