@@ -106,6 +106,9 @@ def test_measure_benchmark_smoke(tmp_path):
         dops = {row["dop"] for p in s["projections"] for row in p["rows"]}
         assert dops == {"(1, 1)", "(2, 2)", "(1, 2)", "(2, 4)"}
     assert "### link: paper NCCL 400Gb RoCE" in r.stdout
+    assert d["graph_timings"].startswith("skipped: CUDA graphs need a CUDA device") and d["complete"]
+    assert "Graph timings: skipped: CUDA graphs need a CUDA device" in r.stdout
+    assert d["shapes"][0]["colocated_measured"][0]["eager_ms"] > 0          # the runner's eager step
     r = subprocess.run([sys.executable, "-m", "hpcattn", "lamina-cost", str(out), "--shape", "tiny-70b-like",
                         "--model-split", "tensor", "--batch", "8"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "| (2, 4) | 8 | 8192 |" in r.stdout, r.stdout + r.stderr

@@ -35,6 +35,12 @@ weights): B_max = floor(b * mem_attention / kv_seq) (the model devices must hold
 W/a with ``tensor``); colocated: local D * floor((mem - W) / kv_seq), tree floor(D * (mem - W) /
 kv_seq), tp floor((D * mem - W) / kv_seq).
 
+The measurement functions below time one device two ways: eager (:func:`measure_mtime`,
+:func:`measure_atime`: the ops as hpcattn's Lamina path runs them, one host launch each) and with
+each role's step captured in a CUDA graph (:func:`measure_mtime_graph`, :func:`measure_atime_graph`,
+over :mod:`hpcattn.model.lamina_steps`; CUDA only); :func:`measure_colocated` times the model
+runner's colocated step either way, for the comparison measured the same way.
+
 What it leaves out: activation memory, TP communication volume, kernel-launch and scheduling
 overheads beyond the measured per-message latency, and contention between the overlapped phases.
 """
@@ -310,25 +316,117 @@ def measure_mtime(model, B: int, repeats: int = 5, n_layers: int | None = None, 
 def measure_atime(kernel, B: int, l: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype, device,
                   n_layers: int, repeats: int = 5, stat: str = "median") -> float:
     """ATIME(B, l): seconds of the attention work of one decode step - per layer the kernel over an
-    l-token head-major cache (all heads) and the new token's fold (the attention rank's ops) - for
-    ``n_layers`` layers (one layer measured)."""
+    l-token head-major cache (all heads), the new token's fold and its append to the cache (the
+    attention rank's ops, eager) - for ``n_layers`` layers (one layer measured)."""
     import torch
 
     from hpcattn.kernels import empty_head_major
-    from hpcattn.model.lamina import fold_new_token
+    from hpcattn.model.lamina import append_new_token, fold_new_token
 
     torch.manual_seed(0)                               # values only matter for finiteness
     q = torch.randn(B, 1, n_heads, head_dim, device=device, dtype=dtype)
-    kc = empty_head_major(B, l, n_kv_heads, head_dim, dtype=dtype, device=device).normal_()
-    vc = empty_head_major(B, l, n_kv_heads, head_dim, dtype=dtype, device=device).normal_()
+    cache = empty_head_major(B, l + 1, n_kv_heads, head_dim, dtype=dtype, device=device, lead=(2,)).normal_()
+    kc, vc = cache[0, :, :l], cache[1, :, :l]          # (B, l, Hkv, d) head-major views: the prefix
     kv = torch.randn(2, B, 1, n_kv_heads, head_dim, device=device, dtype=dtype)
     scale, G = head_dim ** -0.5, n_heads // n_kv_heads
+    buf, slots = cache.transpose(-3, -2), [l] * B      # (2, B, Hkv, l + 1, d): the new token's slot l
 
     def one():
         o, lse = kernel(q, kc, vc, scale=scale)
-        return fold_new_token(q, kv, o, lse, scale, G)
+        out = fold_new_token(q, kv, o, lse, scale, G)
+        append_new_token(buf, kv, range(B), slots)
+        return out
 
     return _timed(one, torch.device(device), repeats, stat) * n_layers
+
+
+def graph_blocker(device, dtype, head_dim: int) -> str | None:
+    """Why the graph-captured timings cannot run on ``device`` (None: they can): they need CUDA
+    and the Lean kernel (device lengths)."""
+    from hpcattn.errors import HpcattnError
+    from hpcattn.kernels import select_kernel
+
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device (CPU: graph-captured timings skipped, eager only)"
+    try:
+        select_kernel("lean", device, dtype, head_dim)
+    except HpcattnError as e:
+        return f"the Lean kernel (device lengths) is not usable here: {e}"
+    return None
+
+
+def measure_mtime_graph(model, B: int, repeats: int = 5, n_layers: int | None = None,
+                        stat: str = "median") -> float:
+    """MTIME(B) with the model rank's step captured in one CUDA graph (CUDA only): seconds of one
+    replay of :meth:`hpcattn.model.lamina_steps.ModelRole.step` - embedding, every layer's fused
+    pre-attention (norm, q/k/v, RoPE, into send buffers) and post-attention (o proj + residual,
+    norm, FFN, from the receive buffer), final norm, head, argmax; no attention. Layers beyond the
+    model's are scaled as in :func:`measure_mtime` (the head timed alone, also captured)."""
+    import torch
+
+    from hpcattn.graph import StepGraph
+    from hpcattn.model.lamina_steps import ModelRole
+
+    a = model.args
+    dev = model.tok_embeddings.weight.device
+    with torch.inference_mode():
+        role = ModelRole(model, B, pos=100)
+        role.token.random_(0, a.vocab_size)
+        role.hidden.normal_()
+        step = StepGraph(lambda: role.step(advance=False))
+        t_step = _timed(step, dev, repeats, stat)
+        if (n_layers or a.n_layers) == a.n_layers:
+            return t_step
+        t_head = _timed(StepGraph(role.head_step), dev, repeats, stat)
+    return (t_step - t_head) * n_layers / a.n_layers + t_head
+
+
+def measure_atime_graph(kernel, B: int, l: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype, device,
+                        n_layers: int, repeats: int = 5, stat: str = "median", min_bytes: int = 256 << 20) -> float:
+    """ATIME(B, l) with the attention rank's step captured in one CUDA graph (CUDA only;
+    ``kernel``: Lean, device lengths): per layer the kernel over an l-token head-major cache, the
+    new token's LSE fold and the append of its k, v
+    (:meth:`hpcattn.model.lamina_steps.AttentionRole.step`). As many layers as make ``min_bytes``
+    of KV (at most ``n_layers``; a repeated small cache would be read from L2) are captured and
+    the replay scaled to ``n_layers``."""
+    import torch
+
+    from hpcattn.graph import StepGraph
+    from hpcattn.model.lamina_steps import AttentionRole
+    from hpcattn.model.runner import ShardedKVCache
+
+    per_layer = 2 * B * l * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    n = max(1, min(n_layers, -(-min_bytes // per_layer)))
+    with torch.inference_mode():
+        cache = ShardedKVCache(n, B, n_kv_heads, head_dim, l + 1, dtype, device)
+        cache.buf.normal_()
+        cache.length = l
+        role = AttentionRole(kernel, cache, n_heads)
+        role.q.normal_()
+        role.kv.normal_()
+        t = _timed(StepGraph(lambda: role.step(advance=False)), torch.device(device), repeats, stat)
+    return t * n_layers / n
+
+
+def measure_colocated(model, kernel, B: int, l: int, graphs: bool, repeats: int = 5,
+                      stat: str = "median") -> float:
+    """Seconds of one colocated decode step of ``model`` (all its layers) at batch B over an
+    l-token cache, as :class:`hpcattn.model.runner.ModelRunner` runs it on one device: eager
+    (``graphs`` False: the plain model, ``kernel``) or captured (``graphs``: the runner's graph
+    path, fused forward + Lean with device lengths; CUDA only). The cache grows by one token per
+    step, as in a generation."""
+    import torch
+
+    from hpcattn.model.runner import ModelRunner
+
+    dev = model.tok_embeddings.weight.device
+    r = ModelRunner(model, None, kernel, prefill="local", decode="local",
+                    cuda_graphs="true" if graphs else "false", graph_cache={})
+    with torch.inference_mode():
+        r.prime(B, l, repeats + 2)
+        r.cache.buf.normal_()
+        tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        return _timed(lambda: r.decode_step(tok), dev, repeats, stat)
 
 
 def measure(model, kernel, batches: list[int], contexts: list[int], repeats: int = 5,

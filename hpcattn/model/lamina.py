@@ -44,6 +44,11 @@ non-blocking send per attention rank of its heads of their prompt-KV shard, so t
 layer l overlaps the prefill of layers > l; attention ranks wait for layer l's pieces only when
 their first attention of layer l needs them (decode step 0).
 
+**Eager**: every op of a slice or an attention item is its own host launch (no CUDA graph, no
+fused forward; ``run.cuda_graphs: true`` is a config error for Lamina). What the two roles' work
+would take with their launches captured is measured by ``benchmarks/lamina_measure.py`` over
+:mod:`hpcattn.model.lamina_steps`.
+
 Shapes (hpcattn convention): tokens (B, N) int64; q (B_j, 1, Hq, d), k, v (B_j, 1, Hkv, d);
 logits (B_j, vocab) float32.
 """
@@ -447,10 +452,7 @@ class LaminaDecoder:
             clock.waited(step, [rkv])
             c0 = time.perf_counter()
             out = fold_new_token(q, kv, o_prev, lse_prev, self.scale, G)
-            rows = torch.arange(b0, b1, device=dev)
-            slots = torch.tensor(prefix, device=dev)
-            cache.buf[k, 0, rows, :, slots] = kv[0, :, 0]
-            cache.buf[k, 1, rows, :, slots] = kv[1, :, 0]
+            append_new_token(cache.buf[k], kv, range(b0, b1), prefix)
             with ctx_phase(self.ctx, "out"):
                 req = self.ctx.world.isend(out, lay.model_rank(j, s + 1), TAG_OUT)
             clock.computed(step, c0)
@@ -499,6 +501,16 @@ def fold_new_token(q, kv, o_prev, lse_prev, scale: float, G: int) -> torch.Tenso
     s_new = (q.to(acc) * k_new).sum(-1).transpose(1, 2) * scale   # (B, h*G, 1)
     out, _ = merge_pair(o_prev, lse_prev, v_new, s_new)
     return out.to(q.dtype).contiguous()
+
+
+def append_new_token(buf: torch.Tensor, kv: torch.Tensor, rows, slots: list[int]) -> None:
+    """Store the new token's k, v (2, Bj, 1, h, d) in one layer's head-major cache buf
+    (2, B, h, cap, d): sequence rows[i] (a range of B) at token slot slots[i]."""
+    dev = buf.device
+    r = torch.arange(rows.start, rows.stop, device=dev)
+    at = torch.tensor(slots, device=dev)
+    buf[0, r, :, at] = kv[0, :, 0]
+    buf[1, r, :, at] = kv[1, :, 0]
 
 
 def ctx_phase(ctx, name: str):
