@@ -17,8 +17,9 @@ shapes only; it reads lengths from the device, so CUDA graphs of a growing cache
 ``auto`` picks, in order of measured speed, the first one that is present and passes a startup
 self-test against ``torch_ref`` for the run's dtype and head size; on a GPU it sends ragged decode
 batches (``k_lengths`` not all equal, G*Sq <= 128, fp16/bf16) to ``lean``, which beat cuDNN's
-per-sequence loop there, and keeps dense ones on the chosen kernel, which was as fast or faster
-(docs/performance.md).
+per-sequence loop there, and dense decode calls of cuDNN too: PyTorch's cuDNN op builds a new graph
+on the host for every new key length (17 ms per call on an H200), which every eager decode step
+pays; ``lean`` reads any length with one compiled kernel (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class Kernel:
             return lean_decode(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
         if k_lengths is not None and any(n != Sk for n in k_lengths):
             return self._ragged(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
+        if self.selftest.get("decode", "").startswith("lean"):
+            lean = _decode_lean(self, q, k, causal, "decode")
+            if lean is not None:
+                return lean(q, k, v, scale=scale, causal=causal)
         return self._dense(q, k, v, scale=scale, causal=causal)
 
     def _dense(self, q, k, v, *, scale, causal):
@@ -75,7 +80,7 @@ class Kernel:
         """Per-sequence calls over each sequence's own keys: no padding is read. Under ``auto`` on
         a GPU, a ragged decode batch goes to the Lean kernel instead (one launch for the batch;
         measured 1.29x cuDNN's per-sequence loop at B=8 and 1.35x at B=16 on an H200)."""
-        lean = _ragged_lean(self, q, k, causal)
+        lean = _decode_lean(self, q, k, causal, "ragged")
         if lean is not None:
             return lean(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
         outs, lses = [], []
@@ -89,8 +94,14 @@ class Kernel:
         return torch.cat(outs), torch.cat(lses)
 
 
-def _ragged_lean(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str) -> Kernel | None:
-    """The Lean kernel for a ragged decode batch of an ``auto`` GPU kernel, or None."""
+def _decode_lean(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str, why: str) -> Kernel | None:
+    """The Lean kernel for a decode call of an ``auto`` GPU kernel, or None.
+
+    ``why="ragged"``: a ragged batch (one launch instead of a per-sequence loop). ``why="decode"``:
+    a dense decode call of cuDNN, whose PyTorch op builds a new cuDNN graph on the host for every
+    new key length (measured on an H200: 17 ms of host time per call, 20 us on the GPU, so an eager
+    4-layer 8B-shape decode step took 65-70 ms), and every decode step has a new length.
+    """
     if not (kern.auto and q.is_cuda and kern.name in GPU_ORDER and causal in ("none", "bottom_right")
             and q.dtype in (torch.float16, torch.bfloat16) and (q.shape[2] // k.shape[2]) * q.shape[1] <= 128):
         return None
@@ -98,7 +109,8 @@ def _ragged_lean(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str) ->
         lean = select_kernel("lean", q.device, q.dtype, q.shape[-1])
     except HpcattnError:
         return None
-    kern.selftest.setdefault("ragged", "lean")
+    if why == "ragged":
+        kern.selftest.setdefault("ragged", "lean")
     return lean
 
 
@@ -200,6 +212,12 @@ def select_kernel(backend: str, device: str | torch.device, dtype: torch.dtype, 
         raise HpcattnError(f"kernel.backend={backend}: no usable kernel on {device.type} for "
                            f"{str(dtype).replace('torch.', '')}, head_dim={head_dim}: "
                            + "; ".join(f"{k}: {v}" for k, v in report.items()))
+    if kern.auto and kern.name == "aten_cudnn" and dtype in (torch.float16, torch.bfloat16):
+        try:                                  # said at selection, so the record's kernel line says it
+            select_kernel("lean", device, dtype, head_dim)
+            kern.selftest["decode"] = "lean (cuDNN builds a host graph per new key length)"
+        except HpcattnError as e:
+            kern.selftest["decode"] = f"aten_cudnn (lean unavailable: {e})"
     _CACHE[key] = kern
     return kern
 
