@@ -35,13 +35,12 @@ def variant(cfg, p: int) -> str:
 def estimate(cfg, p: int) -> tuple[int, int]:
     """(bytes on the busiest rank: weights on a model rank or KV on an attention rank, payload bytes
     per decode step summed over ranks) for ``hpcattn run --dry-run``."""
-    from hpcattn.jobs.generate import model_args
+    from hpcattn.jobs.generate import model_args, weight_bytes
     from hpcattn.jobs.inputs import DTYPES
 
     a = model_args(cfg)
     e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
-    weights = e * (2 * a.vocab_size * a.dim + a.n_layers * (
-        a.dim * a.head_dim * (a.n_heads * 2 + a.n_kv_heads * 2) + 3 * a.dim * a.ffn_dim + 2 * a.dim))
+    weights = weight_bytes(a, e)
     A = cfg.lamina.attention_ranks
     n = max(prompt_lengths(cfg)) + cfg.generate.new_tokens
     kv = 2 * a.n_layers * cfg.shape.batch * n * (a.n_kv_heads // max(A, 1)) * a.head_dim * e
