@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -330,13 +331,7 @@ class LaminaDecoder:
                 reqs.append(self.ctx.world.irecv(x, lay.model_rank(j, s - 1), TAG_X))
             posted[item] = (o, x, reqs)
 
-        if items:
-            post(items[0])
-        for i, (s, j) in enumerate(items):
-            ahead = items[i + 1] if i + 1 < len(items) else None
-            early = ahead is not None and ahead[1] != j          # see "When receives are posted" (module docstring)
-            if early:
-                post(ahead)
+        for s, j in _posting_ahead(items, post):
             step = self._step_of(s, n)
             t, k = divmod(s, L)
             b0, b1 = lay.rows(j)
@@ -375,8 +370,6 @@ class LaminaDecoder:
             sends.extend((step, r) for r in step_sends)
             while sends and sends[0][0] < step - 1:
                 sends.popleft()[1].wait()
-            if ahead is not None and not early:
-                post(ahead)
         for _, r in sends:
             r.wait()
         return out
@@ -423,13 +416,7 @@ class LaminaDecoder:
             kv = torch.empty(2, b1 - b0, 1, h, a.head_dim, dtype=self.dtype, device=dev)
             posted[item] = (q, kv, self.ctx.world.irecv(q, src, TAG_Q), self.ctx.world.irecv(kv, src, TAG_KV))
 
-        if items:
-            post(items[0])
-        for i, (s, j) in enumerate(items):
-            ahead = items[i + 1] if i + 1 < len(items) else None
-            early = ahead is not None and ahead[1] != j          # see "When receives are posted" (module docstring)
-            if early:
-                post(ahead)
+        for s, j in _posting_ahead(items, post):
             t, k = divmod(s, L)
             step = t
             if pending[k]:                                   # first use of layer k: the hand-over
@@ -460,11 +447,26 @@ class LaminaDecoder:
             sends.append((step, req))
             while sends and sends[0][0] < step - 1:
                 sends.popleft()[1].wait()
-            if ahead is not None and not early:
-                post(ahead)
         for _, r in sends:
             r.wait()
 
+
+
+def _posting_ahead(items: list[tuple[int, int]], post) -> Iterator[tuple[int, int]]:
+    """Yield the (slice, micro-batch) ``items`` in order, posting each one's receives (``post``)
+    one item ahead, as "When receives are posted" in the module docstring says: before the current
+    item's work when the next item is another micro-batch's, after it (when the loop asks for the
+    next item) when it is the same micro-batch's, whose receives depend on this item's own sends."""
+    if items:
+        post(items[0])
+    for i, item in enumerate(items):
+        ahead = items[i + 1] if i + 1 < len(items) else None
+        early = ahead is not None and ahead[1] != item[1]
+        if early:
+            post(ahead)
+        yield item
+        if ahead is not None and not early:
+            post(ahead)
 
 
 # -- the compute pieces (also timed by the cost model's measurements) ---------------------------------
