@@ -209,6 +209,33 @@ def test_hpcattn_run_matches_transformers(refs, tmp_path, name, ranks):
 
 
 @pytest.mark.mpi
+def test_lamina_decode_matches_transformers(refs, tmp_path):
+    """Lamina (generate.decode=lamina) on a transformers checkpoint with every bias and tied
+    embeddings, 3 ranks = 2 model + 1 attention rank, local and ring prefill (ring over the model
+    ranks), 1 and 2 micro-batches: transformers' greedy tokens and, within the tolerance, its logits
+    at every decode step (and the last prompt position)."""
+    ref = refs("bias_tied")
+    out = tmp_path / "lamina.h5"
+    r = run_ranks(3, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", f"model.path={ref.ckpt}",
+                      "--set", f"generate.prompt_ids={ref.prompt_file}", "--set", f"generate.new_tokens={NEW}",
+                      "--set", "generate.prefill=[local,ring]", "--set", "generate.decode=lamina",
+                      "--set", "lamina.attention_ranks=1", "--set", "lamina.microbatches=[1,2]",
+                      "--set", "shape.dtype=float32", "--set", "run.warmup=0", "--set", "run.repeats=1",
+                      "--set", "run.check=false", "--set", "run.save_outputs=true", "-o", str(out)],
+                  timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _, rows = read_cases(str(out))
+    assert sorted(row["method"] for row in rows) == ["local+lamina"] * 2 + ["ring+lamina"] * 2
+    with h5py.File(out) as f:
+        for row in rows:
+            case = f["cases"][row["id"]]
+            what = f"bias_tied on 3 ranks, {row['method']} {row['variant']}"
+            assert np.array_equal(case["tokens"][()], ref.tokens.numpy()), what
+            logits = torch.from_numpy(case["logits"][()]).transpose(0, 1)        # (B, NEW, vocab)
+            ref.assert_logits(logits, slice(PROMPT - 1, PROMPT - 1 + NEW), what)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("broken,ranks", [("model.safetensors", 3), ("config.json", 2)])
 def test_broken_checkpoint_file_one_error_line(tmp_path, broken, ranks):
     """A truncated safetensors file (read by every rank) or a malformed config.json (read by rank 0
