@@ -78,7 +78,8 @@ class CommConfig:
 @dataclass
 class KernelConfig:
     backend: str = _f("auto", choices=KERNEL_BACKENDS, sweep=True,
-                      doc="local attention kernel; auto picks the fastest present that passes its self-test")
+                      doc="local attention kernel; auto picks the fastest present that passes its self-test "
+                          "(GPU: cuDNN's decode calls and ragged decode batches run on lean)")
 
 
 @dataclass
