@@ -170,6 +170,28 @@ def test_legacy_and_current_rope_layouts_agree(refs, tmp_path):
     torch.testing.assert_close(hf(ref.seq).logits, ref.l64, rtol=0, atol=0)
 
 
+def run_generate(ref: Reference, ranks: int, out, sets: list[str]) -> list[dict]:
+    """``hpcattn run`` (job: generate, float32, local and ring prefill, one timed repeat, outputs
+    saved) of ``ref``'s checkpoint and prompts on ``ranks`` ranks with the extra ``--set`` items;
+    returns the record's case rows."""
+    r = run_ranks(ranks, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", f"model.path={ref.ckpt}",
+                          "--set", f"generate.prompt_ids={ref.prompt_file}", "--set", f"generate.new_tokens={NEW}",
+                          "--set", "generate.prefill=[local,ring]", "--set", "shape.dtype=float32",
+                          "--set", "run.warmup=0", "--set", "run.repeats=1", "--set", "run.check=false",
+                          "--set", "run.save_outputs=true", *(x for kv in sets for x in ("--set", kv)),
+                          "-o", str(out)], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return read_cases(str(out))[1]
+
+
+def assert_decode(ref: Reference, case, what: str) -> None:
+    """A record's case has transformers' greedy tokens and, within the tolerance, its logits at the
+    last prompt position and every decode step."""
+    assert np.array_equal(case["tokens"][()], ref.tokens.numpy()), what
+    logits = torch.from_numpy(case["logits"][()]).transpose(0, 1)        # (B, NEW, vocab)
+    ref.assert_logits(logits, slice(PROMPT - 1, PROMPT - 1 + NEW), what)
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("name,ranks", MATRIX)
 def test_hpcattn_run_matches_transformers(refs, tmp_path, name, ranks):
@@ -180,17 +202,9 @@ def test_hpcattn_run_matches_transformers(refs, tmp_path, name, ranks):
     tree merges too)."""
     ref = refs(name)
     out = tmp_path / "g.h5"
-    sweep = ["--set", "ring.layout=[zigzag,contiguous]", "--set", "tree.reduction=[allreduce,allgather]"] \
-        if ranks == 4 else []
-    r = run_ranks(ranks, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", f"model.path={ref.ckpt}",
-                          "--set", f"generate.prompt_ids={ref.prompt_file}", "--set", f"generate.new_tokens={NEW}",
-                          "--set", "generate.prefill=[local,ring]", "--set", "generate.decode=[local,tree,ring]",
-                          "--set", "shape.dtype=float32", "--set", "run.warmup=0", "--set", "run.repeats=1",
-                          "--set", "run.check=false", "--set", "run.save_outputs=true",
-                          "--set", "generate.prompt_logits=true", *sweep, "-o", str(out)],
-                  timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    _, rows = read_cases(str(out))
+    sweep = ["ring.layout=[zigzag,contiguous]", "tree.reduction=[allreduce,allgather]"] if ranks == 4 else []
+    rows = run_generate(ref, ranks, out, ["generate.decode=[local,tree,ring]", "generate.prompt_logits=true",
+                                          *sweep])
     pairs = {"local+local", "local+tree", "local+ring", "ring+tree", "ring+ring"}
     pairs |= {"ring+local"} if ranks == 1 else set()          # legal on one rank only
     assert {row["method"] for row in rows} == pairs
@@ -200,9 +214,7 @@ def test_hpcattn_run_matches_transformers(refs, tmp_path, name, ranks):
         for row in rows:
             case = f["cases"][row["id"]]
             what = f"{name} on {ranks} ranks, {row['method']} {row['variant']}"
-            assert np.array_equal(case["tokens"][()], ref.tokens.numpy()), what
-            logits = torch.from_numpy(case["logits"][()]).transpose(0, 1)        # (B, NEW, vocab)
-            ref.assert_logits(logits, slice(PROMPT - 1, PROMPT - 1 + NEW), what)
+            assert_decode(ref, case, what)
             prompt = torch.from_numpy(case["prompt_logits"][()])                 # (B, PROMPT, vocab)
             assert prompt.shape == (2, PROMPT, 256), (what, prompt.shape)
             ref.assert_logits(prompt, slice(0, PROMPT), f"{what}, prompt positions")
@@ -216,23 +228,13 @@ def test_lamina_decode_matches_transformers(refs, tmp_path):
     at every decode step (and the last prompt position)."""
     ref = refs("bias_tied")
     out = tmp_path / "lamina.h5"
-    r = run_ranks(3, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", f"model.path={ref.ckpt}",
-                      "--set", f"generate.prompt_ids={ref.prompt_file}", "--set", f"generate.new_tokens={NEW}",
-                      "--set", "generate.prefill=[local,ring]", "--set", "generate.decode=lamina",
-                      "--set", "lamina.attention_ranks=1", "--set", "lamina.microbatches=[1,2]",
-                      "--set", "shape.dtype=float32", "--set", "run.warmup=0", "--set", "run.repeats=1",
-                      "--set", "run.check=false", "--set", "run.save_outputs=true", "-o", str(out)],
-                  timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    _, rows = read_cases(str(out))
+    rows = run_generate(ref, 3, out, ["generate.decode=lamina", "lamina.attention_ranks=1",
+                                      "lamina.microbatches=[1,2]"])
     assert sorted(row["method"] for row in rows) == ["local+lamina"] * 2 + ["ring+lamina"] * 2
     with h5py.File(out) as f:
         for row in rows:
             case = f["cases"][row["id"]]
-            what = f"bias_tied on 3 ranks, {row['method']} {row['variant']}"
-            assert np.array_equal(case["tokens"][()], ref.tokens.numpy()), what
-            logits = torch.from_numpy(case["logits"][()]).transpose(0, 1)        # (B, NEW, vocab)
-            ref.assert_logits(logits, slice(PROMPT - 1, PROMPT - 1 + NEW), what)
+            assert_decode(ref, case, f"bias_tied on 3 ranks, {row['method']} {row['variant']}")
 
 
 @pytest.mark.mpi
