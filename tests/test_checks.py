@@ -253,6 +253,23 @@ def test_low_precision_generate_gets_a_verdict(tmp_path):
     assert c["check_passed"] is False and "decided token(s) differ" in c["check_reason"], c
 
 
+def test_prompt_logits_are_checked_at_every_position(tmp_path):
+    """generate.prompt_logits: the gathered logits of every prompt position get the same rule
+    against a one-process reference (float64) and baseline (the case's dtype)."""
+    job = generate_job(tmp_path, ["generate.prompt_logits=true", "run.save_outputs=true"])
+    toks, logits = job.reference
+    exact = job.one_process_prompt_logits(job.model, job.kernel)        # (B, N, V): an exact method's
+    assert exact.shape == (2, 24, job.model.args.vocab_size)
+    job.prompt_logits = exact
+    c = job.check(toks, logits)
+    assert c["check_passed"] is True and 0 < c["prompt_logits_base_err"] == c["prompt_logits_max_err"], c
+    worse = exact.clone()
+    worse[1, 3, 5] += 3 * (2 * c["prompt_logits_base_err"] + 1e-5)   # one early prompt position off
+    job.prompt_logits = worse
+    c = job.check(toks, logits)
+    assert c["check_passed"] is False and "prompt_logits_max_err" in c["check_reason"], c
+
+
 def test_approximate_generate_has_no_verdict(tmp_path):
     job = generate_job(tmp_path, ["generate.prefill=star", "generate.decode=tree", "generate.query_len=4"])
     c = job.check(*job.reference)

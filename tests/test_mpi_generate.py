@@ -40,12 +40,14 @@ def test_generate_job_star_apb_cli(tmp_path):
 def test_generate_job_cli(tmp_path):
     out = tmp_path / "g.h5"
     r = run_ranks(2, ["-m", "hpcattn", "run", "configs/generate.yaml", "--set", "shape.dtype=float64",
-                      "--set", "run.repeats=2", "-o", str(out)])
+                      "--set", "run.repeats=2", "--set", "generate.prompt_logits=true",
+                      "--set", "run.save_outputs=true", "-o", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     meta, rows = read_cases(str(out))
     assert {row["method"] for row in rows} == {"ring+tree", "ring+ring"}
     for row in rows:
         assert row["check_passed"] and row["token_agreement"] == 1.0 and row["logits_rel_err"] < 1e-9
+        assert row["prompt_logits_base_err"] == 0 and row["prompt_logits_max_err"] < 1e-9   # every position
         assert row["throughput_tok_s"] > 0 and row["prefill_median_s"] > 0 and row["decode_step_median_s"] > 0
 
 

@@ -17,7 +17,9 @@ communication) and checks the case with the attention jobs' rule (see :meth:`Gen
   pass when ``logits_max_err <= 2 * logits_base_err + 1e-5`` (both finite);
 * tokens: wherever the reference's top-2 logit margin exceeds twice that tolerance (there no
   logits within the tolerance can choose another token), the case's token must be the reference's
-  argmax (``tokens_decided`` such positions, ``tokens_mismatched`` of them differ).
+  argmax (``tokens_decided`` such positions, ``tokens_mismatched`` of them differ);
+* with ``generate.prompt_logits``, the gathered logits of every prompt position by the same rule
+  (``prompt_logits_max_err`` against ``prompt_logits_base_err``).
 
 Exact methods get ``check_passed`` (every dtype) and ``check_reason``; star/apb prefill are
 approximate, so their figures are fidelity, and ``check_passed`` is None (no verdict).
@@ -193,9 +195,18 @@ class GenerateJob:
             out.append(r.decode_step(toks[:, t].to(self.ctx.device)))
         return torch.stack(out).cpu()
 
-    def _reference_logits(self, toks: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """(reference logits (n, B, V) along ``toks``, its dtype name); ``base`` when the case is
-        already in the reference dtype."""
+    @torch.inference_mode()
+    def one_process_prompt_logits(self, model, kernel) -> torch.Tensor:
+        """One process, local prefill of ``model``: float32 logits (B, N, V) of every prompt position."""
+        from hpcattn.model.runner import ModelRunner
+
+        r = ModelRunner(model, None, kernel, prefill="local", decode="local", prompt_logits=True)
+        r.prefill(self.tokens, 1)
+        return r.gather_prompt_logits()
+
+    def _reference(self):
+        """(model, kernel, dtype name) of the reference precision; model and kernel None when the
+        case already runs in it (its own one-process run is then the reference)."""
         import copy
 
         from hpcattn.kernels import select_kernel
@@ -204,12 +215,30 @@ class GenerateJob:
         rd = reference_dtype(self.dtype, self.ctx.device)
         name = str(rd).replace("torch.", "")
         if rd == self.dtype:
-            return base, name
+            return None, None, name
         if self.ref_model is None:
             self.ref_model = copy.deepcopy(self.model).to(rd)
             self.ref_model.inv_freq = rope_inv_freq(self.model.args).to(self.ctx.device)   # exact rope
-        kernel = select_kernel("torch_ref", self.ctx.device, rd, self.model.args.head_dim)
-        return self.forced_logits(self.ref_model, kernel, toks), name
+        return self.ref_model, select_kernel("torch_ref", self.ctx.device, rd, self.model.args.head_dim), name
+
+    def _reference_logits(self, toks: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """(reference logits (n, B, V) along ``toks``, its dtype name); ``base`` when the case is
+        already in the reference dtype."""
+        model, kernel, name = self._reference()
+        return (base if model is None else self.forced_logits(model, kernel, toks)), name
+
+    def _prompt_figures(self) -> tuple[dict, str]:
+        """With ``generate.prompt_logits``: the gathered prompt logits against the one-process
+        reference at every prompt position, baseline the one-process run in the case's dtype
+        (the logits rule of the module docstring). Returns (figures, failure reason or "")."""
+        if self.prompt_logits is None:
+            return {}, ""
+        base = self.one_process_prompt_logits(self.model, self.kernel)
+        model, kernel, _ = self._reference()
+        ref = base if model is None else self.one_process_prompt_logits(model, kernel)
+        err, base_err = max_err(self.prompt_logits, ref), max_err(base, ref)
+        return ({"prompt_logits_max_err": err, "prompt_logits_base_err": base_err},
+                failure("prompt_logits_max_err", err, "prompt_logits_base_err", base_err))
 
     def check(self, toks, logits) -> dict | None:
         """Rank 0: the figures and verdict of the module docstring (None without ``run.check``).
@@ -229,7 +258,8 @@ class GenerateJob:
         decided = (top2[..., 0] - top2[..., 1] > 2 * tol) if top2 is not None and np.isfinite(tol) \
             else torch.zeros(ref.shape[:2], dtype=torch.bool)                       # (n, B)
         mismatched = int(((toks.T != ref.argmax(dim=-1)) & decided).sum())
-        why = [failure("logits_max_err", err, "logits_base_err", base_err)]
+        prompt, prompt_why = self._prompt_figures()
+        why = [failure("logits_max_err", err, "logits_base_err", base_err), prompt_why]
         if mismatched:
             why.append(f"{mismatched} of {int(decided.sum())} decided token(s) differ from the "
                        f"{ref_name} reference's argmax (top-2 margin > 2 * tolerance {tol:.3g})")
@@ -239,7 +269,7 @@ class GenerateJob:
                 "logits_base_err": base_err, "logits_rel_err": err / max(float(ref.abs().max()), 1e-30),
                 "reference_dtype": ref_name, "tokens_decided": int(decided.sum()),
                 "tokens_mismatched": mismatched, "check_passed": (not why) if exact else None,
-                "check_reason": "; ".join(why) if exact else ""}
+                "check_reason": "; ".join(why) if exact else ""} | prompt
 
     def run(self, case):
         """Warm-up + timed repeats. Returns (tokens, logits, prefill_s (R,), decode_s (R, steps)).
@@ -389,8 +419,9 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
     per_rank = n if (prefill == "local" and decode == "local") or p == 1 else -(-n // p) + cfg.generate.new_tokens
     kv = 2 * a.n_layers * cfg.shape.batch * per_rank * a.n_kv_heads * a.head_dim * e
     ref = reference_bytes(cfg, a, n, kv)
-    if cfg.generate.prompt_logits:          # rank 0's gathered (B, context, vocab) float32
-        ref += cfg.shape.batch * cfg.shape.context * a.vocab_size * 4
+    if cfg.generate.prompt_logits:          # (B, context, vocab) float32: rank 0's gathered ones, and
+        # with run.check the one-process baseline's and reference's
+        ref += (3 if cfg.run.check else 1) * cfg.shape.batch * cfg.shape.context * a.vocab_size * 4
     state = cfg.shape.batch * a.n_heads * (a.head_dim + 1) * 4
     # per decode step: tree sends one state per layer; ring moves every other rank's KV shard
     step = {"tree": a.n_layers * state, "ring": (p - 1) * kv, "local": 0}[decode] if p > 1 else 0
