@@ -90,13 +90,23 @@ class _Replay:
         return self.out
 
 
-def test_runner_static_step_equals_eager(monkeypatch):
+@pytest.mark.parametrize("biases", [False, True])
+def test_runner_static_step_equals_eager(monkeypatch, biases):
+    """The captured step (fused forward, Lean with device lengths) equals the eager runner; with
+    every bias a Llama checkpoint can have (attention_bias: q/k/v/o, mlp_bias: gate/up/down)."""
     from hpcattn.kernels import select_kernel
     from hpcattn.model.llama import ModelArgs
     from hpcattn.model.runner import ModelRunner
     from hpcattn.model.weights import random_model
 
-    model = random_model(ModelArgs.from_preset("tiny"), 2, torch.float32, "cpu")
+    args = ModelArgs.from_preset("tiny")
+    args.qkv_bias = args.o_bias = args.mlp_bias = biases
+    model = random_model(args, 2, torch.float32, "cpu")
+    if biases:                                                 # random_model leaves biases at their init
+        with torch.no_grad():
+            for name, prm in model.named_parameters():
+                if name.endswith(".bias"):
+                    prm.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     kern = select_kernel("torch_ref", "cpu", torch.float32, model.args.head_dim)
     tokens = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(1))
 

@@ -114,6 +114,12 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def residual_linear(x: torch.Tensor, h: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """``x + linear(h)`` as one addmm (the residual add folded in); ``linear``'s bias too where it has
+    one (Llama attention_bias on o_proj, mlp_bias on down_proj). x (B, out), h (B, in)."""
+    return torch.addmm(x if linear.bias is None else x + linear.bias, h, linear.weight.t())
+
+
 def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
                    slot: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None], at: torch.Tensor,
                    attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -139,7 +145,7 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
         k = att.wk(h).view(B, a.n_kv_heads, a.head_dim)
         v = att.wv(h).view(B, a.n_kv_heads, a.head_dim)
         o = attend(i, rope_and_cache(q, k, v, cos, sin, slot(i), at))
-        x = torch.addmm(x, o.reshape(B, a.n_heads * a.head_dim), att.wo.weight.t())
+        x = residual_linear(x, o.reshape(B, a.n_heads * a.head_dim), att.wo)
         h = rmsnorm(x, layer.ffn_norm.weight, layer.ffn_norm.eps)
-        x = torch.addmm(x, silu_mul(ffn.w1(h), ffn.w3(h)), ffn.w2.weight.t())
+        x = residual_linear(x, silu_mul(ffn.w1(h), ffn.w3(h)), ffn.w2)
     return model.output(rmsnorm(x, model.norm.weight, model.norm.eps)).float()
