@@ -342,7 +342,9 @@ def test_report_truncated_files(tmp_path):
     # recover merges the good cases and keeps the bad file for inspection
     out = recover(str(tmp_path / "r.h5.tmp"))
     meta, rows = read_cases(str(out))
-    assert meta["status"] == "incomplete" and [r["id"] for r in rows] == ["c0", "c2"] and bad.exists()
+    assert meta["status"] == "incomplete" and [r["id"] for r in rows] == ["c0", "c2"]
+    kept = tmp_path / "r.h5.unmerged" / bad.name                    # the bad file, kept for inspection
+    assert kept.is_file() and not (tmp_path / "r.h5.tmp.d").exists() and not (tmp_path / "r.h5.tmp").exists()
     # a whole record truncated, and a record whose bytes are damaged: one error naming the file, exit 2
     data = out.read_bytes()
     out.write_bytes(data[: len(data) * 2 // 3])

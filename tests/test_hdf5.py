@@ -179,6 +179,39 @@ def test_failure_during_the_merge_loses_nothing(tmp_path, monkeypatch):
     assert meta["status"] == "incomplete" and [r["id"] for r in rows] == ["c000", "c001"]
 
 
+def test_write_error_during_the_merge_is_raised_not_taken_for_a_bad_case(tmp_path, monkeypatch):
+    """A full disk while writing the merged record (an OSError from the copy, the case files whole)
+    is raised: no case is dropped as "unreadable", no NAME.merging is left, NAME.tmp is intact."""
+    path = tmp_path / "m.h5"
+    w = make_writer(path)
+    w.write_case("c000", CASE_ATTRS, case_data())
+
+    def disk_full(*args, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(h5py.Group, "copy", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+    monkeypatch.undo()
+    assert not path.exists() and not (tmp_path / "m.h5.merging").exists()
+    assert [r["id"] for r in read_cases(str(tmp_path / "m.h5.tmp"))[1]] == ["c000"]
+
+
+def test_bad_case_file_at_close_gives_incomplete_and_frees_the_name(tmp_path, capsys):
+    """One unreadable case file at close: the record is ``incomplete`` (a case is missing), the bad
+    file is kept in NAME.unmerged/, and nothing left behind blocks the next run to NAME."""
+    path = tmp_path / "m.h5"
+    w = make_writer(path)
+    for i in range(2):
+        w.write_case(f"c00{i}", CASE_ATTRS, case_data())
+    bad = sorted((tmp_path / "m.h5.tmp.d").glob("*.h5"))[0]
+    bad.write_bytes(bad.read_bytes()[:200])
+    w.close()
+    meta, rows = read_cases(str(path))
+    assert meta["status"] == "incomplete" and [r["id"] for r in rows] == ["c001"]
+    assert (tmp_path / "m.h5.unmerged" / bad.name).is_file() and "not merged" in capsys.readouterr().err
+    make_writer(path).close()                                   # the name is free again
+
+
 def test_close_with_failed_status(tmp_path):
     path = tmp_path / "run.h5"
     w = make_writer(path)

@@ -283,32 +283,60 @@ def _leftover_message(tmp: Path, owner: dict | None) -> str:
             f"run is still going. If it is not: {keep}")
 
 
+def unmerged_dir(path: Path) -> Path:
+    """Where :func:`_finish` keeps the case files it could not read (``NAME.unmerged/``)."""
+    return path.with_name(path.name + ".unmerged")
+
+
+def _readable(part: Path) -> bool:
+    """Whether every dataset of case file ``part`` reads back (after a failed merge copy: a bad
+    case file is skipped, a failure to write the merged record is raised)."""
+    try:
+        with h5py.File(part, "r", locking=False) as src:
+            src["case"].visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
+        return True
+    except UNREADABLE:
+        return False
+
+
 def _finish(tmp: Path, path: Path, status: str) -> Path:
     """Merge ``tmp`` and its case files into ``path`` with ``status``; drop ``tmp`` and the folder.
 
     The merge goes to a copy (``path.merging``) renamed over ``path`` when whole, so ``tmp`` and
-    its case files stay intact until then: a kill during the merge loses nothing, and repeating
-    it (``recover``) starts again from the same files. A case file that cannot be read (truncated
-    or corrupt) is left out with a warning naming it, and ``NAME.tmp.d/`` is then kept."""
+    its case files stay intact until then: a kill or a write error during the merge (a full disk)
+    loses nothing and leaves no ``path.merging``, and repeating it (``recover``) starts again from
+    the same files. A case file that cannot be read (truncated or corrupt) is left out with a
+    warning naming it and moved to ``NAME.unmerged/``; the record is then ``incomplete``."""
     merging = path.with_name(path.name + ".merging")
-    shutil.copyfile(tmp, merging)
     bad = []
-    with h5py.File(merging, "a") as f:
-        for cid, part in _part_files(tmp):
-            try:
-                with h5py.File(part, "r", locking=False) as src:
-                    src.copy(src["case"], f["cases"], name=cid)
-            except UNREADABLE as e:
-                if cid in f["cases"]:
-                    del f["cases"][cid]                # a half-copied group
-                bad.append(part)
-                print(f"hpcattn: warning: {part}: unreadable case file, truncated or corrupt "
-                      f"({type(e).__name__}: {e}); not merged into {path}, kept", file=sys.stderr)
-        f.attrs["status"] = status
-    os.replace(merging, path)
+    try:
+        shutil.copyfile(tmp, merging)
+        with h5py.File(merging, "a") as f:
+            for cid, part in _part_files(tmp):
+                try:
+                    with h5py.File(part, "r", locking=False) as src:
+                        src.copy(src["case"], f["cases"], name=cid)
+                except UNREADABLE as e:
+                    if cid in f["cases"]:
+                        del f["cases"][cid]                # a half-copied group
+                    if _readable(part):                    # the case file is whole: writing failed
+                        raise
+                    bad.append(part)
+                    print(f"hpcattn: warning: {part}: unreadable case file, truncated or corrupt "
+                          f"({type(e).__name__}: {e}); not merged, kept in {unmerged_dir(path)}/",
+                          file=sys.stderr)
+            f.attrs["status"] = "incomplete" if bad else status
+        os.replace(merging, path)
+    except BaseException:
+        merging.unlink(missing_ok=True)
+        raise
+    if bad:
+        keep = unmerged_dir(path)
+        keep.mkdir(exist_ok=True)
+        for part in bad:
+            os.replace(part, keep / part.name)
     tmp.unlink()
-    if not bad:
-        shutil.rmtree(parts_dir(tmp), ignore_errors=True)
+    shutil.rmtree(parts_dir(tmp), ignore_errors=True)
     return path
 
 
