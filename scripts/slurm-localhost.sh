@@ -162,7 +162,7 @@ stop_daemon() {   # stop_daemon NAME: the one this script started, by its pid fi
   pid=$(ours "$1")
   if [[ -n $pid ]]; then
     say "stopping $1 (pid $pid)"
-    kill "$pid"
+    kill "$pid" 2>/dev/null || true          # it may have exited since ours() looked
     wait_for 15 "$1" bash -c "! kill -0 $pid 2>/dev/null" || { say "$1 did not stop: SIGKILL"; kill -9 "$pid" 2>/dev/null || true; }
   fi
   rm -f "$DIR/$1.pid"

@@ -106,7 +106,7 @@ class Comm:
         raise NotImplementedError
 
     def isend(self, t: torch.Tensor, dest: int, tag: int) -> Request:
-        """Post a send of contiguous ``t`` to group rank ``dest`` with message ``tag`` (0 <= tag < 1000).
+        """Post a send of contiguous ``t`` to group rank ``dest`` with message ``tag`` (0 <= tag < 100).
 
         Messages of one (source, dest, tag) are received in the order they were sent. ``t`` must
         not be modified before ``wait()``.
