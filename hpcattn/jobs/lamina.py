@@ -33,20 +33,27 @@ def variant(cfg, p: int) -> str:
 
 
 def estimate(cfg, p: int) -> tuple[int, int]:
-    """(bytes on the busiest rank: weights on a model rank or KV on an attention rank, payload bytes
-    per decode step summed over ranks) for ``hpcattn run --dry-run``."""
+    """(bytes on the busiest rank, payload bytes per decode step summed over ranks) for ``hpcattn
+    run --dry-run`` and the memory check. A model rank holds the weights, its prefill KV shard and,
+    until the hand-over's sends complete, a contiguous copy of that shard; an attention rank holds
+    its head slice of the whole cache and the receive buffers of every layer's prompt KV, posted
+    before the first decode step (:meth:`LaminaDecoder` hand-over)."""
     from hpcattn.jobs.generate import model_args, weight_bytes
     from hpcattn.jobs.inputs import DTYPES
 
     a = model_args(cfg)
     e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
-    weights = weight_bytes(a, e)
     A = cfg.lamina.attention_ranks
-    n = max(prompt_lengths(cfg)) + cfg.generate.new_tokens
-    kv = 2 * a.n_layers * cfg.shape.batch * n * (a.n_kv_heads // max(A, 1)) * a.head_dim * e
+    M = max(p - A, 1)
     B, L = cfg.shape.batch, a.n_layers
-    step = B * L * e * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + (B * L * a.dim * e if p - A > 1 else 0)
-    return max(weights, kv), step
+    prompt = max(prompt_lengths(cfg))
+    n = prompt + cfg.generate.new_tokens
+    per_token = 2 * L * B * a.head_dim * e                   # k and v of one token, every layer, one KV head
+    shard = per_token * a.n_kv_heads * (prompt if cfg.generate.prefill == "local" or M == 1 else -(-prompt // M))
+    model_rank = weight_bytes(a, e) + 2 * shard
+    attention_rank = per_token * (a.n_kv_heads // max(A, 1)) * (n + prompt)
+    step = B * L * e * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + (B * L * a.dim * e if M > 1 else 0)
+    return max(model_rank, attention_rank), step
 
 
 def run_lamina_case(case, ctx, kernel, writer, model=None):
