@@ -317,6 +317,7 @@ class LaminaDecoder:
         out: dict[tuple[int, int], tuple] = {}          # (j, t) -> (tokens, logits) sampled here
         sends: deque = deque((0, r) for r in state["sends"])          # (step, request), waited a step late
         rope_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        rope: dict = {}                                  # {(j, t): (cos, sin)} of the item in hand
 
         def post(item):
             s, j = item
@@ -351,14 +352,16 @@ class LaminaDecoder:
                     x = self._post(L - 1, xs[j], o)
                     lg = self.model.logits(x)[:, -1]
                 tok = lg.argmax(dim=-1)
-                out[(j, t)] = (tok.cpu(), lg.cpu() if keep_logits else None)
+                out[(j, t)] = (tok, lg if keep_logits else None)      # to the host after the loop
                 x = self.model.tok_embeddings(tok[:, None]) if t < n - 1 else None   # t = n-1: done
             else:
                 x = self._post(k - 1, xs[j], o)
             if x is not None:
-                pos = torch.tensor([lengths[b] + t for b in range(b0, b1)], device=dev)
-                cos, sin = self.model.rope(pos, rope_dtype)
-                self._pre(k, x, cos[:, None, :], sin[:, None, :], step_sends)   # (B_j, 1, d): per-row positions
+                if (j, t) not in rope:                  # once per micro-batch and token, not per layer
+                    pos = torch.tensor([lengths[b] + t for b in range(b0, b1)], device=dev)
+                    cos, sin = self.model.rope(pos, rope_dtype)
+                    rope = {(j, t): (cos[:, None, :], sin[:, None, :])}       # (B_j, 1, d): per-row positions
+                self._pre(k, x, *rope[(j, t)], step_sends)
                 nxt = lay.model_rank(j, s + 1)
                 if nxt == self.rank:
                     xs[j] = x
@@ -372,7 +375,7 @@ class LaminaDecoder:
                 sends.popleft()[1].wait()
         for _, r in sends:
             r.wait()
-        return out
+        return {jt: (tok.cpu(), None if lg is None else lg.cpu()) for jt, (tok, lg) in out.items()}
 
     # -- attention ranks -----------------------------------------------------------------------
     def _attention_prefill(self, lengths: list[int], n: int) -> dict:
