@@ -43,6 +43,7 @@ class CommContext:
     node_index: int
     node_ranks: list[list[int]]
     counters: Counters = field(default_factory=Counters)
+    splits: dict = field(default_factory=dict, repr=False)   # colors -> CommContext (:func:`split`)
 
     @property
     def rank(self) -> int:
@@ -131,7 +132,15 @@ def setup(world_mpi, *, device_kind: str, backend: str = "auto", gpu_aware_setti
 def split(ctx: CommContext, colors: list[int]) -> CommContext:
     """The context of this rank's group when world rank r joins group ``colors[r]`` (collective
     over the world; ``colors`` identical on every rank). Group ranks follow world rank order; the
-    group is one node with its rank 0 as leader; counters are shared with ``ctx``."""
+    group is one node with its rank 0 as leader; counters are shared with ``ctx``. Made once per
+    ``colors`` and context (NCCL groups are costly), then reused: it lives and dies with ``ctx``."""
+    key = tuple(colors)
+    if key not in ctx.splits:
+        ctx.splits[key] = _split(ctx, colors)
+    return ctx.splits[key]
+
+
+def _split(ctx: CommContext, colors: list[int]) -> CommContext:
     rank = ctx.rank
     mine = [r for r, c in enumerate(colors) if c == colors[rank]]
     sub_mpi = ctx.world.mpi.Split(colors[rank], rank)

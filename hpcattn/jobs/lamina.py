@@ -17,9 +17,6 @@ import torch
 from hpcattn.model.lamina import BYTE_PHASES, DECODE_PHASES, MODEL, Layout, prompt_lengths
 
 
-_ROLE_CTX: dict = {}
-
-
 def layout_of(cfg, world: int) -> Layout:
     s = cfg.shape
     return Layout(world, cfg.lamina.attention_ranks, s.heads_q, s.heads_kv, s.batch, cfg.lamina.microbatches)
@@ -70,10 +67,7 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
     role = lay.role(ctx.rank)
     lengths, n = prompt_lengths(c), c.generate.new_tokens
     colors = tuple(0 if lay.role(r) == MODEL else 1 for r in range(ctx.size))
-    key = (id(ctx), colors)
-    if key not in _ROLE_CTX:               # one split per role layout and run (nccl groups are costly)
-        _ROLE_CTX[key] = comm_mod.split(ctx, list(colors))
-    role_ctx = _ROLE_CTX[key]
+    role_ctx = comm_mod.split(ctx, list(colors))     # made once per role layout and run
     job = tokens = None
     if role == MODEL:
         job = GenerateJob(c, ctx, kernel, model)
