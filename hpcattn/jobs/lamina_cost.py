@@ -262,19 +262,13 @@ def markdown(rows: list[dict]) -> str:
 
 def _timed(fn, device, repeats: int, stat: str = "median") -> float:
     """Median (or ``stat="min"``: minimum, for a shared machine) seconds of fn() over ``repeats``
-    runs after one warm-up (device-synchronised)."""
+    runs after one warm-up (device-synchronised: :func:`hpcattn.jobs.projection._timed`)."""
     import torch
 
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
-    ts = []
+    from hpcattn.jobs.projection import _timed as timed_runs
+
     with torch.inference_mode():
-        fn()
-        sync()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
+        ts = timed_runs(fn, device, repeats)[1]
     return float(np.min(ts) if stat == "min" else np.median(ts))
 
 
