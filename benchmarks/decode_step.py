@@ -8,7 +8,8 @@ Sections (each prints a table; --json gets every row, rewritten after every sect
            bandwidths every floor below divides by (the copy rate; the sum rate is shown too)
   lean     Lean (device-side schedule, CUDA graph) vs cuDNN (aten op, native GQA, CUDA graph) per
            shape: B=1 4K..1M and B=8 ragged; a small sweep of Lean's grid / tile / reduction, the
-           best per shape reported; L2 flushed (512 MiB write) before every timed call
+           best per shape reported; L2 flushed before every timed call (--flush write: 512 MiB
+           written, the default; read: 512 MiB summed, L2 left clean)
   attn     the attention-level decode step as the decode job runs it (Kernel wrapper of the
            run's kernel: cuDNN, and Lean), eager host launches vs one graph replay, vs its floor
   model    end-to-end decode step of the Llama-3.1-8B shape (random weights, bf16), 4 and 32
@@ -37,6 +38,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 RESULTS: dict = {"rows": []}
 
@@ -55,13 +57,33 @@ def save(path):
 # timing
 
 
-class Flush:
-    def __init__(self, mb: int):
-        self.buf = torch.empty(mb * 2 ** 20 // 4, dtype=torch.float32, device="cuda") if mb else None
+FLUSH_MODE = "write"
 
-    def __call__(self):
+
+@triton.jit
+def _empty(X):
+    """Does nothing: a graph of it times the fixed cost of one replay."""
+    pass
+
+
+class Flush:
+    """Evict L2 before a timed call: ``write`` fills a 512 MiB buffer (L2 left full of dirty lines:
+    the timed kernel also pays their write-back), ``read`` sums it (L2 left clean, as after the
+    weight reads that precede attention in a decode step). ``--flush`` picks."""
+
+    def __init__(self, mb: int, mode: str | None = None):
+        self.mode = mode or FLUSH_MODE
+        self.buf = torch.empty(mb * 2 ** 20 // 4, dtype=torch.float32, device="cuda") if mb else None
         if self.buf is not None:
             self.buf.fill_(1.0)
+
+    def __call__(self):
+        if self.buf is None:
+            return
+        if self.mode == "write":
+            self.buf.fill_(1.0)
+        else:
+            self.buf.sum()
 
 
 def time_fn(fn, reps=30, warmup=3, flush=None, sync_each=False) -> float:
@@ -104,8 +126,11 @@ def ceiling(args) -> float:
     rd = n / ms_sum / 1e9
     del src, dst
     torch.cuda.empty_cache()
-    print(f"\n## ceiling: copy {copy:.2f} TB/s (read+write), streaming sum {rd:.2f} TB/s")
-    emit("ceiling", copy_tb_s=copy, sum_tb_s=rd)
+    x = torch.zeros(1, device="cuda")
+    replay = time_fn(graphed(lambda: _empty[(132,)](x)), flush=Flush(512))
+    print(f"\n## ceiling: copy {copy:.2f} TB/s (read+write), streaming sum {rd:.2f} TB/s; "
+          f"a graph of one empty kernel times {replay * 1e3:.1f} us (the fixed cost in every graph row)")
+    emit("ceiling", copy_tb_s=copy, sum_tb_s=rd, empty_graph_ms=replay, flush=FLUSH_MODE)
     return copy
 
 
@@ -124,11 +149,10 @@ def _cudnn(q, k, v, scale):
 
 
 LEAN_SWEEP = [  # (programs per SM, block_n, reduction, num_warps, num_stages); None = the default
-    None, (2, 64, "two_kernel", 4, 3), (1, 64, "two_kernel", 4, 3), (3, 64, "two_kernel", 4, 3),
-    (4, 64, "two_kernel", 4, 3), (2, 32, "two_kernel", 4, 3), (4, 32, "two_kernel", 4, 3),
-    (2, 128, "two_kernel", 4, 3), (1, 128, "two_kernel", 8, 3), (2, 128, "two_kernel", 8, 3),
-    (2, 64, "two_kernel", 8, 3), (2, 64, "two_kernel", 4, 2), (2, 64, "two_kernel", 4, 4),
-    (2, 64, "fused", 4, 3),
+    # the configurations that were best somewhere in a 13-entry sweep and a 24-entry probe (one H200,
+    # 2026-12-02: 0.5-4 programs/SM, 32-256 keys, 4/8 warps, 2-4 stages, both reductions)
+    None, (1, 64, "two_kernel", 4, 3), (1, 64, "fused", 4, 3), (1, 128, "two_kernel", 8, 3),
+    (1, 128, "fused", 8, 3), (2, 64, "two_kernel", 4, 3), (2, 64, "fused", 4, 3), (2, 64, "two_kernel", 4, 4),
 ]
 
 
@@ -197,7 +221,7 @@ def attn_step(args, bw):
     print("\n## attention-level decode step (decode job path, B=1, Hq 32, Hkv 8, d 128, bf16; ms)")
     print(f"{'N':>8} {'floor':>7} {'kernel':>10} {'method':>6} {'eager':>8} {'graph':>8} {'eager/floor':>11} "
           f"{'graph/floor':>11}")
-    kerns = [select_kernel("auto", "cuda", torch.bfloat16, 128), select_kernel("lean", "cuda", torch.bfloat16, 128)]
+    kerns = [select_kernel(n, "cuda", torch.bfloat16, 128) for n in ("aten_cudnn", "auto", "lean")]
     for n in args.ctx_attn:
         q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
         k, v, _ = _kv(1, n)
@@ -210,9 +234,10 @@ def attn_step(args, bw):
                     fn = lambda: tree_decode(q, k, v, CTX, kernel=kern, scale=scale)  # noqa: E731
                 te = time_fn(fn, flush=flush, sync_each=True)
                 tg = time_fn(graphed(fn), flush=flush)
-                print(f"{n:8} {floor:7.4f} {kern.name:>10} {method:>6} {te:8.4f} {tg:8.4f} {te / floor:10.2f}x "
+                name = kern.name if not kern.auto else "auto:" + kern.selftest.get("decode", kern.name).split()[0]
+                print(f"{n:8} {floor:7.4f} {name:>10} {method:>6} {te:8.4f} {tg:8.4f} {te / floor:10.2f}x "
                       f"{tg / floor:10.2f}x")
-                emit("attn", context=n, kernel=kern.name, method=method, floor_ms=floor, eager_ms=te, graph_ms=tg)
+                emit("attn", context=n, kernel=name, method=method, floor_ms=floor, eager_ms=te, graph_ms=tg)
         del q, k, v
         torch.cuda.empty_cache()
         save(args.json)
@@ -307,9 +332,15 @@ def model_step(args, bw):
 
 def hf_step(args, bw):
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
     print(f"\n## Hugging Face transformers {transformers.__version__}: LlamaForCausalLM, StaticCache, sdpa, eager (ms)")
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+    for n_layers in args.layers:
+        _hf_layers(args, n_layers)
+
+
+def _hf_layers(args, n_layers):
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_layers,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=200000,
                       rope_theta=500000.0, attn_implementation="sdpa")
     prev = torch.get_default_dtype()
@@ -344,11 +375,14 @@ def hf_step(args, bw):
                     if i >= 3:
                         ts.append(a.elapsed_time(b))
             t = sorted(ts)[len(ts) // 2]
-            print(f"  4 layers B=1 N={n}: {t:.3f} ms")
-            emit("hf", layers=4, batch=1, context=n, ms=t, version=transformers.__version__)
+            del cache
+            print(f"  {n_layers} layers B=1 N={n}: {t:.3f} ms")
+            emit("hf", layers=n_layers, batch=1, context=n, ms=t, version=transformers.__version__)
         except Exception as e:
             print(f"  N={n}: {type(e).__name__}: {str(e)[:300]}")
         save(args.json)
+    del model
+    torch.cuda.empty_cache()
 
 
 def main():
@@ -362,9 +396,14 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--flush", choices=("write", "read"), default="write",
+                    help="L2 eviction before timed kernel calls (class Flush)")
     args = ap.parse_args()
+    global FLUSH_MODE
+    FLUSH_MODE = args.flush
     RESULTS.update(device=torch.cuda.get_device_name(0), torch=torch.__version__,
-                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), argv=" ".join(sys.argv))
+                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), argv=" ".join(sys.argv),
+                   flush=args.flush)
     print(f"# {RESULTS['device']}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {RESULTS['date']}")
     bw = ceiling(args) if "ceiling" in args.sections else 4.5
     for name, fn in (("lean", lean_vs_cudnn), ("attn", attn_step), ("model", model_step), ("hf", hf_step)):

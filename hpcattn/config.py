@@ -79,7 +79,7 @@ class CommConfig:
 class KernelConfig:
     backend: str = _f("auto", choices=KERNEL_BACKENDS, sweep=True,
                       doc="local attention kernel; auto picks the fastest present that passes its self-test "
-                          "(GPU: cuDNN's decode calls and ragged decode batches run on lean)")
+                          "(GPU: cuDNN's dense decode calls run on aten_flash, else lean; ragged decode batches on lean)")
 
 
 @dataclass

@@ -153,8 +153,9 @@ def test_fused_small_ops_match_the_model(dtype):
     with torch.no_grad():
         norm.weight.copy_(torch.rand(96, generator=g) + 0.5)
     torch.testing.assert_close(rmsnorm(x, norm.weight.detach(), 1e-5), norm(x).detach(), rtol=tol, atol=tol)
-    a_, b_ = torch.randn(2, 200, generator=g).to(dtype), torch.randn(2, 200, generator=g).to(dtype)
-    torch.testing.assert_close(silu_mul(a_, b_), F.silu(a_) * b_, rtol=tol, atol=tol)
+    ab = torch.randn(2, 2 * 1100, generator=g).to(dtype)        # 1100: two blocks, the last partial
+    a_, b_ = ab[:, :1100], ab[:, 1100:]
+    torch.testing.assert_close(silu_mul(ab), F.silu(a_) * b_, rtol=tol, atol=tol)
 
     model = Transformer(ModelArgs.from_preset("tiny"))
     cos, sin = model.rope(torch.tensor([1234]), torch.float32)
@@ -168,3 +169,43 @@ def test_fused_small_ops_match_the_model(dtype):
     assert torch.equal(vb[:, :, 3], v) and kb[:, :, [0, 1, 2, 4]].isnan().all()   # only slot 3 written
     qo2 = rope_and_cache(q, k, v, cos.view(-1), sin.view(-1), None, torch.tensor([3]))
     assert torch.equal(qo2, qo)
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_fuse_projections_shares_storage_and_keeps_the_model(biases):
+    """fuse_projections: wq/wk/wv (w1/w3) become row views of one buffer per layer (no memory
+    added), the plain model's logits are bit-identical, the fused product equals the three, and
+    a weight replaced afterwards (a checkpoint loaded later) makes it rebuild."""
+    import torch.nn.functional as F
+
+    from hpcattn.model.fused_decode import fuse_projections
+    from hpcattn.model.llama import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs.from_preset("tiny")
+    if biases:
+        args.qkv_bias = args.mlp_bias = True
+    model = Transformer(args).eval()
+    tokens = torch.randint(0, args.vocab_size, (2, 7))
+    pos = torch.arange(7)
+
+    def attend(layer, q, k, v, **_):
+        from hpcattn.kernels import attn_reference
+        return attn_reference(q, k, v, scale=args.head_dim ** -0.5, causal="square")[0]
+
+    with torch.no_grad():
+        before = model.logits(model(tokens, pos, attend))
+        n_before = sum(p.numel() for p in model.parameters())
+        fused = fuse_projections(model)
+        assert sum(p.numel() for p in model.parameters()) == n_before
+        att, ffn = model.layers[1].attention, model.layers[1].feed_forward
+        w, b = fused[1]["qkv"]
+        assert att.wk.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        assert torch.equal(model.logits(model(tokens, pos, attend)), before)
+        h = torch.randn(3, args.dim)
+        three = torch.cat([att.wq(h), att.wk(h), att.wv(h)], dim=1)
+        torch.testing.assert_close(F.linear(h, w, b), three, rtol=1e-6, atol=1e-6)
+        assert fuse_projections(model) is fused                      # cached
+        ffn.w3.weight = torch.nn.Parameter(torch.randn_like(ffn.w3.weight))
+        again = fuse_projections(model)
+        assert again is not fused and torch.equal(again[1]["w13"][0][args.ffn_dim:], ffn.w3.weight)

@@ -100,6 +100,8 @@ CASES = [
     (3, 4, 4, 64, 45, None, torch.float32, "head_major", 3, 16),              # dense, G=1
     (2, 4, 2, 64, 61, [61, 17], torch.float16, "head_major", 5, 16),          # fp16
     (3, 8, 1, 64, 130, [130, 0, 2], torch.bfloat16, "head_major", 7, 32),     # G=8, B=3
+    (2, 8, 2, 80, 70, [70, 9], torch.float32, "head_major", 5, 16),           # d=80: masked head dim
+    (2, 4, 2, 16, 50, None, torch.float32, "contiguous", 4, 16),              # d=16 < merge block
 ]
 IDS = [f"B{c[0]}-G{c[1] // c[2]}-d{c[3]}-{str(c[6])[6:]}-{c[7]}-P{c[8]}" for c in CASES]
 

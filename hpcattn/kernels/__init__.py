@@ -15,11 +15,13 @@ kernel), ``aten_cudnn`` / ``aten_flash`` / ``aten_efficient`` (PyTorch's GPU ops
 (flash-attn, when importable), ``lean`` (hpcattn's stream-K Triton decode kernel, GPU, decode
 shapes only; it reads lengths from the device, so CUDA graphs of a growing cache use it).
 ``auto`` picks, in order of measured speed, the first one that is present and passes a startup
-self-test against ``torch_ref`` for the run's dtype and head size; on a GPU it sends ragged decode
+self-test against ``torch_ref`` for the run's dtype and head size. On a GPU it sends ragged decode
 batches (``k_lengths`` not all equal, G*Sq <= 128, fp16/bf16) to ``lean``, which beat cuDNN's
-per-sequence loop there, and dense decode calls of cuDNN too: PyTorch's cuDNN op builds a new graph
-on the host for every new key length (17 ms per call on an H200), which every eager decode step
-pays; ``lean`` reads any length with one compiled kernel (docs/performance.md).
+per-sequence loop there, and dense decode calls of cuDNN to ``aten_flash`` (else ``lean``):
+PyTorch's cuDNN op builds a new graph on the host for every new key length (37-56 ms per call on an
+H200), which every eager decode step pays; flash has no per-length cost and was the fastest eager
+decode call measured with growing lengths (docs/performance.md). Captured decode steps use ``lean``
+with device lengths (:mod:`hpcattn.model.runner`).
 """
 
 from __future__ import annotations
@@ -62,10 +64,10 @@ class Kernel:
             return lean_decode(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
         if k_lengths is not None and any(n != Sk for n in k_lengths):
             return self._ragged(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
-        if self.selftest.get("decode", "").startswith("lean"):
-            lean = _decode_lean(self, q, k, causal, "decode")
-            if lean is not None:
-                return lean(q, k, v, scale=scale, causal=causal)
+        if self.selftest.get("decode", "aten_cudnn") != "aten_cudnn" and self.name == "aten_cudnn":
+            other = _decode_kernel(self, q, k, causal, "decode")
+            if other is not None:
+                return other(q, k, v, scale=scale, causal=causal)
         return self._dense(q, k, v, scale=scale, causal=causal)
 
     def _dense(self, q, k, v, *, scale, causal):
@@ -80,7 +82,7 @@ class Kernel:
         """Per-sequence calls over each sequence's own keys: no padding is read. Under ``auto`` on
         a GPU, a ragged decode batch goes to the Lean kernel instead (one launch for the batch;
         measured 1.29x cuDNN's per-sequence loop at B=8 and 1.35x at B=16 on an H200)."""
-        lean = _decode_lean(self, q, k, causal, "ragged")
+        lean = _decode_kernel(self, q, k, causal, "ragged")
         if lean is not None:
             return lean(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
         outs, lses = [], []
@@ -94,24 +96,26 @@ class Kernel:
         return torch.cat(outs), torch.cat(lses)
 
 
-def _decode_lean(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str, why: str) -> Kernel | None:
-    """The Lean kernel for a decode call of an ``auto`` GPU kernel, or None.
+def _decode_kernel(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str, why: str) -> Kernel | None:
+    """The kernel for a decode call of an ``auto`` GPU kernel, or None (keep ``kern``).
 
-    ``why="ragged"``: a ragged batch (one launch instead of a per-sequence loop). ``why="decode"``:
-    a dense decode call of cuDNN, whose PyTorch op builds a new cuDNN graph on the host for every
-    new key length (measured on an H200: 17 ms of host time per call, 20 us on the GPU, so an eager
-    4-layer 8B-shape decode step took 65-70 ms), and every decode step has a new length.
+    ``why="ragged"``: ``lean`` for a ragged batch (one launch instead of a per-sequence loop).
+    ``why="decode"``: a dense decode call of cuDNN goes to the kernel named at selection in
+    ``kern.selftest["decode"]`` (``aten_flash``, else ``lean``): PyTorch's cuDNN op builds a new
+    cuDNN graph on the host for every new key length (measured on an H200: 37-56 ms of host time
+    per call, ~0.03 ms on the GPU), and every eager decode step has a new length.
     """
     if not (kern.auto and q.is_cuda and kern.name in GPU_ORDER and causal in ("none", "bottom_right")
             and q.dtype in (torch.float16, torch.bfloat16) and (q.shape[2] // k.shape[2]) * q.shape[1] <= 128):
         return None
+    name = "lean" if why == "ragged" else kern.selftest["decode"].split()[0]
     try:
-        lean = select_kernel("lean", q.device, q.dtype, q.shape[-1])
+        other = select_kernel(name, q.device, q.dtype, q.shape[-1])
     except HpcattnError:
         return None
     if why == "ragged":
         kern.selftest.setdefault("ragged", "lean")
-    return lean
+    return other
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -213,13 +217,21 @@ def select_kernel(backend: str, device: str | torch.device, dtype: torch.dtype, 
                            f"{str(dtype).replace('torch.', '')}, head_dim={head_dim}: "
                            + "; ".join(f"{k}: {v}" for k, v in report.items()))
     if kern.auto and kern.name == "aten_cudnn" and dtype in (torch.float16, torch.bfloat16):
-        try:                                  # said at selection, so the record's kernel line says it
-            select_kernel("lean", device, dtype, head_dim)
-            kern.selftest["decode"] = "lean (cuDNN builds a host graph per new key length)"
-        except HpcattnError as e:
-            kern.selftest["decode"] = f"aten_cudnn (lean unavailable: {e})"
+        kern.selftest["decode"] = _decode_choice(device, dtype, head_dim)   # said in the record's kernel line
     _CACHE[key] = kern
     return kern
+
+
+def _decode_choice(device, dtype, head_dim) -> str:
+    """Where ``auto`` sends cuDNN's dense decode calls: ``aten_flash``, else ``lean``, else cuDNN."""
+    why = []
+    for name in ("aten_flash", "lean"):
+        try:
+            select_kernel(name, device, dtype, head_dim)
+            return f"{name} (cuDNN builds a host graph per new key length)"
+        except HpcattnError as e:
+            why.append(f"{name}: {str(e)[:80]}")
+    return "aten_cudnn (" + "; ".join(why) + ")"
 
 
 def attn_with_lse(q, k, v, *, scale: float, causal: str = "none", backend: str = "auto",

@@ -30,7 +30,7 @@ c = prog_of(seg_start[s]) .. prog_of(seg_start[s+1] - 1).
 
 Reduction (``reduction=``):
 
-* ``"two_kernel"`` (default, portable): a second Triton kernel, one program per segment, merges
+* ``"two_kernel"`` (default, portable): a second Triton kernel, a few programs per segment (one per 32 head-dim columns), merges
   the segment's pieces (README section 2 merge in base 2, empty-state safe), converts lse to natural
   log and writes (out, lse). Segments of length 0 get (0, -inf) here.
 * ``"fused"``: no second launch. A program whose piece covers a whole segment writes the final
@@ -47,7 +47,7 @@ over B), and walks from there; the merge pass does the same for its segment. No 
 so the lengths may be a device tensor that changes between launches: one captured CUDA graph then
 serves every decode step as the cache grows (``k_lengths`` as a tensor; :func:`schedule` is the
 host mirror of the same arithmetic, for tests). Host lengths are copied to the device once and
-cached. The only torch code here is argument checking and allocation; all attention math is in the
+cached; ``k_lengths=None`` (all Sk keys) copies nothing: the kernels take Sk as an argument. The only torch code here is argument checking and allocation; all attention math is in the
 Triton kernels.
 """
 
@@ -114,21 +114,26 @@ def _merge_pieces(PO, PL, slot0, npieces, rows, dd, row_ok, d_ok, R, D: tl.const
 
 @triton.jit
 def _store_final(OUT, LSE, o, lse2, b, h, gi, sq, dd, row_ok, d_ok,
-                 sob, sos, soh, sod, slb, slh, sls, G: tl.constexpr):
-    """Write a segment's final state: out[b, sq, h*G+gi, :] (q dtype), lse[b, h*G+gi, sq] (natural)."""
+                 sob, sos, soh, sod, slb, slh, sls, G: tl.constexpr, WRITE_LSE=True):
+    """Write a segment's final state: out[b, sq, h*G+gi, dd] (q dtype), lse[b, h*G+gi, sq] (natural;
+    only if WRITE_LSE)."""
     b64 = tl.cast(b, tl.int64)
     head = h * G + gi
     optr = OUT + b64 * sob + sq[:, None] * sos + head[:, None] * soh + dd[None, :] * sod
     tl.store(optr, o.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b64 * slb + head * slh + sq * sls, lse2 * 0.6931471805599453, mask=row_ok)
+    tl.store(LSE + b64 * slb + head * slh + sq * sls, lse2 * 0.6931471805599453, mask=row_ok & WRITE_LSE)
 
 
 @triton.jit
-def _lens_plan(LENS, B, SK, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The schedule's per-sequence figures from the device lengths (clamped to [0, SK]):
+def _lens_plan(LENS, B, SK, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
+    """The schedule's per-sequence figures from the device lengths (clamped to [0, SK]), or SK for
+    every sequence if UNIFORM (LENS unread: no host-to-device copy per new length):
     (lengths (BLOCK_B,), tiles per segment (BLOCK_B,), tiles of the sequences before b (BLOCK_B,))."""
     ob = tl.arange(0, BLOCK_B)
-    lens = tl.load(LENS + ob, mask=ob < B, other=0).to(tl.int32)
+    if UNIFORM:
+        lens = tl.where(ob < B, SK, 0).to(tl.int32)
+    else:
+        lens = tl.load(LENS + ob, mask=ob < B, other=0).to(tl.int32)
     lens = tl.minimum(tl.maximum(lens, 0), SK)
     tiles = (lens + BLOCK_N - 1) // BLOCK_N
     return lens, tiles, tl.cumsum(tiles, 0) - tiles
@@ -155,14 +160,17 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
               G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_B: tl.constexpr, CAUSAL: tl.constexpr, FUSED: tl.constexpr,
-              DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr):
+              DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+              EVEN_D: tl.constexpr, MROWS: tl.constexpr, MCHUNK: tl.constexpr, UNIFORM: tl.constexpr,
+              PDL: tl.constexpr):
     """Stream-K main pass: program c walks units [start, end) and stores one state per piece.
     The schedule comes from the device lengths LENS (B,), so one launch (or one captured graph)
-    serves any lengths."""
+    serves any lengths. EVEN_D: BLOCK_D == D (no head-dim masks on the KV loads). MROWS, MCHUNK:
+    rows (next power of two >= G*Sq) and pieces per load of the fused reduction's merge."""
     c = tl.program_id(0)
     R = G * SQ
     ob = tl.arange(0, BLOCK_B)
-    lens_v, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N)
+    lens_v, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N, UNIFORM)
     T = Hkv * tl.sum(tiles_v, 0)
     base = T // P
     rem = T % P
@@ -176,6 +184,8 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
     d_ok = dd < D
     gi = rows // SQ                       # packed row r = gi * Sq + sq
     sq = rows % SQ
+    if PDL:   # the merge pass may be launched now: it sets up, then waits for this grid to finish
+        tl.extra.cuda.gdc_launch_dependents()
 
     if FUSED:
         # segments of length 0 own no unit: their empty state is written by program s % P
@@ -220,7 +230,10 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
         for n0 in range(n_lo, n_hi, BLOCK_N):
             n = n0 + offs_n
             n_ok = n < n_hi
-            kt = tl.load(kp, mask=d_ok[:, None] & n_ok[None, :], other=0.0)     # (BLOCK_D, BLOCK_N)
+            if EVEN_D:
+                kt = tl.load(kp, mask=n_ok[None, :], other=0.0)                   # (BLOCK_D, BLOCK_N)
+            else:
+                kt = tl.load(kp, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST_DOT:  # interpreter: its tl.dot multiplies bf16 bit patterns (stored as uint16)
                 qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
             else:
@@ -235,7 +248,10 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(qk - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(vp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)     # (BLOCK_N, BLOCK_D)
+            if EVEN_D:
+                vt = tl.load(vp, mask=n_ok[:, None], other=0.0)                   # (BLOCK_N, BLOCK_D)
+            else:
+                vt = tl.load(vp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST_DOT:  # same rounding of p as on the GPU, fp32 product
                 pv = tl.dot(p.to(vt.dtype).to(tl.float32), vt.to(tl.float32), input_precision="ieee")
             else:
@@ -264,9 +280,11 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
                 npieces = _prog_of(seg_hi - 1, base, rem) - c0 + 1
                 if arrived == npieces - 1:  # the last piece of this segment to arrive merges
                     tl.debug_barrier()
-                    mo, ml = _merge_pieces(PO, PL, c0 + s, npieces, rows, dd, row_ok, d_ok, R, D,
-                                           BLOCK_M, BLOCK_D, CHUNK)
-                    _store_final(OUT, LSE, mo, ml, b, h, gi, sq, dd, row_ok, d_ok,
+                    mrows = tl.arange(0, MROWS)    # only the real rows: more pieces per load
+                    mrow_ok = mrows < R
+                    mo, ml = _merge_pieces(PO, PL, c0 + s, npieces, mrows, dd, mrow_ok, d_ok, R, D,
+                                           MROWS, BLOCK_D, MCHUNK)
+                    _store_final(OUT, LSE, mo, ml, b, h, mrows // SQ, mrows % SQ, dd, mrow_ok, d_ok,
                                  sob, sos, soh, sod, slb, slh, sls, G)
                     tl.atomic_xchg(CNT + s, 0)
         else:
@@ -281,12 +299,17 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
 def _lean_merge(PO, PL, OUT, LSE, LENS, sob, sos, soh, sod, slb, slh, sls, P, S, Hkv, B, SK,
                 G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr):
-    """Second pass: one program per segment s = b*Hkv + h merges its pieces into (out, lse)."""
+                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, UNIFORM: tl.constexpr, PDL: tl.constexpr):
+    """Second pass: program (s, j) merges the pieces of segment s = b*Hkv + h over head-dim block j
+    (BLOCK_D columns; several programs per segment, so every piece is loaded in one round).
+    PDL: launched as a programmatic dependent of the main pass (Hopper+): the schedule is worked
+    out while the main pass runs, and the pieces are read after ``gdc_wait`` (main pass done,
+    its stores visible)."""
     s = tl.program_id(0)
+    j = tl.program_id(1)
     R = G * SQ
     ob = tl.arange(0, BLOCK_B)
-    _, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N)
+    _, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N, UNIFORM)
     T = Hkv * tl.sum(tiles_v, 0)
     base = T // P
     rem = T % P
@@ -295,13 +318,15 @@ def _lean_merge(PO, PL, OUT, LSE, LENS, sob, sos, soh, sod, slb, slh, sls, P, S,
     c0 = _prog_of(lo, base, rem)
     npieces = tl.where(hi > lo, _prog_of(hi - 1, base, rem) - c0 + 1, 0)
     rows = tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
+    dd = j * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < R
     d_ok = dd < D
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     o, lse2 = _merge_pieces(PO, PL, c0 + s, npieces, rows, dd, row_ok, d_ok, R, D, BLOCK_M, BLOCK_D, CHUNK)
     b = s // Hkv
     _store_final(OUT, LSE, o, lse2, b, s - b * Hkv, rows // SQ, rows % SQ, dd, row_ok, d_ok,
-                 sob, sos, soh, sod, slb, slh, sls, G)
+                 sob, sos, soh, sod, slb, slh, sls, G, j == 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,13 +338,12 @@ _COUNTERS: dict = {}
 
 
 # Tile and grid choice by KV capacity on CUDA: rows (max B*Sk, programs per SM, block_n, num_warps,
-# num_stages); the first row with B*Sk <= max applies (d <= 64 takes block_n >= 128). From the sweep
-# of benchmarks/decode_step.py (section lean) on one H200, 2026-12-02, bf16, Hq 32 / Hkv 8, d 128:
-# B = 1 at 4K-8K best with 1 program/SM x 64 keys (0.0199 vs 0.0222 ms at 4K for 2/SM), 16K-32K
-# with 1/SM x 128 keys x 8 warps, 128K-1M and B = 8 ragged (1K-128K) within noise of 2/SM x 64
-# (docs/performance.md). The choice depends on the capacity, not the lengths, so a graph captured
-# over a growing cache keeps one configuration.
-TUNED = ((8192, 1, 64, 4, 3), (65536, 1, 128, 8, 3), (1 << 62, 2, 64, 4, 3))
+# num_stages); the first row with B*Sk <= max applies (d <= 64 takes block_n >= 128). From the lean
+# section of benchmarks/decode_step.py on one H200, 2026-12-02 (bf16, Hq 32 / Hkv 8, d 128; L2
+# flushed by write and by read): 1 program/SM x 64 keys best at 4K; 2/SM x 64 keys x 4 stages best
+# or within 1% of the best from 8K to 1M and for a B = 8 ragged batch (docs/performance.md). The
+# choice depends on the capacity, not the lengths, so a graph over a growing cache keeps one.
+TUNED = ((6144, 1, 64, 4, 3), (1 << 62, 2, 64, 4, 4))
 
 
 def default_config(head_dim: int, dtype: torch.dtype, n_keys: int | None = None) -> dict:
@@ -354,9 +378,26 @@ def schedule(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int):
     return seg, first, T
 
 
+_PDL: dict = {}
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch of the merge pass: CUDA, compute capability >= 9 (Hopper),
+    and not switched off with HPCATTN_LEAN_PDL=0."""
+    if device.type != "cuda" or os.environ.get("HPCATTN_LEAN_PDL", "1") == "0":
+        return False
+    key = str(device)
+    if key not in _PDL:
+        _PDL[key] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _PDL[key]
+
+
 def _merge_chunk(block_m: int, block_d: int) -> int:
     """Pieces merged per load (a (CHUNK, BLOCK_M, BLOCK_D) fp32 block of about 8K values)."""
-    return max(1, min(32, 8192 // (block_m * block_d)))
+    return max(1, min(64, 8192 // (block_m * block_d)))
+
+
+MERGE_BLOCK_D = 32      # head-dim columns per merge program (d = 128: 4 programs per segment)
 
 
 def _lens_tensor(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -519,7 +560,8 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     P = int(num_programs)
     if P < 1:
         raise ValueError(f"num_programs must be >= 1, got {num_programs}")
-    lens = lengths if device_lengths else _lens_tensor(lengths, q.device)
+    uniform = k_lengths is None                    # every sequence sees all Sk keys: nothing to copy
+    lens = lengths if device_lengths else (q if uniform else _lens_tensor(lengths, q.device))
 
     R = G * Sq
     BLOCK_M = max(16, triton.next_power_of_2(R))
@@ -531,18 +573,22 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     fused = reduction == "fused"
     cnt = _counters(S, q.device) if fused else lens      # CNT unused by the two-kernel path
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = not fused and _pdl_ok(q.device)
+    rows = max(2, triton.next_power_of_2(R))               # merges: no tl.dot, no 16-row minimum
     _lean_fwd[(P,)](
         q, k, v, part_o, part_l, out, lse, lens, cnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         float(scale) * LOG2E, P, S, Hkv, B, Sk,
         G=G, SQ=Sq, D=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_B=BLOCK_B,
         CAUSAL=causal == "bottom_right", FUSED=fused, DOT_PREC=dot_prec,
-        UPCAST_DOT=q.device.type != "cuda", CHUNK=_merge_chunk(BLOCK_M, BLOCK_D),
-        num_warps=num_warps, num_stages=num_stages)
+        UPCAST_DOT=q.device.type != "cuda",
+        EVEN_D=BLOCK_D == d, MROWS=rows, MCHUNK=_merge_chunk(rows, BLOCK_D), UNIFORM=uniform,
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages)
     if not fused:
-        rows = max(2, triton.next_power_of_2(R))           # no tl.dot here: no 16-row minimum
-        _lean_merge[(S,)](
+        mbd = min(BLOCK_D, MERGE_BLOCK_D)
+        _lean_merge[(S, triton.cdiv(d, mbd))](
             part_o, part_l, out, lse, lens, *out.stride(), *lse.stride(), P, S, Hkv, B, Sk,
-            G=G, SQ=Sq, D=d, BLOCK_M=rows, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_B=BLOCK_B,
-            CHUNK=_merge_chunk(rows, BLOCK_D), num_warps=4)
+            G=G, SQ=Sq, D=d, BLOCK_M=rows, BLOCK_D=mbd, BLOCK_N=block_n, BLOCK_B=BLOCK_B,
+            CHUNK=_merge_chunk(rows, mbd), UNIFORM=uniform, PDL=pdl, num_warps=4,
+            **({"launch_pdl": True} if pdl else {}))
     return out, lse

@@ -4,11 +4,16 @@ Inside a CUDA graph a decode step costs about one kernel per op, and the plain m
 (:mod:`hpcattn.model.llama`) issues ~47 per layer: RMSNorm alone is 8 elementwise kernels, RoPE 8
 per tensor. Most of them touch a few KB, so each costs its launch slot (~2 us on an H200), not
 bandwidth; at 32 layers that is ~3 ms against a ~4.5 ms byte floor. This forward computes the same
-function of the same parameters in 14 kernels per layer:
+function of the same parameters in 11 kernels per layer:
 
-    rmsnorm (1) - wq, wk, wv (3 GEMV) - rope_and_cache (1: rotates q and k, stores k and v in the
+    rmsnorm (1) - wqkv (1 GEMV) - rope_and_cache (1: rotates q and k, stores k and v in the
     cache slot) - attention (the caller's; Lean: 2) - wo + residual (1 addmm) - rmsnorm (1) -
-    w1, w3 (2 GEMV) - silu_mul (1) - w2 + residual (1 addmm)
+    w13 (1 GEMV) - silu_mul (1) - w2 + residual (1 addmm)
+
+The q/k/v weights of a layer, and its gate/up weights, are read by one product each: on first use
+:func:`fuse_projections` stores them in one buffer per layer and turns the layer's ``wq``/``wk``/
+``wv`` (``w1``/``w3``) weights into views of it, so no memory is added and the plain model reads the
+very same numbers (three small GEMVs at B = 1 cost their launch and tail each).
 
 Rounding follows the plain model (RMSNorm in float32 then the model dtype times the weight; RoPE in
 the cos/sin dtype; SiLU in float32 rounded before the product); the residual adds are fused into the
@@ -97,21 +102,67 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
 
 
 @triton.jit
-def _silu_mul(A, B_, Y, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
+def _silu_mul(AB, Y, F_, BLOCK: tl.constexpr):
+    """Program (row, block): Y[row, i] = silu(AB[row, i]) * AB[row, F_ + i]."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < F_
+    a = tl.load(AB + row * 2 * F_ + offs, mask=m, other=0.0).to(tl.float32)
     s = (a / (1.0 + tl.exp(-a))).to(Y.dtype.element_ty)      # F.silu rounds to the dtype first
-    b = tl.load(B_ + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (s.to(tl.float32) * b).to(Y.dtype.element_ty), mask=m)
+    b = tl.load(AB + row * 2 * F_ + F_ + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(Y + row * F_ + offs, (s.to(tl.float32) * b).to(Y.dtype.element_ty), mask=m)
 
 
-def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """F.silu(a) * b for contiguous tensors of one shape (one kernel)."""
-    y = torch.empty_like(a)
-    n = a.numel()
-    _silu_mul[(triton.cdiv(n, 1024),)](a, b, y, n, BLOCK=1024, num_warps=4)
+def silu_mul(ab: torch.Tensor) -> torch.Tensor:
+    """ab (B, 2F) contiguous = [gate | up] -> F.silu(gate) * up (B, F) (one kernel)."""
+    B, F2 = ab.shape
+    y = torch.empty(B, F2 // 2, dtype=ab.dtype, device=ab.device)
+    _silu_mul[(B, triton.cdiv(F2 // 2, 1024))](ab, y, F2 // 2, BLOCK=1024, num_warps=4)
     return y
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum of out_features, in) weight buffer (and bias) for ``linears``; each linear's
+    weight (bias) becomes a view of its rows, so the module computes what it did before."""
+    w = torch.cat([lin.weight.detach() for lin in linears])
+    b = torch.cat([lin.bias.detach() for lin in linears]) if linears[0].bias is not None else None
+    at = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = torch.nn.Parameter(w[at:at + n], requires_grad=lin.weight.requires_grad)
+        if b is not None:
+            lin.bias = torch.nn.Parameter(b[at:at + n], requires_grad=lin.bias.requires_grad)
+        at += n
+    return w, b
+
+
+def _still_fused(linears, w) -> bool:
+    """Are the linears' weights still the row views of ``w`` that :func:`_fuse` made?"""
+    at = 0
+    for lin in linears:
+        if lin.weight.data_ptr() != w.data_ptr() + at * w.stride(0) * w.element_size():
+            return False
+        at += lin.out_features
+    return True
+
+
+def fuse_projections(model) -> list[dict]:
+    """Per layer {"qkv": (weight (Hq*d + 2*Hkv*d, dim), bias or None), "w13": (weight
+    (2*ffn, dim), bias or None)}, built once (one layer's extra memory at a time) and kept on the
+    model; rebuilt if a weight was replaced since (e.g. a checkpoint loaded afterwards)."""
+    cached = getattr(model, "_hpcattn_fused", None)
+    if cached is not None and all(
+            _still_fused([L.attention.wq, L.attention.wk, L.attention.wv], f["qkv"][0])
+            and _still_fused([L.feed_forward.w1, L.feed_forward.w3], f["w13"][0])
+            for L, f in zip(model.layers, cached)):
+        return cached
+    fused = []
+    with torch.no_grad():
+        for layer in model.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            fused.append({"qkv": _fuse([att.wq, att.wk, att.wv]), "w13": _fuse([ffn.w1, ffn.w3])})
+    model._hpcattn_fused = fused
+    return fused
 
 
 def residual_linear(x: torch.Tensor, h: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
@@ -135,17 +186,20 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
     """
     a = model.args
     B = token.shape[0]
+    nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    fused = fuse_projections(model)
     x = F.embedding(token, model.tok_embeddings.weight)                        # (B, dim)
     cos, sin = model.rope(pos, torch.float64 if x.dtype == torch.float64 else torch.float32)
     cos, sin = cos.view(-1), sin.view(-1)
-    for i, layer in enumerate(model.layers):
+    for i, (layer, f) in enumerate(zip(model.layers, fused)):
         att, ffn = layer.attention, layer.feed_forward
         h = rmsnorm(x, layer.attention_norm.weight, layer.attention_norm.eps)
-        q = att.wq(h).view(B, a.n_heads, a.head_dim)
-        k = att.wk(h).view(B, a.n_kv_heads, a.head_dim)
-        v = att.wv(h).view(B, a.n_kv_heads, a.head_dim)
+        qkv = F.linear(h, *f["qkv"])                                           # (B, nq + 2 nkv)
+        q = qkv[:, :nq].view(B, a.n_heads, a.head_dim)
+        k = qkv[:, nq:nq + nkv].view(B, a.n_kv_heads, a.head_dim)
+        v = qkv[:, nq + nkv:].view(B, a.n_kv_heads, a.head_dim)
         o = attend(i, rope_and_cache(q, k, v, cos, sin, slot(i), at))
-        x = residual_linear(x, o.reshape(B, a.n_heads * a.head_dim), att.wo)
+        x = residual_linear(x, o.reshape(B, nq), att.wo)
         h = rmsnorm(x, layer.ffn_norm.weight, layer.ffn_norm.eps)
-        x = residual_linear(x, silu_mul(ffn.w1(h), ffn.w3(h)), ffn.w2)
+        x = residual_linear(x, silu_mul(F.linear(h, *f["w13"])), ffn.w2)
     return model.output(rmsnorm(x, model.norm.weight, model.norm.eps)).float()
