@@ -24,6 +24,15 @@ from hpcattn.errors import ConfigError
 
 MODES = ("auto", "true", "false")
 
+_BUILDING = [0]     # > 0 while a StepGraph warms up or captures (kernel choice: see building())
+
+
+def building() -> bool:
+    """True while a :class:`StepGraph` runs its warm-up or its capture: kernels that choose per
+    call between an eager-friendly and a graph-friendly kernel (``auto``'s decode route) take the
+    graph one, so the warm-up compiles and runs what the capture records."""
+    return _BUILDING[0] > 0
+
 
 def blocker(*, device: str, method: str, backend: str, world_size: int,
             placement: str = "last") -> str | None:
@@ -74,6 +83,13 @@ class StepGraph:
 
     def __init__(self, fn, *, warmup: int = 2, counters=None):
         self.counters = counters
+        _BUILDING[0] += 1
+        try:
+            self._build(fn, warmup, counters)
+        finally:
+            _BUILDING[0] -= 1
+
+    def _build(self, fn, warmup, counters):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

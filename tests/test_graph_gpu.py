@@ -110,17 +110,17 @@ def test_auto_sends_ragged_decode_to_lean():
 
 
 def test_auto_sends_dense_decode_off_cudnn():
-    """Under kernel auto, cuDNN's dense fp16/bf16 decode calls run on aten_flash (else Lean): cuDNN's
-    op builds a host graph for every new key length, and every decode step has one. The record's
-    kernel line says so, and the state matches the reference as closely as the same-dtype
-    baseline's does."""
+    """Under kernel auto, cuDNN's dense fp16/bf16 decode calls run on aten_flash (else Lean) eager
+    and on Lean inside a graph capture: cuDNN's op builds a host graph for every new key length,
+    and every decode step has one. The record's kernel line says so, and the state matches the
+    reference as closely as the same-dtype baseline's does, eager and replayed."""
     from hpcattn.kernels import attn_reference, head_major, select_kernel
     from tests.tolerance import same_dtype_attention
 
     kern = select_kernel("auto", "cuda", torch.bfloat16, 128)
     if kern.name != "aten_cudnn":
         pytest.skip(f"auto chose {kern.name}, not cuDNN")
-    assert kern.selftest["decode"].split()[0] in ("aten_flash", "lean"), kern.selftest
+    assert kern.decode_route is not None and kern.decode_route[1] == "lean", kern.selftest
     q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
     k = head_major(torch.randn(1, 5000, 8, 128, device="cuda", dtype=torch.bfloat16))
     v = head_major(torch.randn(1, 5000, 8, 128, device="cuda", dtype=torch.bfloat16))
@@ -129,3 +129,8 @@ def test_auto_sends_dense_decode_off_cudnn():
         ro, rl = attn_reference(q.double(), k[:, :n].double(), v[:, :n].double(), scale=0.088)
         bo, bl = same_dtype_attention(q, k[:, :n], v[:, :n], scale=0.088, lengths=[n])
         assert _err(o, ro) <= 2 * _err(bo, ro) + 1e-5 and _err(l, rl) <= 2 * _err(bl, rl) + 1e-5
+    from hpcattn.graph import StepGraph
+    g = StepGraph(lambda: kern(q, k, v, scale=0.088))
+    go, gl = g()
+    lo, ll = select_kernel("lean", "cuda", torch.bfloat16, 128)(q, k, v, scale=0.088)
+    assert torch.equal(go, lo) and torch.equal(gl, ll)             # the capture ran Lean

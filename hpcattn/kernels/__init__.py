@@ -17,11 +17,11 @@ shapes only; it reads lengths from the device, so CUDA graphs of a growing cache
 ``auto`` picks, in order of measured speed, the first one that is present and passes a startup
 self-test against ``torch_ref`` for the run's dtype and head size. On a GPU it sends ragged decode
 batches (``k_lengths`` not all equal, G*Sq <= 128, fp16/bf16) to ``lean``, which beat cuDNN's
-per-sequence loop there, and dense decode calls of cuDNN to ``aten_flash`` (else ``lean``):
-PyTorch's cuDNN op builds a new graph on the host for every new key length (37-56 ms per call on an
-H200), which every eager decode step pays; flash has no per-length cost and was the fastest eager
-decode call measured with growing lengths (docs/performance.md). Captured decode steps use ``lean``
-with device lengths (:mod:`hpcattn.model.runner`).
+per-sequence loop there, and dense decode calls of cuDNN to ``aten_flash`` when eager and to
+``lean`` inside a CUDA graph capture: PyTorch's cuDNN op builds a new graph on the host for every new
+key length (37-56 ms per call on an H200), which every eager decode step pays; flash has no
+per-length cost and was the fastest eager call measured with growing lengths, Lean the fastest
+graph replay at every context 4K-1M (docs/performance.md). Without flash, ``lean`` takes both.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Kernel:
     native_gqa: bool = True
     selftest: dict = field(default_factory=dict)
     auto: bool = False            # chosen by ``auto``: ragged GPU decode batches may go to lean
+    decode_route: tuple[str, str] | None = None   # auto's (eager, captured) kernels for cuDNN's dense decode
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                  causal: str = "none", k_lengths: list[int] | None = None):
@@ -64,7 +65,7 @@ class Kernel:
             return lean_decode(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
         if k_lengths is not None and any(n != Sk for n in k_lengths):
             return self._ragged(q, k, v, scale=scale, causal=causal, k_lengths=k_lengths)
-        if self.selftest.get("decode", "aten_cudnn") != "aten_cudnn" and self.name == "aten_cudnn":
+        if self.decode_route is not None:
             other = _decode_kernel(self, q, k, causal, "decode")
             if other is not None:
                 return other(q, k, v, scale=scale, causal=causal)
@@ -100,15 +101,20 @@ def _decode_kernel(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str, 
     """The kernel for a decode call of an ``auto`` GPU kernel, or None (keep ``kern``).
 
     ``why="ragged"``: ``lean`` for a ragged batch (one launch instead of a per-sequence loop).
-    ``why="decode"``: a dense decode call of cuDNN goes to the kernel named at selection in
-    ``kern.selftest["decode"]`` (``aten_flash``, else ``lean``): PyTorch's cuDNN op builds a new
-    cuDNN graph on the host for every new key length (measured on an H200: 37-56 ms of host time
-    per call, ~0.03 ms on the GPU), and every eager decode step has a new length.
+    ``why="decode"``: a dense decode call of cuDNN goes to ``kern.decode_route``'s eager kernel
+    (``aten_flash``, else ``lean``), or its captured one (``lean``) while a CUDA graph is being
+    built (:func:`hpcattn.graph.building`: warm-up and capture) or captured: PyTorch's cuDNN op builds a new cuDNN graph on the host for every new key length
+    (measured on an H200: 37-56 ms of host time per call, ~0.03 ms on the GPU), and every eager
+    decode step has a new length.
     """
     if not (kern.auto and q.is_cuda and kern.name in GPU_ORDER and causal in ("none", "bottom_right")
             and q.dtype in (torch.float16, torch.bfloat16) and (q.shape[2] // k.shape[2]) * q.shape[1] <= 128):
         return None
-    name = "lean" if why == "ragged" else kern.selftest["decode"].split()[0]
+    if why == "ragged":
+        name = "lean"
+    else:
+        from hpcattn.graph import building
+        name = kern.decode_route[1 if building() or torch.cuda.is_current_stream_capturing() else 0]
     try:
         other = select_kernel(name, q.device, q.dtype, q.shape[-1])
     except HpcattnError:
@@ -217,21 +223,26 @@ def select_kernel(backend: str, device: str | torch.device, dtype: torch.dtype, 
                            f"{str(dtype).replace('torch.', '')}, head_dim={head_dim}: "
                            + "; ".join(f"{k}: {v}" for k, v in report.items()))
     if kern.auto and kern.name == "aten_cudnn" and dtype in (torch.float16, torch.bfloat16):
-        kern.selftest["decode"] = _decode_choice(device, dtype, head_dim)   # said in the record's kernel line
+        kern.decode_route, kern.selftest["decode"] = _decode_route(device, dtype, head_dim)
     _CACHE[key] = kern
     return kern
 
 
-def _decode_choice(device, dtype, head_dim) -> str:
-    """Where ``auto`` sends cuDNN's dense decode calls: ``aten_flash``, else ``lean``, else cuDNN."""
-    why = []
+def _decode_route(device, dtype, head_dim) -> tuple[tuple[str, str] | None, str]:
+    """Where ``auto`` sends cuDNN's dense decode calls: ((eager kernel, kernel under graph capture)
+    or None to keep cuDNN, the text said in the record's kernel line)."""
+    have, why = [], []
     for name in ("aten_flash", "lean"):
         try:
             select_kernel(name, device, dtype, head_dim)
-            return f"{name} (cuDNN builds a host graph per new key length)"
+            have.append(name)
         except HpcattnError as e:
             why.append(f"{name}: {str(e)[:80]}")
-    return "aten_cudnn (" + "; ".join(why) + ")"
+    if not have:
+        return None, "aten_cudnn (" + "; ".join(why) + ")"
+    route = (have[0], "lean" if "lean" in have else have[0])
+    return route, (f"{route[0]} eager, {route[1]} in CUDA graphs "
+                   "(cuDNN builds a host graph per new key length)")
 
 
 def attn_with_lse(q, k, v, *, scale: float, causal: str = "none", backend: str = "auto",

@@ -161,8 +161,7 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_B: tl.constexpr, CAUSAL: tl.constexpr, FUSED: tl.constexpr,
               DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              EVEN_D: tl.constexpr, MROWS: tl.constexpr, MCHUNK: tl.constexpr, UNIFORM: tl.constexpr,
-              PDL: tl.constexpr):
+              EVEN_D: tl.constexpr, MROWS: tl.constexpr, MCHUNK: tl.constexpr, UNIFORM: tl.constexpr):
     """Stream-K main pass: program c walks units [start, end) and stores one state per piece.
     The schedule comes from the device lengths LENS (B,), so one launch (or one captured graph)
     serves any lengths. EVEN_D: BLOCK_D == D (no head-dim masks on the KV loads). MROWS, MCHUNK:
@@ -184,8 +183,6 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
     d_ok = dd < D
     gi = rows // SQ                       # packed row r = gi * Sq + sq
     sq = rows % SQ
-    if PDL:   # the merge pass may be launched now: it sets up, then waits for this grid to finish
-        tl.extra.cuda.gdc_launch_dependents()
 
     if FUSED:
         # segments of length 0 own no unit: their empty state is written by program s % P
@@ -299,12 +296,9 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
 def _lean_merge(PO, PL, OUT, LSE, LENS, sob, sos, soh, sod, slb, slh, sls, P, S, Hkv, B, SK,
                 G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, UNIFORM: tl.constexpr, PDL: tl.constexpr):
+                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, UNIFORM: tl.constexpr):
     """Second pass: program (s, j) merges the pieces of segment s = b*Hkv + h over head-dim block j
-    (BLOCK_D columns; several programs per segment, so every piece is loaded in one round).
-    PDL: launched as a programmatic dependent of the main pass (Hopper+): the schedule is worked
-    out while the main pass runs, and the pieces are read after ``gdc_wait`` (main pass done,
-    its stores visible)."""
+    (BLOCK_D columns; several programs per segment, so every piece is loaded in one round)."""
     s = tl.program_id(0)
     j = tl.program_id(1)
     R = G * SQ
@@ -321,8 +315,6 @@ def _lean_merge(PO, PL, OUT, LSE, LENS, sob, sos, soh, sod, slb, slh, sls, P, S,
     dd = j * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < R
     d_ok = dd < D
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     o, lse2 = _merge_pieces(PO, PL, c0 + s, npieces, rows, dd, row_ok, d_ok, R, D, BLOCK_M, BLOCK_D, CHUNK)
     b = s // Hkv
     _store_final(OUT, LSE, o, lse2, b, s - b * Hkv, rows // SQ, rows % SQ, dd, row_ok, d_ok,
@@ -340,10 +332,11 @@ _COUNTERS: dict = {}
 # Tile and grid choice by KV capacity on CUDA: rows (max B*Sk, programs per SM, block_n, num_warps,
 # num_stages); the first row with B*Sk <= max applies (d <= 64 takes block_n >= 128). From the lean
 # section of benchmarks/decode_step.py on one H200, 2026-12-02 (bf16, Hq 32 / Hkv 8, d 128; L2
-# flushed by write and by read): 1 program/SM x 64 keys best at 4K; 2/SM x 64 keys x 4 stages best
-# or within 1% of the best from 8K to 1M and for a B = 8 ragged batch (docs/performance.md). The
+# flushed by write and by read, three runs): 1 program/SM x 64 keys best or within 2% of the best
+# at 4K-16K; 2/SM x 64 keys x 4 stages at 32K-1M and for a B = 8 ragged batch (docs/performance.md).
+# (Launching the merge pass as a programmatic dependent gained nothing measurable: not used.) The
 # choice depends on the capacity, not the lengths, so a graph over a growing cache keeps one.
-TUNED = ((6144, 1, 64, 4, 3), (1 << 62, 2, 64, 4, 4))
+TUNED = ((24576, 1, 64, 4, 3), (1 << 62, 2, 64, 4, 4))
 
 
 def default_config(head_dim: int, dtype: torch.dtype, n_keys: int | None = None) -> dict:
@@ -376,20 +369,6 @@ def schedule(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int):
         # the non-empty segment containing unit st (upper bound - 1); 0 for idle programs
         first.append(bisect.bisect_right(seg, st) - 1 if st < T else 0)
     return seg, first, T
-
-
-_PDL: dict = {}
-
-
-def _pdl_ok(device: torch.device) -> bool:
-    """Programmatic dependent launch of the merge pass: CUDA, compute capability >= 9 (Hopper),
-    and not switched off with HPCATTN_LEAN_PDL=0."""
-    if device.type != "cuda" or os.environ.get("HPCATTN_LEAN_PDL", "1") == "0":
-        return False
-    key = str(device)
-    if key not in _PDL:
-        _PDL[key] = torch.cuda.get_device_capability(device)[0] >= 9
-    return _PDL[key]
 
 
 def _merge_chunk(block_m: int, block_d: int) -> int:
@@ -573,7 +552,6 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     fused = reduction == "fused"
     cnt = _counters(S, q.device) if fused else lens      # CNT unused by the two-kernel path
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    pdl = not fused and _pdl_ok(q.device)
     rows = max(2, triton.next_power_of_2(R))               # merges: no tl.dot, no 16-row minimum
     _lean_fwd[(P,)](
         q, k, v, part_o, part_l, out, lse, lens, cnt,
@@ -583,12 +561,11 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         CAUSAL=causal == "bottom_right", FUSED=fused, DOT_PREC=dot_prec,
         UPCAST_DOT=q.device.type != "cuda",
         EVEN_D=BLOCK_D == d, MROWS=rows, MCHUNK=_merge_chunk(rows, BLOCK_D), UNIFORM=uniform,
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     if not fused:
         mbd = min(BLOCK_D, MERGE_BLOCK_D)
         _lean_merge[(S, triton.cdiv(d, mbd))](
             part_o, part_l, out, lse, lens, *out.stride(), *lse.stride(), P, S, Hkv, B, Sk,
             G=G, SQ=Sq, D=d, BLOCK_M=rows, BLOCK_D=mbd, BLOCK_N=block_n, BLOCK_B=BLOCK_B,
-            CHUNK=_merge_chunk(rows, mbd), UNIFORM=uniform, PDL=pdl, num_warps=4,
-            **({"launch_pdl": True} if pdl else {}))
+            CHUNK=_merge_chunk(rows, mbd), UNIFORM=uniform, num_warps=4)
     return out, lse
