@@ -14,12 +14,13 @@ Sections (each prints a table; --json gets every row, rewritten after every sect
            run's kernel: cuDNN, and Lean), eager host launches vs one graph replay, vs its floor
   model    end-to-end decode step of the Llama-3.1-8B shape (random weights, bf16), 4 and 32
            layers, 8K/32K/128K context, B=1 and 8 (32 layers at B=8, 128K needs 137 GB of KV:
-           skipped): eager (kernel auto = cuDNN), eager with the Lean kernel, and graph (the
-           runner's captured fused step, Lean with device lengths), vs the byte floor (weights
-           read once + KV read once) / copy rate; greedy tokens of eager and graph compared
+           skipped): eager (kernel auto: dense decode on aten_flash), eager with the Lean kernel,
+           and graph (the runner's captured fused step, Lean with device lengths), vs the byte
+           floor (weights read once + KV read once) / copy rate; greedy tokens of eager and graph
+           compared
   hf       Hugging Face transformers' LlamaForCausalLM with the same shape (its own random weights:
            timing does not depend on them), StaticCache, sdpa attention, eager: the decode step
-           at 4 layers, B=1, 8K and 32K
+           at each --layers count, B=1, 8K and 32K
 
 Timing: CUDA events, warm-up, median; eager steps synchronise after each step (the GPU timeline
 between the events includes every launch gap); graph steps are replays.
@@ -274,7 +275,7 @@ def model_step(args, bw):
     from hpcattn.kernels import select_kernel
     from hpcattn.model.runner import ModelRunner
     print("\n## end-to-end decode step, Llama-3.1-8B shape, random bf16 weights (ms; floor = (weights + KV) / copy rate)")
-    print("   eager: the runner as it runs today (kernel auto = cuDNN, one plan per new cache length);"
+    print("   eager: the runner with kernel auto (dense decode on aten_flash);"
           " eager-lean: same with the Lean kernel; graph: captured fused step (Lean, device lengths)")
     print(f"{'layers':>6} {'B':>2} {'N':>7} {'GB read':>8} {'floor':>7} {'eager':>8} {'e-lean':>8} {'graph':>8} "
           f"{'eager/floor':>11} {'e-lean/fl':>10} {'graph/floor':>11} {'speed-up':>8} tokens (eager vs graph)")

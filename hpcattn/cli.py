@@ -391,8 +391,10 @@ def _run(cfg, world, args) -> int:
         ctx = comm_mod.setup(world, device_kind=device_kind, backend=cfg.comm.backend,
                              gpu_aware_setting=cfg.comm.gpu_aware_mpi, ranks_per_node=cfg.comm.ranks_per_node)
     cases = plan_cases(cfg, ctx.size)
-    ranks_here = world.allgather(socket.gethostname()).count(socket.gethostname())
-    _collective_check(world, lambda: check_memory(cases, ctx.size, ctx.device, ranks_here),
+    where = world.allgather((socket.gethostname(), str(ctx.device)))
+    ranks_here = [h for h, _ in where].count(socket.gethostname())
+    ranks_on_device = where.count(where[ctx.rank]) if ctx.device.type == "cuda" else 1
+    _collective_check(world, lambda: check_memory(cases, ctx.size, ctx.device, ranks_here, ranks_on_device),
                       "memory check", args.debug)
 
     def kernel_for(c):

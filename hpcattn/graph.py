@@ -54,6 +54,18 @@ def blocker(*, device: str, method: str, backend: str, world_size: int,
     return None
 
 
+def lean_for_graphs(device: torch.device, dtype: torch.dtype, head_dim: int):
+    """(the Lean kernel, None), or (None, why not): captured decode steps need it (it reads the
+    cache length from the device, so one graph serves every step)."""
+    from hpcattn.errors import HpcattnError
+    from hpcattn.kernels import select_kernel
+
+    try:
+        return select_kernel("lean", device, dtype, head_dim), None
+    except HpcattnError as e:
+        return None, f"the Lean kernel (device lengths) is not usable here: {e}"
+
+
 def decide(option: str, reason: str | None, where: str = "run.cuda_graphs") -> tuple[bool, str]:
     """(capture?, why) for ``option`` given :func:`blocker`'s ``reason``. ``true`` with a blocker
     raises ConfigError naming the key."""

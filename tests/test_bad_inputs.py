@@ -253,6 +253,17 @@ def test_memory_check_counts_rank_0s_reference_copy(tmp_path, capfd, monkeypatch
     assert code == 0 and f"{runner.format_bytes(need)} {runner.format_bytes(rank0):>11}" in row, row
 
 
+def test_memory_check_shares_a_gpu_among_its_ranks(monkeypatch):
+    """Ranks that share one GPU (several ranks per device, as on a one-GPU test machine) each get
+    their share of its free memory, and the refusal says so."""
+    from hpcattn.jobs import runner
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3000, 8000))
+    dev = torch.device("cuda", 0)
+    assert runner.available_memory(dev, 4, 1) == (3000, "free on cuda:0")
+    assert runner.available_memory(dev, 4, 3) == (1000, "free on cuda:0 / 3 ranks sharing it")
+
+
 def test_watchdog_report_is_one_write_ending_in_newline(monkeypatch):
     """Launchers forward each rank's writes as they come: the hang line and the stacks go out in one
     write(2) that ends with a newline, so reports of different ranks cannot run together."""

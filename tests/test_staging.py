@@ -188,7 +188,7 @@ def test_allgather_staged(dtype):
     assert torch.equal(out[0], t)
     assert comm.is_device(out)                   # the result lives on the (fake) device
     assert_only_host_buffers(comm, spy, t, out)
-    assert {"allgather_in", "allgather_out"} <= {slot for slot, _ in comm._pool}
+    assert {"allgather_in", "allgather_out"} <= set(comm._pool)
 
 
 def test_broadcast_staged():
@@ -227,7 +227,7 @@ def test_sendrecv_alternates_receive_slots():
     assert len(recv_spans) == 2 and recv_spans[0] != recv_spans[1]
     send_spans = spy.spans("Isend")
     assert send_spans[0] == send_spans[1]        # one send slot, reused
-    assert {"recv0", "recv1", "send"} == {slot for slot, _ in comm._pool}
+    assert {"recv0", "recv1", "send"} == set(comm._pool)
     assert_only_host_buffers(comm, spy, a, b, ra, rb)
 
 
@@ -240,9 +240,17 @@ def test_pool_reuses_buffers():
     spans = spy.spans("Allreduce")
     assert spans[0][0] == spans[1][0] == spans[2][0]
     assert len(comm._pool) == 1
-    comm.allreduce(torch.randn(17))               # new size: a new buffer
+    comm.allreduce(torch.randn(17))               # larger: the slot's buffer regrows (>= 1.5x)
     assert spy.spans("Allreduce")[3][0] != spans[0][0]
-    assert len(comm._pool) == 2
+    assert len(comm._pool) == 1 and comm._pool["allreduce"].nbytes == 96
+    comm.allreduce(torch.randn(5))                # smaller: the same buffer
+    assert spy.spans("Allreduce")[4][0] == spy.spans("Allreduce")[3][0]
+    for n in range(1, 200, 7):                    # a growing message: one buffer, bounded
+        t = torch.randn(n)
+        expect = t.clone()
+        comm.allreduce(t)
+        assert torch.equal(t, expect)
+    assert len(comm._pool) == 1 and 193 * 4 <= comm._pool["allreduce"].nbytes <= 1.5 * 193 * 4
     g1 = comm.allgather(torch.randn(8))
     g2 = comm.allgather(torch.randn(8))
     ag = spy.spans("Allgather")

@@ -3,9 +3,12 @@
 * CPU tensors go to MPI directly (transport ``mpi_host``).
 * A device tensor goes to MPI directly only when the library is CUDA-aware (``mpi_device``);
   the stream is synchronised first, because mpi4py cannot synchronise it.
-* Otherwise device data is staged through pinned host buffers that are allocated once per
-  (slot, size) and reused (``mpi_staged``). Each host buffer carries the CUDA event of the last
-  copy that reads it, so that it is never overwritten while an asynchronous copy still uses it.
+* Otherwise device data is staged through pinned host buffers, one per slot (a call site, or a
+  point-to-point message in flight), reused for any size up to its capacity and regrown by at
+  least 1.5x when a message is larger (``mpi_staged``): pinned memory stays bounded by the largest
+  message per slot, however many sizes a run sends (a growing cache sends a new size every step).
+  Each host buffer carries the CUDA event of the last copy that reads it, so that it is never
+  overwritten or freed while an asynchronous copy still uses it.
 
 Every buffer handed to MPI passes :meth:`MPIComm._mpi_buf`, which refuses a device buffer when
 MPI is not CUDA-aware: that would segfault, uncatchably, on every rank.
@@ -25,6 +28,7 @@ _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
 class _HostBuffer:
     def __init__(self, nbytes: int, pinned: bool):
+        self.nbytes = nbytes
         self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         self.event = None                 # CUDA event after the last async copy that reads it
 
@@ -54,8 +58,8 @@ class MPIComm(Comm):
         super().__init__(mpi_comm, counters)
         self.gpu_aware = gpu_aware
         self.is_device = is_device or (lambda t: t.device.type != "cpu")
-        self._pool: dict[tuple[str, int], _HostBuffer] = {}
-        self._inflight: set[tuple[str, int]] = set()     # pool keys of point-to-point messages in flight
+        self._pool: dict[str, _HostBuffer] = {}
+        self._inflight: set[str] = set()                 # slots of point-to-point messages in flight
         self.transport = "mpi_device" if gpu_aware else "mpi_staged"
 
     # -- buffers -------------------------------------------------------------------------------
@@ -87,13 +91,15 @@ class MPIComm(Comm):
         return reqs
 
     def _host(self, slot: str, like: torch.Tensor) -> _HostBuffer:
+        """The slot's host buffer, at least ``like``'s size, with no copy pending on it."""
         nbytes = like.numel() * like.element_size()
-        key = (slot, nbytes)
-        buf = self._pool.get(key)
-        if buf is None:
-            buf = _HostBuffer(nbytes, pinned=torch.cuda.is_available() and like.device.type == "cuda")
-            self._pool[key] = buf
-        buf.ready()
+        buf = self._pool.get(slot)
+        if buf is not None:
+            buf.ready()
+        if buf is None or buf.nbytes < nbytes:
+            grown = nbytes if buf is None else max(nbytes, buf.nbytes * 3 // 2)
+            buf = _HostBuffer(grown, pinned=torch.cuda.is_available() and like.device.type == "cuda")
+            self._pool[slot] = buf
         return buf
 
     def _staged(self, t: torch.Tensor) -> bool:
@@ -116,7 +122,7 @@ class MPIComm(Comm):
         if t.device.type == "cuda":
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(t.device))
-            self._pool[(slot, h.numel() * h.element_size())].event = ev
+            self._pool[slot].event = ev
 
     # -- collectives ---------------------------------------------------------------------------
     def allreduce(self, t, op="sum"):
@@ -208,14 +214,13 @@ class MPIComm(Comm):
 
     def _p2p_host(self, like: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """A pooled host buffer for one point-to-point message, not used by a message in flight
-        (slots ``p2p0``, ``p2p1``, ... per size; released by the message's ``wait``)."""
-        nbytes = like.numel() * like.element_size()
+        (slots ``p2p0``, ``p2p1``, ...; released by the message's ``wait``)."""
         i = 0
-        while (f"p2p{i}", nbytes) in self._inflight:
+        while f"p2p{i}" in self._inflight:
             i += 1
-        key = (f"p2p{i}", nbytes)
+        key = f"p2p{i}"
         self._inflight.add(key)
-        return self._host(key[0], like).view(like), key
+        return self._host(key, like).view(like), key
 
     def isend(self, t, dest, tag):
         self.counters.add(t.numel() * t.element_size())
@@ -242,7 +247,7 @@ class MPIComm(Comm):
 
             def wait():
                 MPI.Request.Waitall(reqs)
-                self._from_host(h, t, key[0])
+                self._from_host(h, t, key)
                 self._inflight.discard(key)
             return Request(wait)
         reqs = [self.mpi.Irecv(piece, source=source, tag=mtag) for piece, mtag in self._pieces(t, tag)]

@@ -337,16 +337,11 @@ def measure_atime(kernel, B: int, l: int, n_heads: int, n_kv_heads: int, head_di
 def graph_blocker(device, dtype, head_dim: int) -> str | None:
     """Why the graph-captured timings cannot run on ``device`` (None: they can): they need CUDA
     and the Lean kernel (device lengths)."""
-    from hpcattn.errors import HpcattnError
-    from hpcattn.kernels import select_kernel
+    from hpcattn.graph import lean_for_graphs
 
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device (CPU: graph-captured timings skipped, eager only)"
-    try:
-        select_kernel("lean", device, dtype, head_dim)
-    except HpcattnError as e:
-        return f"the Lean kernel (device lengths) is not usable here: {e}"
-    return None
+    return lean_for_graphs(device, dtype, head_dim)[1]
 
 
 def measure_mtime_graph(model, B: int, repeats: int = 5, n_layers: int | None = None,
@@ -522,7 +517,9 @@ def add_parser(sub) -> None:
 
 def measure_link(ctx, peer: int, sizes: list[int], repeats: int = 20) -> dict[int, float]:
     """Ping-pong between this rank and ``peer`` through ``ctx.world`` isend/irecv (call on both):
-    {bytes: one-way seconds (half the median round trip)}."""
+    {bytes: one-way seconds (half the median round trip)}. Each round trip ends with a device sync
+    (``ctx.sync``): NCCL's ``wait`` only orders the stream, so without it the host would time the
+    enqueue, not the transfer."""
     import torch
 
     out = {}
@@ -539,6 +536,7 @@ def measure_link(ctx, peer: int, sizes: list[int], repeats: int = 20) -> dict[in
             else:
                 ctx.world.irecv(rbuf, peer, 0).wait()
                 ctx.world.isend(buf, peer, 0).wait()
+            ctx.sync()
             if i >= 2:
                 ts.append(time.perf_counter() - t0)
         out[n] = float(np.median(ts)) / 2

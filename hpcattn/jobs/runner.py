@@ -123,14 +123,17 @@ def format_bytes(n: float) -> str:
     return str(n)
 
 
-def check_memory(cases: list[Case], p: int, device: torch.device, ranks_on_host: int) -> None:
+def check_memory(cases: list[Case], p: int, device: torch.device, ranks_on_host: int,
+                 ranks_on_device: int = 1) -> None:
     """Refuse (ConfigError) the first case whose memory estimate (the --dry-run ``mem/rank``: the
-    busiest rank, rank 0 with what it alone holds for ``run.check`` included) exceeds what this rank has: its GPU's free memory, or its share of the host's available RAM
-    (``ranks_on_host`` ranks share it; a cgroup limit, e.g. Slurm's --mem, counts). Cases with
-    ``run.memory_check`` false, or a host whose available memory is unknown, are not checked."""
+    busiest rank, rank 0 with what it alone holds for ``run.check`` included) exceeds what this
+    rank has: its share of its GPU's free memory (``ranks_on_device`` ranks of this host use that
+    GPU), or its share of the host's available RAM (``ranks_on_host`` ranks share it; a cgroup
+    limit, e.g. Slurm's --mem, counts). Cases with ``run.memory_check`` false, or a host whose
+    available memory is unknown, are not checked."""
     from hpcattn.errors import ConfigError
 
-    have, what = available_memory(device, ranks_on_host)
+    have, what = available_memory(device, ranks_on_host, ranks_on_device)
     if have is None:
         return
     for c in cases:
@@ -143,11 +146,13 @@ def check_memory(cases: list[Case], p: int, device: torch.device, ranks_on_host:
                               f"or --set run.memory_check=false if the estimate is too conservative")
 
 
-def available_memory(device: torch.device, ranks_on_host: int) -> tuple[int | None, str]:
+def available_memory(device: torch.device, ranks_on_host: int,
+                     ranks_on_device: int = 1) -> tuple[int | None, str]:
     """(bytes this rank may use, what they are); None when unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free), f"free on {device}"
+        share = f" / {ranks_on_device} ranks sharing it" if ranks_on_device > 1 else ""
+        return int(free) // max(ranks_on_device, 1), f"free on {device}{share}"
     avail = _host_available()
     if avail is None:
         return None, ""

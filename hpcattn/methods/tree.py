@@ -87,6 +87,10 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
     """
     with tm("compute"):
         o, lse = kernel(q, k, v, scale=scale, causal="none", k_lengths=k_lengths)
+    if ctx.world.size == 1:       # the local state is the answer: no merge, no dtype round trip
+        if topology not in ("flat", "hierarchical"):
+            raise ValueError(f"topology must be flat or hierarchical, got {topology!r}")
+        return o.to(q.dtype), lse.to(acc_dtype(q, lse))
     if topology == "flat":
         out, lse = merge_over(ctx.world, o, lse, reduction=reduction, tm=tm, fused=fused_merge)
     elif topology == "hierarchical":

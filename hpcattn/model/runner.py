@@ -257,14 +257,8 @@ class ModelRunner:
         if reason is None and self.prefill_method in ("star", "apb"):
             reason = f"{self.prefill_method} prefill builds its own decode cache (eager)"
         if reason is None:
-            from hpcattn.errors import HpcattnError
-            from hpcattn.kernels import select_kernel
-
-            try:
-                self._lean = select_kernel("lean", dev, self.model.tok_embeddings.weight.dtype,
-                                           self.model.args.head_dim)
-            except HpcattnError as e:
-                reason = f"the Lean kernel (device lengths) is not usable here: {e}"
+            self._lean, reason = graph.lean_for_graphs(dev, self.model.tok_embeddings.weight.dtype,
+                                                       self.model.args.head_dim)
         return graph.decide(self.cuda_graphs, reason)
 
     def graph_attrs(self) -> dict:
