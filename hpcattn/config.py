@@ -198,8 +198,9 @@ class RunConfig:
                               "where capturable, eager on CPU and host-staged MPI; true: error where not")
     case_timeout_s: typing.Optional[float] = _f(3600.0, doc="hang watchdog: a case (or set-up) running longer "
                                                             "aborts the job with stacks; null = off")
-    memory_check: bool = _f(True, doc="refuse a case whose --dry-run memory estimate exceeds the free GPU memory "
-                                      "or this rank's share of host RAM; false: try anyway")
+    memory_check: bool = _f(True, doc="refuse a case whose --dry-run memory estimate exceeds this rank's share of "
+                                      "its GPU's free memory (ranks on one GPU split it) or of host RAM; "
+                                      "false: try anyway")
 
 
 @dataclass
