@@ -79,7 +79,8 @@ class CommConfig:
 class KernelConfig:
     backend: str = _f("auto", choices=KERNEL_BACKENDS, sweep=True,
                       doc="local attention kernel; auto picks the fastest present that passes its self-test "
-                          "(GPU: cuDNN's dense decode calls run on aten_flash, else lean; ragged decode batches on lean)")
+                          "(GPU: cuDNN's dense decode calls run on aten_flash eager and on lean in CUDA "
+                          "graphs; ragged decode batches on lean)")
 
 
 @dataclass

@@ -103,9 +103,9 @@ def _decode_kernel(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str, 
     ``why="ragged"``: ``lean`` for a ragged batch (one launch instead of a per-sequence loop).
     ``why="decode"``: a dense decode call of cuDNN goes to ``kern.decode_route``'s eager kernel
     (``aten_flash``, else ``lean``), or its captured one (``lean``) while a CUDA graph is being
-    built (:func:`hpcattn.graph.building`: warm-up and capture) or captured: PyTorch's cuDNN op builds a new cuDNN graph on the host for every new key length
-    (measured on an H200: 37-56 ms of host time per call, ~0.03 ms on the GPU), and every eager
-    decode step has a new length.
+    built (:func:`hpcattn.graph.building`: warm-up and capture) or captured. PyTorch's cuDNN op
+    builds a new cuDNN graph on the host for every new key length (measured on an H200: 37-56 ms
+    of host time per call, ~0.03 ms on the GPU), and every eager decode step has a new length.
     """
     if not (kern.auto and q.is_cuda and kern.name in GPU_ORDER and causal in ("none", "bottom_right")
             and q.dtype in (torch.float16, torch.bfloat16) and (q.shape[2] // k.shape[2]) * q.shape[1] <= 128):

@@ -30,9 +30,10 @@ c = prog_of(seg_start[s]) .. prog_of(seg_start[s+1] - 1).
 
 Reduction (``reduction=``):
 
-* ``"two_kernel"`` (default, portable): a second Triton kernel, a few programs per segment (one per 32 head-dim columns), merges
-  the segment's pieces (README section 2 merge in base 2, empty-state safe), converts lse to natural
-  log and writes (out, lse). Segments of length 0 get (0, -inf) here.
+* ``"two_kernel"`` (default, portable): a second Triton kernel, a few programs per segment (one
+  per 32 head-dim columns), merges the segment's pieces (README section 2 merge in base 2,
+  empty-state safe), converts lse to natural log and writes (out, lse). Segments of length 0 get
+  (0, -inf) here.
 * ``"fused"``: no second launch. A program whose piece covers a whole segment writes the final
   state directly; otherwise it stores its partial, then increments a per-segment arrival counter
   (``atomic_add``, acq_rel); the program that arrives last merges all pieces and resets the
