@@ -216,3 +216,32 @@ def test_tree_fused_merge_through_the_interpreter(tmp_path):
     meta, rows = read_cases(str(out))
     assert {row["variant"] for row in rows} == {"allgather/flat", "allgather/flat/fused"}
     assert all(row["check_passed"] for row in rows)
+
+
+def test_prefill_saved_outputs_are_every_row_in_order(tmp_path):
+    """run.save_outputs on a prefill: every case's out (B, N, Hq, d) / lse (B, Hq, N), gathered to
+    rank 0 from 3 ranks (ring zigzag and contiguous shards), is the float64 reference's, row for row."""
+    import numpy as np
+    import torch
+
+    from hpcattn.kernels import attn_reference
+    from hpcattn.jobs.inputs import write_input_file
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 96, h, 32, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    inp = tmp_path / "acts.h5"
+    write_input_file(str(inp), q, k, v)
+    cfg = write(tmp_path, "p.yaml", PREFILL.replace("context: 240, ", "").replace("dtype: bfloat16", "dtype: float64")
+                .replace("check_rows: 64", "check_rows: 64, save_outputs: true")
+                + f"inputs: {{source: file, path: {inp}}}\n")
+    out = tmp_path / "p.h5"
+    r = run_ranks(3, ["-m", "hpcattn", "run", cfg, "-o", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta, rows = read_cases(str(out), datasets=("out", "lse"))
+    ro, rl = attn_reference(q, k, v, scale=32 ** -0.5, causal="square")
+    assert sorted(row["method"] for row in rows) == ["local", "ring", "ring"]
+    for row in rows:
+        got = {n: a for n, (a, _) in row["datasets"].items()}
+        assert got["out"].shape == (1, 96, 4, 32) and got["lse"].shape == (1, 4, 96), row["id"]
+        np.testing.assert_allclose(got["out"], ro.numpy(), rtol=0, atol=1e-6)    # stored as float32
+        np.testing.assert_allclose(got["lse"], rl.numpy(), rtol=0, atol=1e-5)

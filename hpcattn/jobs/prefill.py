@@ -232,11 +232,22 @@ class PrefillJob:
         return e
 
     def gathered_outputs(self, case, result):
-        """All rows gathered to rank 0 in global order (collective): dict of float32 numpy, or None."""
+        """All rows gathered to rank 0 in global order (collective, one gather): dict of float32
+        numpy ``out`` (B, N, Hq, d) and, where the method returns one, ``lse`` (B, Hq, N), or None."""
         index, out, lse = self._owned(case, result) or (None, None, None)
-        res = {"out": gather_in_order(self.ctx.world, index, None if out is None else out.float(), 1),
-               "lse": gather_in_order(self.ctx.world, index, None if lse is None else lse.float(), 2)}
-        return None if self.r != 0 else {k: v.numpy() for k, v in res.items() if v is not None}
+        rows = None if out is None else out.float()
+        if lse is not None:             # [out | lse] along d: (B, n, Hq, d + 1)
+            rows = torch.cat([rows, lse.float().transpose(1, 2).unsqueeze(-1)], dim=-1)
+        both = gather_in_order(self.ctx.world, index, rows, 1)
+        if self.r != 0:
+            return None
+        if both is None:
+            return {}
+        d = case.cfg.shape.head_dim
+        res = {"out": both[..., :d].numpy()}
+        if both.shape[-1] > d:
+            res["lse"] = both[..., d].transpose(1, 2).contiguous().numpy()
+        return res
 
 
 def star_anchor(cfg, p: int) -> int:

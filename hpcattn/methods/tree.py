@@ -85,15 +85,15 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
         out (B, Sq, Hq, d) in q.dtype and lse (B, Hq, Sq) fp32 (fp64 for fp64 inputs), identical
         on every rank.
     """
+    if topology not in ("flat", "hierarchical"):
+        raise ValueError(f"topology must be flat or hierarchical, got {topology!r}")
     with tm("compute"):
         o, lse = kernel(q, k, v, scale=scale, causal="none", k_lengths=k_lengths)
     if ctx.world.size == 1:       # the local state is the answer: no merge, no dtype round trip
-        if topology not in ("flat", "hierarchical"):
-            raise ValueError(f"topology must be flat or hierarchical, got {topology!r}")
-        return o.to(q.dtype), lse.to(acc_dtype(q, lse))
+        return o, lse.to(acc_dtype(q, lse))
     if topology == "flat":
         out, lse = merge_over(ctx.world, o, lse, reduction=reduction, tm=tm, fused=fused_merge)
-    elif topology == "hierarchical":
+    else:
         out, lse = merge_over(ctx.node, o, lse, reduction=reduction, tm=tm, root=0)
         if ctx.leaders is not None and ctx.leaders.size > 1:
             out, lse = merge_over(ctx.leaders, out, lse, reduction=reduction, tm=tm)
@@ -105,6 +105,4 @@ def tree_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
                 ctx.node.broadcast(buf, root=0)
             with tm("merge"):
                 out, lse = unpack_states(buf, B, Sq, H, d)
-    else:
-        raise ValueError(f"topology must be flat or hierarchical, got {topology!r}")
     return out.to(q.dtype), lse.to(acc_dtype(q, lse))

@@ -112,10 +112,14 @@ class AttentionRole:
         for i in range(self.cache.buf.shape[0]):
             self.layer(i)
         if advance:
-            self.at.add_(1)
-            self.klen.add_(1)
-            self.cache.length += 1
+            self.advance()
         return self.o
+
+    def advance(self) -> None:
+        """The appended token becomes part of the prefix (slot, device lengths, cache length)."""
+        self.at.add_(1)
+        self.klen.add_(1)
+        self.cache.length += 1
 
 
 def split_step(model_role: ModelRole, attention_role: AttentionRole) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +128,5 @@ def split_step(model_role: ModelRole, attention_role: AttentionRole) -> tuple[to
     if attention_role.q is not model_role.q:
         raise ValueError("split_step: the roles must share their exchange buffers")
     out = model_role.step(attend_layer=attention_role.layer)
-    attention_role.at.add_(1)
-    attention_role.klen.add_(1)
-    attention_role.cache.length += 1
+    attention_role.advance()
     return out
