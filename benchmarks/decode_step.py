@@ -255,20 +255,11 @@ CTX = _OneRank()
 
 
 def _model(n_layers):
-    from hpcattn.model.llama import ModelArgs, Transformer
+    from hpcattn.model.llama import ModelArgs
+    from hpcattn.model.weights import random_model_on_device
     a = ModelArgs.from_preset("llama-3.1-8b")
     a.n_layers = n_layers
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            m = Transformer(a)
-    finally:
-        torch.set_default_dtype(prev)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
-    return m.eval()
+    return random_model_on_device(a, torch.bfloat16, "cuda")
 
 
 def model_step(args, bw):

@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpcattn.jobs import lamina_cost as lc  # noqa: E402
 from hpcattn.jobs.lamina_cost import Link, markdown, projection_table  # noqa: E402
 from hpcattn.kernels import select_kernel  # noqa: E402
-from hpcattn.model.llama import ModelArgs, Transformer, rope_inv_freq  # noqa: E402
+from hpcattn.model.llama import ModelArgs  # noqa: E402
+from hpcattn.model.weights import random_model_on_device  # noqa: E402
 
 LLAMA3_70B = dict(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
                   ffn_dim=28672, norm_eps=1e-5, rope_theta=500000.0,
@@ -123,19 +124,6 @@ class Guard:
             self._note(f"device unusable after the failure ({type(e).__name__}): remaining timings skipped")
 
 
-def random_on_device(args: ModelArgs, dtype, device) -> Transformer:
-    """Random weights initialised on the device itself (timing only: values do not matter, and a
-    70B-shape layer's CPU initialisation would take minutes)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
-    model.inv_freq = rope_inv_freq(args).to(device)
-    return model.to(dtype).eval()
-
-
 def link_rows(device, dtype, d: int, G: int, batches: list[int], reps: int) -> tuple[list[dict], Link | None]:
     """Host<->device copies of the per-layer Lamina message of B sequences; the Link they imply.
     Buffers are allocated and touched first, each copy is warmed up 5 times; wall (host, synced:
@@ -193,7 +181,7 @@ def run_shape(name, args: ModelArgs, n_layers: int, layers: int, batches, contex
     a = ModelArgs(**{**args.__dict__, "n_layers": layers})
     t0 = time.time()
     log(f"{name}: building {layers} of {n_layers} layers on {device}")
-    model = random_on_device(a, dtype, device)
+    model = random_model_on_device(a, dtype, device)
     kern = select_kernel("auto", device, dtype, a.head_dim)
     lean = select_kernel("lean", device, dtype, a.head_dim) if graph_reason is None else None
     e = torch.empty(0, dtype=dtype).element_size()

@@ -271,3 +271,28 @@ def test_llama_biases_round_trip(tmp_path, attention_bias, mlp_bias):
     pos = torch.arange(9)
     torch.testing.assert_close(loaded.logits(loaded(tokens, pos, plain_attend)),
                                model.logits(model(tokens, pos, plain_attend)), rtol=0, atol=0)
+
+
+def test_random_model_on_device_is_the_random_models_shape():
+    """random_model_on_device (benchmarks: drawn on the device, in the dtype): every parameter of
+    random_model's shape and dtype, unit norms, std ~0.02 elsewhere, the exact RoPE frequencies
+    (a meta-built buffer has none), and a finite forward."""
+    from hpcattn.model.weights import random_model_on_device
+
+    args = ModelArgs.from_preset("tiny")
+    ref = random_model(args, 0, torch.bfloat16, "cpu")
+    m = random_model_on_device(args, torch.bfloat16, "cpu")
+    got = dict(m.named_parameters())
+    for name, p in ref.named_parameters():
+        assert got[name].shape == p.shape and got[name].dtype == torch.bfloat16, name
+        if name.endswith("norm.weight"):
+            assert torch.all(got[name] == 1), name
+        elif p.numel() > 1000:
+            assert 0.015 < got[name].float().std() < 0.025, name
+    assert torch.equal(m.inv_freq, rope_inv_freq(args))
+
+    def attend(layer, q, k, v, **_):
+        return attn_reference(q, k, v, scale=args.head_dim ** -0.5, causal="square")[0]
+
+    with torch.no_grad():
+        assert torch.isfinite(m.logits(m(torch.zeros(1, 5, dtype=torch.long), torch.arange(5), attend))).all()

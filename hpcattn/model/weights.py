@@ -48,18 +48,34 @@ def hf_names(args: ModelArgs) -> dict[str, str]:
     return m
 
 
-def random_model(args: ModelArgs, seed: int, dtype: torch.dtype, device) -> Transformer:
-    """Random weights from ``seed`` (std 0.02 linears, unit norms): the same on every rank."""
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = Transformer(args)
+def _random_init(model: Transformer) -> Transformer:
+    """Unit norms, N(0, 0.02) everything else, in place (the current RNG)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02)
-    return model.to(device=device, dtype=dtype).eval()
+    return model
+
+
+def random_model(args: ModelArgs, seed: int, dtype: torch.dtype, device) -> Transformer:
+    """Random weights from ``seed`` (std 0.02 linears, unit norms): the same on every rank."""
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Transformer(args)
+    return _random_init(model).to(device=device, dtype=dtype).eval()
+
+
+def random_model_on_device(args: ModelArgs, dtype: torch.dtype, device) -> Transformer:
+    """Random weights as :func:`random_model`'s, drawn on ``device`` itself in ``dtype`` and not
+    seeded: for timing, where values do not matter and an 8B or 70B shape's CPU initialisation
+    would take minutes (no float32 copy is ever made)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = _random_init(model.to(dtype).to_empty(device=device))
+    model.inv_freq = rope_inv_freq(args).to(device)          # meta buffers hold no values: recomputed
+    return model.eval()
 
 
 class _Files:
