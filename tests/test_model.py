@@ -296,3 +296,22 @@ def test_random_model_on_device_is_the_random_models_shape():
 
     with torch.no_grad():
         assert torch.isfinite(m.logits(m(torch.zeros(1, 5, dtype=torch.long), torch.arange(5), attend))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rope_frequencies_survive_casts(tmp_path, dtype):
+    """A model in a low precision rotates with the exact float64 RoPE frequencies: a cast
+    (random_model, load_model, .to, .half) must not round them (in bfloat16 the angle at position
+    128K was off by up to ~230 rad), so its cos/sin equal a float64 model's to float32 rounding."""
+    args = ModelArgs.from_preset("llama-3.1-8b")
+    args.n_layers, args.dim, args.ffn_dim, args.vocab_size = 1, 256, 64, 32    # the RoPE of the 8B shape
+    exact = rope_inv_freq(args)
+    m = random_model(args, 0, dtype, "cpu")
+    assert m.inv_freq.dtype == torch.float64 and torch.equal(m.inv_freq, exact)
+    assert torch.equal(m.to(torch.bfloat16).half().inv_freq, exact)
+    save_checkpoint(random_model(args, 0, torch.float32, "cpu"), tmp_path / "ck")
+    assert torch.equal(load_model(str(tmp_path / "ck"), dtype, "cpu").inv_freq, exact)
+    pos = torch.tensor([131071, 4096, 7])
+    cos, sin = m.rope(pos, torch.float32)
+    ref = Transformer(args).to(torch.float64).rope(pos, torch.float32)
+    assert torch.equal(cos, ref[0]) and torch.equal(sin, ref[1])

@@ -210,15 +210,13 @@ class GenerateJob:
         import copy
 
         from hpcattn.kernels import select_kernel
-        from hpcattn.model.llama import rope_inv_freq
 
         rd = reference_dtype(self.dtype, self.ctx.device)
         name = str(rd).replace("torch.", "")
         if rd == self.dtype:
             return None, None, name
         if self.ref_model is None:
-            self.ref_model = copy.deepcopy(self.model).to(rd)
-            self.ref_model.inv_freq = rope_inv_freq(self.model.args).to(self.ctx.device)   # exact rope
+            self.ref_model = copy.deepcopy(self.model).to(rd)          # RoPE stays exact (Transformer._apply)
         return self.ref_model, select_kernel("torch_ref", self.ctx.device, rd, self.model.args.head_dim), name
 
     def _reference_logits(self, toks: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, str]:

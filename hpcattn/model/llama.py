@@ -177,6 +177,16 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Every move or cast of the module (``.to(device / dtype)``, ``.to_empty``, ``.half()``)
+        keeps ``inv_freq`` the exact float64 of :func:`rope_inv_freq`: a cast would round it (in
+        bfloat16 the rotation angle at position 128K is then off by up to ~230 rad), and a meta
+        buffer moved with ``to_empty`` holds no values."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
+        return self
+
     def rope(self, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (S, head_dim) for absolute positions (S,), computed in float64."""
         f = positions.to(torch.float64)[:, None] * self.inv_freq.to(positions.device)[None, :]

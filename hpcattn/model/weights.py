@@ -73,9 +73,7 @@ def random_model_on_device(args: ModelArgs, dtype: torch.dtype, device) -> Trans
     would take minutes (no float32 copy is ever made)."""
     with torch.device("meta"):
         model = Transformer(args)
-    model = _random_init(model.to(dtype).to_empty(device=device))
-    model.inv_freq = rope_inv_freq(args).to(device)          # meta buffers hold no values: recomputed
-    return model.eval()
+    return _random_init(model.to(dtype).to_empty(device=device)).eval()
 
 
 class _Files:
@@ -160,7 +158,6 @@ def load_model(path: str, dtype: torch.dtype, device, n_layers: int | None = Non
     model.load_state_dict(state, strict=True, assign=False)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.inv_freq = rope_inv_freq(args).to(device)
     return model.to(dtype=dtype).eval()
 
 
