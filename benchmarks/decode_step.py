@@ -19,8 +19,9 @@ Sections (each prints a table; --json gets every row, rewritten after every sect
            floor (weights read once + KV read once) / copy rate; greedy tokens of eager and graph
            compared
   hf       Hugging Face transformers' LlamaForCausalLM with the same shape (its own random weights:
-           timing does not depend on them), StaticCache, sdpa attention, eager: the decode step
-           at each --layers count, B=1, 8K and 32K
+           timing does not depend on them), StaticCache, sdpa attention: the decode step at every
+           shape of the model section, eager and under torch.compile(mode="reduce-overhead",
+           fullgraph=True) (HF's fastest decode; --hf-compile-shapes limits which, compiles are slow)
 
 Timing: CUDA events, warm-up, median; eager steps synchronise after each step (the GPU timeline
 between the events includes every launch gap); graph steps are replays.
@@ -324,57 +325,98 @@ def model_step(args, bw):
 
 def hf_step(args, bw):
     import transformers
-    print(f"\n## Hugging Face transformers {transformers.__version__}: LlamaForCausalLM, StaticCache, sdpa, eager (ms)")
+    print(f"\n## Hugging Face transformers {transformers.__version__}: LlamaForCausalLM, StaticCache, sdpa (ms);"
+          f" modes: {' '.join(args.hf_modes)}")
+    print("   eager: plain forward; compile: forward under torch.compile(mode='reduce-overhead', fullgraph=True),"
+          " HF's documented fastest decode (CUDA graphs of inductor kernels), compiled per shape")
     for n_layers in args.layers:
         _hf_layers(args, n_layers)
 
 
-def _hf_layers(args, n_layers):
-    import transformers
+def _hf_model(n_layers):
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=n_layers,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=200000,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1 << 20,
                       rope_theta=500000.0, attn_implementation="sdpa")
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(cfg).eval()
+            return cfg, LlamaForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(prev)
+
+
+def _hf_layers(args, n_layers):
+    """HF decode step at every (B, context) of the model section, per mode. No prefill is run: the
+    StaticCache is allocated at capacity n + 16 and the timed steps sit at positions n, n+1, ...
+    HF's sdpa decode reads the whole static capacity under a mask whatever the values, so the
+    step's time does not depend on the cache contents (and a 128K prefill through HF's masked sdpa
+    would need a materialised n x n mask)."""
+    import transformers
     from transformers import StaticCache
-    for n in (8192, 32768):
-        try:
-            try:
-                cache = StaticCache(config=cfg, max_cache_len=n + 16)
-            except TypeError:
-                cache = StaticCache(config=cfg, max_batch_size=1, max_cache_len=n + 16, device="cuda",
-                                    dtype=torch.bfloat16)
-            ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
-            with torch.inference_mode():
-                model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device="cuda"),
-                      use_cache=True, logits_to_keep=1)
-                tok = ids[:, -1:]
-                ts = []
-                for i in range(13):
-                    pos = torch.tensor([n + i], device="cuda")
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    o = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
-                    b.record()
-                    b.synchronize()
-                    tok = o.logits[:, -1:].argmax(-1)
-                    if i >= 3:
-                        ts.append(a.elapsed_time(b))
-            t = sorted(ts)[len(ts) // 2]
-            del cache
-            print(f"  {n_layers} layers B=1 N={n}: {t:.3f} ms")
-            emit("hf", layers=n_layers, batch=1, context=n, ms=t, version=transformers.__version__)
-        except Exception as e:
-            print(f"  N={n}: {type(e).__name__}: {str(e)[:300]}")
-        save(args.json)
+    cfg, model = _hf_model(n_layers)
+    for mode in args.hf_modes:
+        for B in args.batch:
+            for n in args.ctx_model:
+                kv_bytes = n_layers * 2 * B * (n + 16) * 8 * 128 * 2
+                if kv_bytes > 100e9:
+                    print(f"  {mode} {n_layers} layers B={B} N={n}: skipped ({kv_bytes / 1e9:.0f} GB of KV)")
+                    continue
+                if mode == "compile" and (n_layers, B) not in args.hf_compile_shapes:
+                    continue
+                try:
+                    t, t_compile = _hf_time(model, cfg, StaticCache, mode, B, n)
+                    print(f"  {mode:7} {n_layers:2} layers B={B} N={n:7}: {t:.3f} ms"
+                          + (f"  (compile + capture {t_compile:.0f} s)" if t_compile else ""), flush=True)
+                    emit("hf", mode=mode, layers=n_layers, batch=B, context=n, ms=t, compile_s=t_compile,
+                         version=transformers.__version__)
+                except Exception as e:
+                    print(f"  {mode} {n_layers} layers B={B} N={n}: {type(e).__name__}: {str(e)[:300]}")
+                torch.cuda.empty_cache()
+                save(args.json)
     del model
     torch.cuda.empty_cache()
+
+
+def _hf_time(model, cfg, StaticCache, mode, B, n, steps=10, warmup=3, device="cuda"):
+    """(median ms of one decode step at context n, seconds spent compiling) for one HF mode.
+
+    One eager step at position n first initialises the StaticCache's layers outside any compiled
+    region (HF marks their tensors as static addresses there; a cache first built inside the
+    compiled graph makes inductor skip CUDA graphs), and sets a layer's write counter, where the
+    HF version keeps one, to n + 1, so that every timed step writes its own slot."""
+    cache = StaticCache(config=cfg, max_cache_len=n + warmup + steps + 2)
+    tok = torch.randint(0, cfg.vocab_size, (B, 1), device=device)
+    t_compile = 0.0
+    ts = []
+    with torch.inference_mode():
+        model(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([n], device=device),
+              use_cache=True)
+        for layer in getattr(cache, "layers", []):
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                layer.cumulative_length.fill_(n + 1)
+        fwd = model.forward
+        if mode == "compile":
+            torch._dynamo.reset()       # one compiled graph per shape, no dynamic-shape recompiles
+            fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        for i in range(warmup + steps):
+            pos = torch.tensor([n + 1 + i], device=device)
+            t0 = time.time()
+            if device == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            o = fwd(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
+            if device == "cuda":
+                b.record()
+                b.synchronize()
+            if i < warmup and mode == "compile":
+                t_compile += time.time() - t0
+            tok = o.logits[:, -1:].argmax(-1).clone()
+            if i >= warmup:
+                ts.append(a.elapsed_time(b) if device == "cuda" else (time.time() - t0) * 1e3)
+    del cache, o
+    return sorted(ts)[len(ts) // 2], t_compile
 
 
 def main():
@@ -388,9 +430,13 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hf-modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    ap.add_argument("--hf-compile-shapes", nargs="+", default=["32x1", "4x1", "32x8"],
+                    help="LAYERSxB pairs that HF's compile mode runs (each context compiles anew)")
     ap.add_argument("--flush", choices=("write", "read"), default="write",
                     help="L2 eviction before timed kernel calls (class Flush)")
     args = ap.parse_args()
+    args.hf_compile_shapes = {tuple(int(x) for x in p.split("x")) for p in args.hf_compile_shapes}
     global FLUSH_MODE
     FLUSH_MODE = args.flush
     RESULTS.update(device=torch.cuda.get_device_name(0), torch=torch.__version__,
