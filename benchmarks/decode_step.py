@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -349,24 +348,23 @@ def _hf_model(n_layers):
 
 def _hf_layers(args, n_layers):
     """HF decode step at every (B, context) of the model section, per mode. No prefill is run: the
-    StaticCache is allocated at capacity n + 16 and the timed steps sit at positions n, n+1, ...
+    StaticCache holds _hf_capacity(n) positions and the timed steps sit at positions n+1, n+2, ...
     HF's sdpa decode reads the whole static capacity under a mask whatever the values, so the
     step's time does not depend on the cache contents (and a 128K prefill through HF's masked sdpa
     would need a materialised n x n mask)."""
     import transformers
-    from transformers import StaticCache
     cfg, model = _hf_model(n_layers)
     for mode in args.hf_modes:
         for B in args.batch:
             for n in args.ctx_model:
-                kv_bytes = n_layers * 2 * B * (n + 16) * 8 * 128 * 2
+                kv_bytes = n_layers * 2 * B * _hf_capacity(n) * cfg.num_key_value_heads * cfg.head_dim * 2
                 if kv_bytes > 100e9:
                     print(f"  {mode} {n_layers} layers B={B} N={n}: skipped ({kv_bytes / 1e9:.0f} GB of KV)")
                     continue
                 if mode == "compile" and (n_layers, B) not in args.hf_compile_shapes:
                     continue
                 try:
-                    t, t_compile = _hf_time(model, cfg, StaticCache, mode, B, n)
+                    t, t_compile = _hf_time(model, cfg, mode, B, n)
                     print(f"  {mode:7} {n_layers:2} layers B={B} N={n:7}: {t:.3f} ms"
                           + (f"  (compile + capture {t_compile:.0f} s)" if t_compile else ""), flush=True)
                     emit("hf", mode=mode, layers=n_layers, batch=B, context=n, ms=t, compile_s=t_compile,
@@ -379,14 +377,24 @@ def _hf_layers(args, n_layers):
     torch.cuda.empty_cache()
 
 
-def _hf_time(model, cfg, StaticCache, mode, B, n, steps=10, warmup=3, device="cuda"):
+HF_WARMUP, HF_STEPS = 3, 10
+
+
+def _hf_capacity(n: int) -> int:
+    """StaticCache length for a context of n: the initialising step, warm-up and timed steps."""
+    return n + 1 + HF_WARMUP + HF_STEPS
+
+
+def _hf_time(model, cfg, mode, B, n, device="cuda"):
     """(median ms of one decode step at context n, seconds spent compiling) for one HF mode.
 
     One eager step at position n first initialises the StaticCache's layers outside any compiled
     region (HF marks their tensors as static addresses there; a cache first built inside the
     compiled graph makes inductor skip CUDA graphs), and sets a layer's write counter, where the
     HF version keeps one, to n + 1, so that every timed step writes its own slot."""
-    cache = StaticCache(config=cfg, max_cache_len=n + warmup + steps + 2)
+    from transformers import StaticCache
+    warmup, steps = HF_WARMUP, HF_STEPS
+    cache = StaticCache(config=cfg, max_cache_len=_hf_capacity(n))
     tok = torch.randint(0, cfg.vocab_size, (B, 1), device=device)
     t_compile = 0.0
     ts = []
