@@ -10,6 +10,11 @@ Sections (each prints a table; --json gets every row, rewritten after every sect
            shape: B=1 4K..1M and B=8 ragged; a small sweep of Lean's grid / tile / reduction, the
            best per shape reported; L2 flushed before every timed call (--flush write: 512 MiB
            written, the default; read: 512 MiB summed, L2 left clean)
+  gemv     the decode step's products, Llama-3.1-8B shapes (q/k/v, o, gate/up, down, lm_head), B=1
+           and 8: cuBLAS with the small ops the torch path runs around it (RMSNorm, SiLU*up,
+           residual add) vs hpcattn.model.gemv (one kernel, the small ops fused), each call in a
+           graph of several calls over distinct weights (L2 holds none); a sweep of gemv's tile
+           configurations on the plain product, the best per shape reported
   attn     the attention-level decode step as the decode job runs it (Kernel wrapper of the
            run's kernel: cuDNN, and Lean), eager host launches vs one graph replay, vs its floor
   model    end-to-end decode step of the Llama-3.1-8B shape (random weights, bf16), 4 and 32
@@ -213,6 +218,79 @@ def lean_vs_cudnn(args, bw):
         save(args.json)
 
 
+GEMV_SHAPES = {"qkv": (6144, 4096, "rmsnorm"), "o": (4096, 4096, "residual"), "gate_up": (28672, 4096, "rmsnorm"),
+               "down": (4096, 14336, "silu_mul"), "lm_head": (128256, 4096, "rmsnorm")}
+GEMV_SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+              for bn in (16, 32, 64) for bk in (256, 512, 1024) for nw in (4, 8) for ns in (3,)]
+
+
+def gemv_products(args, bw):
+    """The decode step's products: cuBLAS plus the torch path's small ops vs the fused gemv."""
+    import torch.nn.functional as F
+
+    from hpcattn.model import gemv as G
+    from hpcattn.model.fused_decode import residual_linear, rmsnorm, silu_mul
+
+    print("\n## decode products, Llama-3.1-8B shapes, bf16 (us per call, a graph of R calls over distinct "
+          "weights / R; TB/s = weight bytes / time)")
+    print(f"{'product':>8} {'B':>2} {'N':>6} {'K':>6} {'R':>3} {'floor':>7} {'cuBLAS+ops':>10} {'gemv':>8} "
+          f"{'gemv best':>9} {'vs cuBLAS':>9} {'TB/s':>6}  best config")
+    sweep = GEMV_SWEEP[:4] if args.quick else GEMV_SWEEP
+    for name, (N, K, op) in GEMV_SHAPES.items():
+        R = max(2, min(32, int(2e9 // (N * K * 2))))
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5 for _ in range(R)]
+        lins = []
+        for w in ws:
+            lin = torch.nn.Linear(K, N, bias=False, device="meta")
+            lin.weight = torch.nn.Parameter(w, requires_grad=False)
+            lins.append(lin)
+        nw = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
+        for B in args.batch:
+            xin = torch.randn(B, 2 * K if op == "silu_mul" else K, device="cuda", dtype=torch.bfloat16)
+            res = torch.randn(B, N, device="cuda", dtype=torch.bfloat16)
+
+            def torch_path():
+                for lin in lins:
+                    if op == "rmsnorm":
+                        F.linear(rmsnorm(xin, nw, 1e-5), lin.weight)
+                    elif op == "residual":
+                        residual_linear(res, xin, lin)
+                    else:
+                        residual_linear(res, silu_mul(xin), lin)
+
+            def fused(cfg=None):
+                def run():
+                    for w in ws:
+                        if op == "rmsnorm":
+                            G.gemv(xin, w, prologue="rmsnorm", norm_weight=nw, eps=1e-5, cfg=cfg)
+                        elif op == "residual":
+                            G.gemv(xin, w, residual=res, cfg=cfg)
+                        else:
+                            G.gemv(xin, w, residual=res, prologue="silu_mul", cfg=cfg)
+                return run
+
+            flush = Flush(512)
+            t_torch = time_fn(graphed(torch_path), flush=flush) / R
+            t_gemv = time_fn(graphed(fused()), flush=flush) / R
+            best = (t_gemv, "default")
+            for cfg in sweep:
+                try:
+                    t = time_fn(graphed(fused(cfg)), reps=10, flush=flush) / R
+                except Exception as e:                   # out of shared memory / registers
+                    print(f"   {cfg}: {type(e).__name__}")
+                    continue
+                if t < best[0]:
+                    best = (t, cfg)
+            floor = N * K * 2 / bw / 1e9
+            print(f"{name:>8} {B:2} {N:6} {K:6} {R:3} {floor * 1e3:7.2f} {t_torch * 1e3:10.2f} {t_gemv * 1e3:8.2f} "
+                  f"{best[0] * 1e3:9.2f} {t_torch / t_gemv:8.2f}x {N * K * 2 / t_gemv / 1e9:6.2f}  {best[1]}")
+            emit("gemv", product=name, batch=B, N=N, K=K, calls=R, floor_ms=floor, torch_ms=t_torch,
+                 gemv_ms=t_gemv, gemv_best_ms=best[0], best_config=best[1])
+            save(args.json)
+        del ws, lins
+        torch.cuda.empty_cache()
+
+
 def attn_step(args, bw):
     """The decode job's step: Kernel wrapper (what local_attention / tree_decode p=1 call)."""
     from hpcattn.kernels import select_kernel
@@ -264,11 +342,13 @@ def _model(n_layers):
 
 def model_step(args, bw):
     from hpcattn.kernels import select_kernel
+    from hpcattn.model import fused_decode
     from hpcattn.model.runner import ModelRunner
     print("\n## end-to-end decode step, Llama-3.1-8B shape, random bf16 weights (ms; floor = (weights + KV) / copy rate)")
     print("   eager: the runner with kernel auto (dense decode on aten_flash);"
-          " eager-lean: same with the Lean kernel; graph: captured fused step (Lean, device lengths)")
-    print(f"{'layers':>6} {'B':>2} {'N':>7} {'GB read':>8} {'floor':>7} {'eager':>8} {'e-lean':>8} {'graph':>8} "
+          " eager-lean: same with the Lean kernel; graph: captured fused step (Lean, device lengths,"
+          " gemv products); g-cuBLAS: the same graph with cuBLAS products and separate small ops")
+    print(f"{'layers':>6} {'B':>2} {'N':>7} {'GB read':>8} {'floor':>7} {'eager':>8} {'e-lean':>8} {'g-cuBLAS':>8} {'graph':>8} "
           f"{'eager/floor':>11} {'e-lean/fl':>10} {'graph/floor':>11} {'speed-up':>8} tokens (eager vs graph)")
     kern = select_kernel("auto", "cuda", torch.bfloat16, 128)
     lean = select_kernel("lean", "cuda", torch.bfloat16, 128)
@@ -286,7 +366,9 @@ def model_step(args, bw):
                     continue
                 floor = (w_bytes + kv_bytes) / bw / 1e9
                 out = {}
-                for mode, kn in (("false", kern), ("false", lean), ("true", kern)):
+                for mode, kn, products in (("false", kern, "auto"), ("false", lean, "auto"), ("true", kern, "auto"),
+                                           ("true", kern, "torch")):
+                    fused_decode.PRODUCTS = products
                     torch.cuda.empty_cache()
                     cache: dict = {}
                     r = ModelRunner(model, None, kn, prefill="local", decode="local", cuda_graphs=mode,
@@ -307,15 +389,19 @@ def model_step(args, bw):
                             toks.append(tok)
                             if i >= 3:          # the first graph step captures; warm-up
                                 ts.append(ev0.elapsed_time(ev1))
-                    out[(mode, kn.name)] = (sorted(ts)[len(ts) // 2], torch.stack(toks[:4]).cpu(), r.graph_attrs())
+                    out[(mode, kn.name, products)] = (sorted(ts)[len(ts) // 2], torch.stack(toks[:4]).cpu(),
+                                                      r.graph_attrs())
                     del r, cache
+                fused_decode.PRODUCTS = "auto"
+                out = {k[:2] if k[2] == "auto" else "cublas": v for k, v in out.items()}
                 te, tl_, tg = out[("false", kern.name)][0], out[("false", "lean")][0], out[("true", kern.name)][0]
+                tc = out["cublas"][0]
                 same = bool(torch.equal(out[("false", kern.name)][1], out[("true", kern.name)][1]))
                 print(f"{n_layers:6} {B:2} {n:7} {(w_bytes + kv_bytes) / 1e9:8.2f} {floor:7.3f} {te:8.3f} {tl_:8.3f} "
-                      f"{tg:8.3f} {te / floor:10.2f}x {tl_ / floor:10.2f}x {tg / floor:10.2f}x {te / tg:7.2f}x "
+                      f"{tc:8.3f} {tg:8.3f} {te / floor:10.2f}x {tl_ / floor:10.2f}x {tg / floor:10.2f}x {te / tg:7.2f}x "
                       f"{'same' if same else 'differ'} ({out[('true', kern.name)][2]['cuda_graphs']})")
                 emit("model", layers=n_layers, batch=B, context=n, bytes=w_bytes + kv_bytes, floor_ms=floor,
-                     eager_ms=te, eager_lean_ms=tl_, graph_ms=tg, first_tokens_equal=same,
+                     eager_ms=te, eager_lean_ms=tl_, graph_cublas_ms=tc, graph_ms=tg, first_tokens_equal=same,
                      graph=out[("true", kern.name)][2])
                 save(args.json)
         del model
@@ -429,7 +515,7 @@ def _hf_time(model, cfg, mode, B, n, device="cuda"):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", nargs="+", default=["ceiling", "lean", "attn", "model", "hf"])
+    ap.add_argument("--sections", nargs="+", default=["ceiling", "lean", "gemv", "attn", "model", "hf"])
     ap.add_argument("--ctx-b1", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 131072, 1048576])
     ap.add_argument("--ctx-attn", type=int, nargs="+", default=[4096, 16384, 131072, 1048576])
     ap.add_argument("--ctx-model", type=int, nargs="+", default=[8192, 32768, 131072])
@@ -452,7 +538,8 @@ def main():
                    flush=args.flush)
     print(f"# {RESULTS['device']}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {RESULTS['date']}")
     bw = ceiling(args) if "ceiling" in args.sections else 4.5
-    for name, fn in (("lean", lean_vs_cudnn), ("attn", attn_step), ("model", model_step), ("hf", hf_step)):
+    for name, fn in (("lean", lean_vs_cudnn), ("gemv", gemv_products), ("attn", attn_step),
+                     ("model", model_step), ("hf", hf_step)):
         if name in args.sections:
             t0 = time.time()
             try:

@@ -209,3 +209,40 @@ def test_fuse_projections_shares_storage_and_keeps_the_model(biases):
         ffn.w3.weight = torch.nn.Parameter(torch.randn_like(ffn.w3.weight))
         again = fuse_projections(model)
         assert again is not fused and torch.equal(again[1]["w13"][0][args.ffn_dim:], ffn.w3.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_prologues_and_epilogue_match_float64(dtype, M):
+    """hpcattn.model.gemv.gemv against a float64 product of the same rounded operands, for each
+    prologue (none, rmsnorm, silu_mul), with bias and residual, K not a multiple of the block,
+    and N not a multiple of BLOCK_N: within twice F.linear's error plus one rounding of the output."""
+    import torch.nn.functional as F
+
+    from hpcattn.model.fused_decode import rmsnorm, silu_mul
+    from hpcattn.model.gemv import gemv
+
+    g = torch.Generator().manual_seed(M)
+    K, N = 300, 100
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    b, nw = torch.randn(N, generator=g).to(dtype), (torch.rand(K, generator=g) + 0.5).to(dtype)
+    res = torch.randn(M, N, generator=g).to(dtype)
+    ab = torch.randn(M, 2 * K, generator=g).to(dtype)
+    cases = [(gemv(x, w, b, residual=res), res.double() + x.double() @ w.double().T + b.double(),
+              res + F.linear(x, w, b)),
+             (gemv(x, w, prologue="rmsnorm", norm_weight=nw, eps=1e-5),
+              rmsnorm(x, nw, 1e-5).double() @ w.double().T, F.linear(rmsnorm(x, nw, 1e-5), w)),
+             (gemv(ab, w, prologue="silu_mul", cfg={"BLOCK_K": 128}), silu_mul(ab).double() @ w.double().T,
+              F.linear(silu_mul(ab), w))]
+    for got, ref, same_dtype in cases:
+        assert got.dtype == dtype and got.shape == (M, N)
+        err, base = (got.double() - ref).abs().max(), (same_dtype.double() - ref).abs().max()
+        ulp = torch.finfo(dtype).eps * ref.abs().max()              # one rounding of the largest output
+        assert err <= 2 * base + ulp, (err, base)                    # as good as torch's own product
+    logits = gemv(x, w, out_dtype=torch.float32)
+    assert logits.dtype == torch.float32 and torch.equal(logits, gemv(x, w).float())
+    with pytest.raises(ValueError, match="norm_weight"):
+        gemv(x, w, prologue="rmsnorm")
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv(x[:, :-1], w)

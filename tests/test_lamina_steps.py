@@ -31,8 +31,14 @@ def _setup(B=2, N=13, new=4):
     return model, Kernel("lean"), runner, tokens, ref_toks, ref_logits
 
 
-def test_split_roles_equal_the_colocated_decode():
+@pytest.mark.parametrize("products", ["torch", "triton"])
+def test_split_roles_equal_the_colocated_decode(products, monkeypatch):
+    """Both product paths of the fused forward (cuBLAS-style F.linear / addmm, and the Triton
+    gemv with RMSNorm / SiLU prologues and the residual epilogue) reproduce the plain model."""
+    from hpcattn.model import fused_decode
     from hpcattn.model.lamina_steps import AttentionRole, ModelRole, split_step
+
+    monkeypatch.setattr(fused_decode, "PRODUCTS", products)
 
     model, lean, runner, tokens, ref_toks, ref_logits = _setup()
     B, N = tokens.shape

@@ -13,11 +13,11 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
-from hpcattn.kernels.lean import _interpreter_shim  # noqa: E402
+from hpcattn.kernels.lean import interpreter_shim  # noqa: E402
 from hpcattn.kernels.merge import merge_states, pack_states, unpack_states  # noqa: E402
 from hpcattn.kernels.merge_triton import merge_gathered  # noqa: E402
 
-_interpreter_shim()
+interpreter_shim()
 
 
 @pytest.mark.parametrize("P,B,H,Sq,d", [(1, 1, 4, 1, 16), (2, 3, 8, 1, 32), (4, 2, 4, 3, 20), (3, 1, 32, 1, 128)])

@@ -408,7 +408,7 @@ def _counters(S: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-def _interpreter_shim() -> None:
+def interpreter_shim() -> None:
     """Work around triton#9171 (fixed upstream by PR #9172, not in triton 3.6.0): with numpy >= 2.4
     the interpreter's ``tensor.__index__`` does ``int(array_of_shape_(1,))``, which now raises, so
     any ``range()`` with run-time bounds fails under TRITON_INTERPRET=1. Re-register ``__index__``
@@ -461,7 +461,7 @@ def _check_args(q, k, v, scale, k_lengths, causal, reduction):
     if q.device.type != "cuda":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("lean_decode needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-        _interpreter_shim()
+        interpreter_shim()
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d} > {MAX_HEAD_DIM}")
     if (Hq // Hkv) * Sq > MAX_ROWS:
