@@ -4,15 +4,17 @@ Inside a CUDA graph a decode step costs about one kernel per op, and the plain m
 (:mod:`hpcattn.model.llama`) issues ~47 per layer: RMSNorm alone is 8 elementwise kernels, RoPE 8
 per tensor. Most of them touch a few KB, so each costs its launch slot (~2 us on an H200), not
 bandwidth; at 32 layers that is ~3 ms against a ~4.5 ms byte floor. This forward computes the same
-function of the same parameters in 7 kernels per layer (:data:`PRODUCTS` ``triton``, the default on
-CUDA for up to :data:`hpcattn.model.gemv.MAX_ROWS` token rows):
+function of the same parameters in 9-11 kernels per layer:
 
-    rmsnorm + wqkv (1, :func:`hpcattn.model.gemv.gemv`) - rope_and_cache (1: rotates q and k, stores
-    k and v in the cache slot) - attention (the caller's; Lean: 2) - wo + residual (1 gemv) -
-    rmsnorm + w13 (1 gemv) - silu_mul + w2 + residual (1 gemv)
+    rmsnorm (1) - wqkv (1 GEMV) - rope_and_cache (1: rotates q and k, stores k and v in the
+    cache slot) - attention (the caller's; Lean: 2) - wo + residual (1) - rmsnorm (1) -
+    w13 (1 GEMV) - silu_mul + w2 + residual (1 or 2)
 
-or, with ``torch`` products (cuBLAS; larger batches, CPU), in 11: rmsnorm - wqkv (F.linear) -
-rope_and_cache - attention - wo + residual (addmm) - rmsnorm - w13 - silu_mul - w2 + residual.
+Each product runs on cuBLAS (F.linear / addmm, the residual folded in) or as one
+:func:`hpcattn.model.gemv.gemv` kernel with its neighbours fused (:data:`PRODUCTS`): ``auto`` takes
+gemv on CUDA where it was measured faster (:func:`hpcattn.model.gemv.tuned`: o + residual at every
+decode batch, silu_mul + w2 + residual at B = 1), ``triton`` takes it for every product (RMSNorm
+prologues on q/k/v, gate/up and the logits included; tests), ``torch`` for none.
 
 The q/k/v weights of a layer, and its gate/up weights, are read by one product each: on first use
 :func:`fuse_projections` stores them in one buffer per layer and turns the layer's ``wq``/``wk``/
@@ -37,7 +39,7 @@ import triton.language as tl
 
 from hpcattn.model import gemv as _gemv
 
-PRODUCTS = "auto"   # auto (triton on CUDA where gemv.supported) | triton | torch; benchmarks and tests set it
+PRODUCTS = "auto"   # auto (gemv where measured faster, CUDA) | triton (gemv everywhere) | torch; benchmarks, tests set it
 
 
 @triton.jit
@@ -199,35 +201,45 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
     x = F.embedding(token, model.tok_embeddings.weight)                        # (B, dim)
     cos, sin = model.rope(pos, torch.float64 if x.dtype == torch.float64 else torch.float32)
     cos, sin = cos.view(-1), sin.view(-1)
-    fused_products = _use_gemv(x)
+    M = x.shape[0]
+    pre, res, silu = _product("rmsnorm", x), _product("residual", x), _product("silu_mul", x)
     for i, (layer, f) in enumerate(zip(model.layers, fused)):
         att, ffn = layer.attention, layer.feed_forward
         an, fn = layer.attention_norm, layer.ffn_norm
-        if fused_products:
-            qkv = _gemv.gemv(x, *f["qkv"], prologue="rmsnorm", norm_weight=an.weight, eps=an.eps)
+        if pre is not None:
+            qkv = _gemv.gemv(x, *f["qkv"], prologue="rmsnorm", norm_weight=an.weight, eps=an.eps, cfg=pre)
         else:
             qkv = F.linear(rmsnorm(x, an.weight, an.eps), *f["qkv"])          # (B, nq + 2 nkv)
         q = qkv[:, :nq].view(B, a.n_heads, a.head_dim)
         k = qkv[:, nq:nq + nkv].view(B, a.n_kv_heads, a.head_dim)
         v = qkv[:, nq + nkv:].view(B, a.n_kv_heads, a.head_dim)
-        o = attend(i, rope_and_cache(q, k, v, cos, sin, slot(i), at)).reshape(B, nq)
-        if fused_products:
-            x = _gemv.gemv(o.contiguous(), att.wo.weight, att.wo.bias, residual=x)
-            ab = _gemv.gemv(x, *f["w13"], prologue="rmsnorm", norm_weight=fn.weight, eps=fn.eps)
-            x = _gemv.gemv(ab, ffn.w2.weight, ffn.w2.bias, residual=x, prologue="silu_mul")
+        o = attend(i, rope_and_cache(q, k, v, cos, sin, slot(i), at)).reshape(M, nq)
+        if res is not None:
+            x = _gemv.gemv(o.contiguous(), att.wo.weight, att.wo.bias, residual=x, cfg=res)
         else:
             x = residual_linear(x, o, att.wo)
-            x = residual_linear(x, silu_mul(F.linear(rmsnorm(x, fn.weight, fn.eps), *f["w13"])), ffn.w2)
-    if fused_products:
+        if pre is not None:
+            ab = _gemv.gemv(x, *f["w13"], prologue="rmsnorm", norm_weight=fn.weight, eps=fn.eps, cfg=pre)
+        else:
+            ab = F.linear(rmsnorm(x, fn.weight, fn.eps), *f["w13"])          # (B, 2 ffn) = [gate | up]
+        if silu is not None:
+            x = _gemv.gemv(ab, ffn.w2.weight, ffn.w2.bias, residual=x, prologue="silu_mul", cfg=silu)
+        else:
+            x = residual_linear(x, silu_mul(ab), ffn.w2)
+    if pre is not None:
         return _gemv.gemv(x, model.output.weight, model.output.bias, prologue="rmsnorm",
-                          norm_weight=model.norm.weight, eps=model.norm.eps, out_dtype=torch.float32)
+                          norm_weight=model.norm.weight, eps=model.norm.eps, out_dtype=torch.float32, cfg=pre)
     return model.output(rmsnorm(x, model.norm.weight, model.norm.eps)).float()
 
 
-def _use_gemv(x: torch.Tensor) -> bool:
-    """Does this step use :func:`hpcattn.model.gemv.gemv` for its products (see :data:`PRODUCTS`)?"""
+def _product(kind: str, x: torch.Tensor) -> dict | None:
+    """gemv launch parameters for a ``kind`` product of the token rows x, or None: cuBLAS (see
+    :data:`PRODUCTS`; ``triton`` gives {} = gemv's own default parameters where none were tuned)."""
     if PRODUCTS not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_decode.PRODUCTS = {PRODUCTS!r}: expected auto, triton or torch")
     if PRODUCTS == "torch" or not _gemv.supported(x):
-        return False
-    return PRODUCTS == "triton" or x.is_cuda
+        return None
+    cfg = _gemv.tuned(kind, x.shape[0])
+    if PRODUCTS == "triton":
+        return cfg or {}
+    return cfg if x.is_cuda else None

@@ -80,6 +80,26 @@ def _gemv(X, W, Y, BIAS, RES, NW, M, N, K, sx, eps,
     tl.store(Y + rm[:, None] * N + rn[None, :], acc.to(X.dtype.element_ty).to(Y.dtype.element_ty), mask=om)
 
 
+# Where gemv beats cuBLAS plus the small ops around it, and with which launch parameters: one H200,
+# Llama-3.1-8B shapes, bf16, best of benchmarks/decode_step.py's sweep (2026-12-03, products section;
+# benchmarks/results/decode_step_h200_2026-12-03_gemv_sweep.log). Keys: (kind, largest M).
+# o + residual: 11.0 vs 14.7 us at B=1, 11.9 vs 14.9 at B=8; silu_mul + down + residual at B=1: 33.1
+# vs 35.9 us. Everywhere else (q/k/v and gate/up with their RMSNorm, lm_head, down at B>1) cuBLAS
+# won (gemv 0.6-0.98x), so :func:`tuned` says None there and the decode step keeps cuBLAS.
+TUNED = {("residual", 1): {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 3},
+         ("residual", MAX_ROWS): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},
+         ("silu_mul", 1): {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 3}}
+
+
+def tuned(kind: str, M: int) -> dict | None:
+    """The measured-best launch parameters for a ``kind`` (``residual``: plain product plus the
+    residual; ``silu_mul``; ``rmsnorm``) product of M token rows, or None where cuBLAS was faster."""
+    for (k, rows), cfg in sorted(TUNED.items()):
+        if k == kind and M <= rows:
+            return cfg
+    return None
+
+
 def config(M: int, N: int, K: int) -> dict:
     """Launch parameters for an (M, N, K) product: BLOCK_N rows of the weight per program (enough
     programs for every SM a few times over), BLOCK_K columns per load."""
