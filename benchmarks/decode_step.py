@@ -273,8 +273,7 @@ def gemv_products(args, bw):
             flush = Flush(512)
             t_torch = time_fn(graphed(torch_path), flush=flush) / R
             t_gemv = time_fn(graphed(fused()), flush=flush) / R
-            kind = "residual" if op == "residual" else op
-            cfg_t = G.tuned(kind, B)
+            cfg_t = G.tuned(op, B)
             t_tuned = time_fn(graphed(fused(cfg_t)), flush=flush) / R if cfg_t else None
             best = (t_gemv, "default")
             for cfg in sweep:
