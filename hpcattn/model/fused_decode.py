@@ -239,7 +239,7 @@ def _product(kind: str, x: torch.Tensor) -> dict | None:
         raise ValueError(f"fused_decode.PRODUCTS = {PRODUCTS!r}: expected auto, triton or torch")
     if PRODUCTS == "torch" or not _gemv.supported(x):
         return None
-    cfg = _gemv.tuned(kind, x.shape[0])
+    cfg = _gemv.tuned(kind, x.shape[0], x.dtype)
     if PRODUCTS == "triton":
         return cfg or {}
     return cfg if x.is_cuda else None

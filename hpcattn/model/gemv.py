@@ -91,12 +91,14 @@ TUNED = {("residual", 1): {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_
          ("silu_mul", 1): {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 3}}
 
 
-def tuned(kind: str, M: int) -> dict | None:
+def tuned(kind: str, M: int, dtype: torch.dtype = torch.bfloat16) -> dict | None:
     """The measured-best launch parameters for a ``kind`` (``residual``: plain product plus the
-    residual; ``silu_mul``; ``rmsnorm``) product of M token rows, or None where cuBLAS was faster."""
+    residual; ``silu_mul``; ``rmsnorm``) product of M token rows, or None where cuBLAS was faster.
+    The tiles were tuned for 2-byte dtypes; float32 (validation runs) takes the same products with
+    :func:`config`'s smaller tiles ({}: the tuned ones exceed shared memory at float32)."""
     for (k, rows), cfg in sorted(TUNED.items()):
         if k == kind and M <= rows:
-            return cfg
+            return cfg if torch.empty((), dtype=dtype).element_size() == 2 else {}
     return None
 
 
