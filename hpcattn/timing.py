@@ -58,3 +58,22 @@ class NullTimer:
 
     def collect(self) -> dict[str, float]:
         return {}
+
+
+def timed_runs(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[object, list[float]]:
+    """(last result, wall seconds of each of ``repeats`` calls of fn()) after ``warmup`` calls; the
+    device is synchronised before and after each timed call (whole-call timing, host included)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    ts, out = [], None
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return out, ts

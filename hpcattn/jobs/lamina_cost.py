@@ -262,10 +262,10 @@ def markdown(rows: list[dict]) -> str:
 
 def _timed(fn, device, repeats: int, stat: str = "median") -> float:
     """Median (or ``stat="min"``: minimum, for a shared machine) seconds of fn() over ``repeats``
-    runs after one warm-up (device-synchronised: :func:`hpcattn.jobs.projection._timed`)."""
+    runs after one warm-up (device-synchronised: :func:`hpcattn.timing.timed_runs`)."""
     import torch
 
-    from hpcattn.jobs.projection import _timed as timed_runs
+    from hpcattn.timing import timed_runs
 
     with torch.inference_mode():
         ts = timed_runs(fn, device, repeats)[1]

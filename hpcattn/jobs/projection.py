@@ -17,10 +17,11 @@ The emulated outputs equal the distributed run's (tested), so the work measured 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
+
+from hpcattn.timing import timed_runs
 
 from hpcattn.comm.base import Comm, Counters, Request
 
@@ -78,25 +79,6 @@ class _Ctx:
         return self.world.size
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device, repeats: int, warmup: int = 1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    out = None
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return out, ts
-
-
 def ring_hosts(q, k, v, P: int, *, kernel, scale, device, repeats=3):
     """Per host (zigzag ring, causal): (out, lse, times). q, k, v: (B, n, H, d) full sequence."""
     from hpcattn.methods.ring import _kv_buffer, _fill, ring_prefill
@@ -115,7 +97,7 @@ def ring_hosts(q, k, v, P: int, *, kernel, scale, device, repeats=3):
             ctx = _Ctx(EmulatedComm(r, P, Counters(), blocks=blocks), device)
             return ring_prefill(q[:, idx[r]], k[:, idx[r]], v[:, idx[r]], ctx, kernel=kernel, scale=scale,
                                 causal=True, layout="zigzag")
-        (o, l), ts = _timed(run, device, repeats)
+        (o, l), ts = timed_runs(run, device, repeats)
         res.append((idx[r], o, l, ts))
     return res
 
@@ -125,7 +107,7 @@ def star_hosts(q, k, v, P: int, *, block: int, anchor: int, kernel, scale, devic
 
     res = []
     for r, blocks in enumerate(star_blocks(q.shape[1], block, P)):
-        (o, l), ts = _timed(lambda: star_phase1(q, k, v, blocks=blocks, anchor=anchor, kernel=kernel, scale=scale),
+        (o, l), ts = timed_runs(lambda: star_phase1(q, k, v, blocks=blocks, anchor=anchor, kernel=kernel, scale=scale),
                             device, repeats)
         index = torch.cat([torch.arange(a, b) for a, b in blocks] or [torch.zeros(0, dtype=torch.long)])
         res.append((index, o, l, ts))
@@ -150,7 +132,7 @@ def apb_hosts(q, k, v, qq, kq, vq, P: int, prm, *, compressor, kernel, scale, de
             ctx = _Ctx(EmulatedComm(r, P, Counters(), gathered=gathered), device)
             o, l, _ = apb_prefill(q, k, v, qq, kq, vq, ctx, prm, kernel=kernel, scale=scale, compressor=compressor)
             return o, l
-        (o, l), ts = _timed(run, device, repeats)
+        (o, l), ts = timed_runs(run, device, repeats)
         res.append((torch.arange(r * lb, (r + 1) * lb), o, l, ts))
     return res, (sends[0].numel() * sends[0].element_size() if prm.lp else 0)
 
@@ -185,7 +167,7 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
 
     bw, lat = bw_gbps * 1e9, lat_us * 1e-6
     device = torch.device(config_mod.resolve_device(cfg, torch.cuda.is_available()))
-    rows, writer = [], None
+    rows = []
     for point, c in config_mod.expand_cases(cfg):
         config_mod.validate(c, hosts, device.type == "cuda", source="project")
         s = c.shape
@@ -201,7 +183,7 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
         reps = c.run.repeats
         results = {}
         if "local" in c.methods:
-            _, ts = _timed(lambda: kernel(q, k, v, scale=scale, causal="square"), device, reps)
+            _, ts = timed_runs(lambda: kernel(q, k, v, scale=scale, causal="square"), device, reps)
             results["local"] = ("", np.asarray(ts)[:, None], 0.0)
         if "ring" in c.methods:
             hs = ring_hosts(q, k, v, hosts, kernel=kernel, scale=scale, device=device, repeats=reps)
