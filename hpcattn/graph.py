@@ -45,6 +45,9 @@ def blocker(*, device: str, method: str, backend: str, world_size: int,
         return "CUDA graphs need a CUDA device (CPU ranks run eagerly)"
     if method == "ring":
         return "ring decode (point-to-point KV rotation) runs eagerly"
+    if method == "lamina":
+        return ("lamina decode runs eagerly: its per-layer exchanges between model and attention ranks are "
+                "not captured (benchmarks/lamina_measure.py measures each role's work captured)")
     if method not in ("local", "tree"):
         return f"method {method} has no captured decode step"
     if world_size > 1 and backend != "nccl":

@@ -246,3 +246,16 @@ def test_gemv_prologues_and_epilogue_match_float64(dtype, M):
         gemv(x, w, prologue="rmsnorm")
     with pytest.raises(ValueError, match="does not fit"):
         gemv(x[:, :-1], w)
+
+
+def test_lamina_decode_is_eager_and_says_why():
+    """Lamina's step is not captured: on CUDA, auto gives the Lamina reason (recorded by
+    hpcattn.jobs.lamina), true is a config error naming the key, false says so."""
+    from hpcattn.errors import ConfigError
+    from hpcattn.graph import blocker, decide
+
+    why = blocker(device="cuda", method="lamina", backend="nccl", world_size=2)
+    assert decide("auto", why) == (False, why) and why.startswith("lamina decode runs eagerly")
+    with pytest.raises(ConfigError, match="run.cuda_graphs=true: lamina decode runs eagerly"):
+        decide("true", why)
+    assert decide("false", why) == (False, "run.cuda_graphs=false")

@@ -50,6 +50,7 @@ def test_lamina_generate_job_record_and_report(tmp_path):
         for role in ("model", "attention"):
             assert 0 < row[f"lamina_{role}_util"] <= 1 and 0 <= row[f"lamina_{role}_wait_frac"] <= 1
         assert row["decode_tok_s"] > 0
+        assert row["cuda_graphs"] == "eager" and "CPU ranks run eagerly" in row["cuda_graphs_reason"]
     with h5py.File(out) as f:
         case = f["cases"][rows[0]["id"]]
         assert case["lamina_busy_s"].shape == (2, n - 1, 3) and case["lamina_wait_s"].shape == (2, n - 1, 3)
