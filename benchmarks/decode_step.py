@@ -273,7 +273,7 @@ def gemv_products(args, bw):
             flush = Flush(512)
             t_torch = time_fn(graphed(torch_path), flush=flush) / R
             t_gemv = time_fn(graphed(fused()), flush=flush) / R
-            cfg_t = G.tuned(op, B)
+            cfg_t = G.tuned(op, B, torch.bfloat16, N)
             t_tuned = time_fn(graphed(fused(cfg_t)), flush=flush) / R if cfg_t else None
             best = (t_gemv, "default")
             for cfg in sweep:

@@ -4,17 +4,17 @@ Inside a CUDA graph a decode step costs about one kernel per op, and the plain m
 (:mod:`hpcattn.model.llama`) issues ~47 per layer: RMSNorm alone is 8 elementwise kernels, RoPE 8
 per tensor. Most of them touch a few KB, so each costs its launch slot (~2 us on an H200), not
 bandwidth; at 32 layers that is ~3 ms against a ~4.5 ms byte floor. This forward computes the same
-function of the same parameters in 9-11 kernels per layer:
+function of the same parameters in 7-11 kernels per layer (7 at B = 1 on CUDA):
 
-    rmsnorm (1) - wqkv (1 GEMV) - rope_and_cache (1: rotates q and k, stores k and v in the
-    cache slot) - attention (the caller's; Lean: 2) - wo + residual (1) - rmsnorm (1) -
-    w13 (1 GEMV) - silu_mul + w2 + residual (1 or 2)
+    [rmsnorm] + wqkv (1 or 2) - rope_and_cache (1: rotates q and k, stores k and v in the
+    cache slot) - attention (the caller's; Lean: 2) - wo + residual (1) - [rmsnorm] + w13
+    (1 or 2) - [silu_mul] + w2 + residual (1 or 2)
 
 Each product runs on cuBLAS (F.linear / addmm, the residual folded in) or as one
 :func:`hpcattn.model.gemv.gemv` kernel with its neighbours fused (:data:`PRODUCTS`): ``auto`` takes
-gemv on CUDA where it was measured faster (:func:`hpcattn.model.gemv.tuned`: o + residual at every
-decode batch, silu_mul + w2 + residual at B = 1), ``triton`` takes it for every product (RMSNorm
-prologues on q/k/v, gate/up and the logits included; tests), ``torch`` for none.
+gemv on CUDA where it was measured faster (:func:`hpcattn.model.gemv.tuned`: every product at B = 1,
+5 kernels per layer besides attention; o + residual alone at larger batches), ``triton`` takes it for
+every product (tests), ``torch`` for none.
 
 The q/k/v weights of a layer, and its gate/up weights, are read by one product each: on first use
 :func:`fuse_projections` stores them in one buffer per layer and turns the layer's ``wq``/``wk``/
@@ -202,12 +202,14 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
     cos, sin = model.rope(pos, torch.float64 if x.dtype == torch.float64 else torch.float32)
     cos, sin = cos.view(-1), sin.view(-1)
     M = x.shape[0]
-    pre, res, silu = _product("rmsnorm", x), _product("residual", x), _product("silu_mul", x)
+    qkv_p, w13_p = _product("rmsnorm", x, nq + 2 * nkv), _product("rmsnorm", x, 2 * a.ffn_dim)
+    res, silu = _product("residual", x, a.dim), _product("silu_mul", x, a.dim)
+    head_p = _product("rmsnorm", x, a.vocab_size)
     for i, (layer, f) in enumerate(zip(model.layers, fused)):
         att, ffn = layer.attention, layer.feed_forward
         an, fn = layer.attention_norm, layer.ffn_norm
-        if pre is not None:
-            qkv = _gemv.gemv(x, *f["qkv"], prologue="rmsnorm", norm_weight=an.weight, eps=an.eps, cfg=pre)
+        if qkv_p is not None:
+            qkv = _gemv.gemv(x, *f["qkv"], prologue="rmsnorm", norm_weight=an.weight, eps=an.eps, cfg=qkv_p)
         else:
             qkv = F.linear(rmsnorm(x, an.weight, an.eps), *f["qkv"])          # (B, nq + 2 nkv)
         q = qkv[:, :nq].view(B, a.n_heads, a.head_dim)
@@ -218,28 +220,28 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
             x = _gemv.gemv(o.contiguous(), att.wo.weight, att.wo.bias, residual=x, cfg=res)
         else:
             x = residual_linear(x, o, att.wo)
-        if pre is not None:
-            ab = _gemv.gemv(x, *f["w13"], prologue="rmsnorm", norm_weight=fn.weight, eps=fn.eps, cfg=pre)
+        if w13_p is not None:
+            ab = _gemv.gemv(x, *f["w13"], prologue="rmsnorm", norm_weight=fn.weight, eps=fn.eps, cfg=w13_p)
         else:
             ab = F.linear(rmsnorm(x, fn.weight, fn.eps), *f["w13"])          # (B, 2 ffn) = [gate | up]
         if silu is not None:
             x = _gemv.gemv(ab, ffn.w2.weight, ffn.w2.bias, residual=x, prologue="silu_mul", cfg=silu)
         else:
             x = residual_linear(x, silu_mul(ab), ffn.w2)
-    if pre is not None:
+    if head_p is not None:
         return _gemv.gemv(x, model.output.weight, model.output.bias, prologue="rmsnorm",
-                          norm_weight=model.norm.weight, eps=model.norm.eps, out_dtype=torch.float32, cfg=pre)
+                          norm_weight=model.norm.weight, eps=model.norm.eps, out_dtype=torch.float32, cfg=head_p)
     return model.output(rmsnorm(x, model.norm.weight, model.norm.eps)).float()
 
 
-def _product(kind: str, x: torch.Tensor) -> dict | None:
-    """gemv launch parameters for a ``kind`` product of the token rows x, or None: cuBLAS (see
+def _product(kind: str, x: torch.Tensor, N: int) -> dict | None:
+    """gemv launch parameters for a ``kind`` product of the token rows x into N outputs, or None: cuBLAS (see
     :data:`PRODUCTS`; ``triton`` gives {} = gemv's own default parameters where none were tuned)."""
     if PRODUCTS not in ("auto", "triton", "torch"):
         raise ValueError(f"fused_decode.PRODUCTS = {PRODUCTS!r}: expected auto, triton or torch")
     if PRODUCTS == "torch" or not _gemv.supported(x):
         return None
-    cfg = _gemv.tuned(kind, x.shape[0], x.dtype)
+    cfg = _gemv.tuned(kind, x.shape[0], x.dtype, N)
     if PRODUCTS == "triton":
         return cfg or {}
     return cfg if x.is_cuda else None

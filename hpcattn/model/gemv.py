@@ -33,7 +33,8 @@ PROLOGUES = ("none", "rmsnorm", "silu_mul")
 @triton.jit
 def _gemv(X, W, Y, BIAS, RES, NW, M, N, K, sx, eps,
           PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+          ROW_K: tl.constexpr):
     """Program n: rows [n*BLOCK_N, (n+1)*BLOCK_N) of Y (M, N) = prologue(X) @ W.T (+ BIAS, RES)."""
     pid = tl.program_id(0).to(tl.int64)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,14 +43,22 @@ def _gemv(X, W, Y, BIAS, RES, NW, M, N, K, sx, eps,
     nmask = rn < N
     mmask = rm < M
     if PROLOGUE == 1:                                  # RMSNorm: the mean square of each row first
-        ss = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            xv = tl.load(X + rm[:, None] * sx + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :],
+        if ROW_K > 0:                                  # the whole row in one load (one L2 round trip)
+            kr = tl.arange(0, ROW_K)
+            xr = tl.load(X + rm[:, None] * sx + kr[None, :], mask=mmask[:, None] & (kr < K)[None, :],
                          other=0.0).to(tl.float32)
-            ss += tl.sum(xv * xv, 1)
+            ss = tl.sum(xr * xr, 1)
+        else:
+            ss = tl.zeros([BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                xr = tl.load(X + rm[:, None] * sx + kk[None, :], mask=mmask[:, None] & (kk < K)[None, :],
+                             other=0.0).to(tl.float32)
+                ss += tl.sum(xr * xr, 1)
         r = 1.0 / tl.sqrt(ss / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if BLOCK_M == 1:                                   # per-lane partial sums, reduced once at the end
+        part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         km = kk < K
@@ -67,11 +76,13 @@ def _gemv(X, W, Y, BIAS, RES, NW, M, N, K, sx, eps,
                 xv = (y.to(tl.float32) * nw.to(tl.float32)[None, :]).to(X.dtype.element_ty)
         w = tl.load(W + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & km[None, :], other=0.0)
         if BLOCK_M == 1:
-            acc += tl.sum(xv.to(tl.float32) * w.to(tl.float32), 1)[None, :]
+            part += xv.to(tl.float32) * w.to(tl.float32)
         elif UPCAST:                                   # the interpreter's bf16 dot is wrong: exact float32
             acc = tl.dot(xv.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(xv, tl.trans(w), acc, input_precision="ieee")
+    if BLOCK_M == 1:
+        acc += tl.sum(part, 1)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     om = mmask[:, None] & nmask[None, :]
@@ -81,23 +92,27 @@ def _gemv(X, W, Y, BIAS, RES, NW, M, N, K, sx, eps,
 
 
 # Where gemv beats cuBLAS plus the small ops around it, and with which launch parameters: one H200,
-# Llama-3.1-8B shapes, bf16, best of benchmarks/decode_step.py's sweep (2026-12-03, products section;
-# benchmarks/results/decode_step_h200_2026-12-03_gemv_sweep.log). Keys: (kind, largest M).
-# o + residual: 11.0 vs 14.7 us at B=1, 11.9 vs 14.9 at B=8; silu_mul + down + residual at B=1: 33.1
-# vs 35.9 us. Everywhere else (q/k/v and gate/up with their RMSNorm, lm_head, down at B>1) cuBLAS
-# won (gemv 0.6-0.98x), so :func:`tuned` says None there and the decode step keeps cuBLAS.
-TUNED = {("residual", 1): {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 3},
-         ("residual", MAX_ROWS): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},
-         ("silu_mul", 1): {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 3}}
+# Llama-3.1-8B shapes, bf16, best of benchmarks/decode_step.py's products-section sweeps (2026-12-03;
+# benchmarks/results/decode_step_h200_2026-12-03_{gemv_sweep,partial_sums_sweep,final}.log). Keys:
+# (kind, largest M, largest N or None). At B=1 every product wins (us, gemv vs cuBLAS + ops, final
+# run): RMSNorm + q/k/v 15.4 vs 17.8, o + residual 11.2 vs 14.9, RMSNorm + gate/up 56.2 vs 58.3,
+# SiLU*up + down + residual 33.0 vs 35.3, RMSNorm + lm_head 234 vs 243. At B=8 only o + residual
+# wins (11.9 vs 14.9); the tl.dot path with a prologue loses (0.16-0.64x), so tuned() says None there
+# and the decode step keeps cuBLAS.
+TUNED = {("residual", 1, None): {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3},
+         ("residual", MAX_ROWS, None): {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},
+         ("silu_mul", 1, None): {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "num_stages": 3},
+         ("rmsnorm", 1, 8192): {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
+         ("rmsnorm", 1, None): {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}}
 
 
-def tuned(kind: str, M: int, dtype: torch.dtype = torch.bfloat16) -> dict | None:
+def tuned(kind: str, M: int, dtype: torch.dtype = torch.bfloat16, N: int = 0) -> dict | None:
     """The measured-best launch parameters for a ``kind`` (``residual``: plain product plus the
-    residual; ``silu_mul``; ``rmsnorm``) product of M token rows, or None where cuBLAS was faster.
-    The tiles were tuned for 2-byte dtypes; float32 (validation runs) takes the same products with
-    :func:`config`'s smaller tiles ({}: the tuned ones exceed shared memory at float32)."""
-    for (k, rows), cfg in sorted(TUNED.items()):
-        if k == kind and M <= rows:
+    residual; ``silu_mul``; ``rmsnorm``) product of M token rows and N outputs, or None where cuBLAS
+    was faster. The tiles were tuned for 2-byte dtypes; float32 (validation runs) takes the same
+    products with :func:`config`'s smaller tiles ({}: the tuned ones exceed shared memory there)."""
+    for (k, rows, n_max), cfg in sorted(TUNED.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 1 << 62)):
+        if k == kind and M <= rows and (n_max is None or N <= n_max):
             return cfg if torch.empty((), dtype=dtype).element_size() == 2 else {}
     return None
 
@@ -145,5 +160,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         PROLOGUE=PROLOGUES.index(prologue), HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         BLOCK_M=bm, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
         UPCAST=x.device.type != "cuda",
+        ROW_K=triton.next_power_of_2(K) if (bm == 1 and prologue == "rmsnorm" and K <= 8192) else 0,
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     return y
