@@ -259,3 +259,51 @@ def test_lamina_decode_is_eager_and_says_why():
     with pytest.raises(ConfigError, match="run.cuda_graphs=true: lamina decode runs eagerly"):
         decide("true", why)
     assert decide("false", why) == (False, "run.cuda_graphs=false")
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_decode_forward_gemv_products_equal_cublas_path_with_biases(M, monkeypatch):
+    """decode_forward with every product on gemv (PRODUCTS=triton: RMSNorm / SiLU prologues,
+    residual epilogue, biases on q/k/v, o and the MLP) equals the torch-product path (float32), and
+    a changed weight changes both (the check can fail); a bad PRODUCTS value is one clear error."""
+    from hpcattn.model import fused_decode
+    from hpcattn.model.llama import ModelArgs
+    from hpcattn.model.weights import random_model
+
+    args = ModelArgs.from_preset("tiny")
+    args.qkv_bias = args.o_bias = args.mlp_bias = True
+    model = random_model(args, 3, torch.float32, "cpu")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    token = torch.randint(0, args.vocab_size, (M,), generator=torch.Generator().manual_seed(M))
+    pos, at = torch.tensor([7]), torch.tensor([0])
+
+    def run(products):
+        monkeypatch.setattr(fused_decode, "PRODUCTS", products)
+        with torch.inference_mode():
+            return fused_decode.decode_forward(model, token, pos, slot=lambda i: None, at=at,
+                                               attend=lambda i, q: q * 0.5)
+
+    ref, got = run("torch"), run("triton")
+    assert got.dtype == torch.float32 and got.shape == (M, args.vocab_size)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.bias.add_(1.0)
+    assert (run("triton") - got).abs().max() > 1e-3
+    monkeypatch.setattr(fused_decode, "PRODUCTS", "cublas")
+    with pytest.raises(ValueError, match="PRODUCTS = 'cublas': expected auto, triton or torch"):
+        fused_decode.decode_forward(model, token, pos, slot=lambda i: None, at=at, attend=lambda i, q: q)
+
+
+def test_gemv_tuned_table_lookup():
+    """tuned(): N-limited entries before open ones, larger batches fall to the next row bound,
+    untuned kinds/batches say None (cuBLAS), float32 gets {} (gemv's default tiles)."""
+    from hpcattn.model.gemv import MAX_ROWS, TUNED, tuned
+
+    assert tuned("rmsnorm", 1, N=6144) == TUNED[("rmsnorm", 1, 8192)]
+    assert tuned("rmsnorm", 1, N=128256) == TUNED[("rmsnorm", 1, None)]
+    assert tuned("residual", 8, N=4096) == TUNED[("residual", MAX_ROWS, None)]
+    assert tuned("rmsnorm", 8, N=6144) is None and tuned("silu_mul", 2, N=4096) is None
+    assert tuned("residual", 1, torch.float32, 4096) == {} and tuned("residual", MAX_ROWS + 1) is None
