@@ -317,7 +317,7 @@ class LaminaDecoder:
         out: dict[tuple[int, int], tuple] = {}          # (j, t) -> (tokens, logits) sampled here
         sends: deque = deque((0, r) for r in state["sends"])          # (step, request), waited a step late
         rope_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        rope: dict = {}                                  # {(j, t): (cos, sin)} of the item in hand
+        rope_key, rope_cs = None, None                   # (j, t) and its (cos, sin): the item in hand
 
         def post(item):
             s, j = item
@@ -357,11 +357,11 @@ class LaminaDecoder:
             else:
                 x = self._post(k - 1, xs[j], o)
             if x is not None:
-                if (j, t) not in rope:                  # once per micro-batch and token, not per layer
+                if rope_key != (j, t):                  # once per micro-batch and token, not per layer
                     pos = torch.tensor([lengths[b] + t for b in range(b0, b1)], device=dev)
                     cos, sin = self.model.rope(pos, rope_dtype)
-                    rope = {(j, t): (cos[:, None, :], sin[:, None, :])}       # (B_j, 1, d): per-row positions
-                self._pre(k, x, *rope[(j, t)], step_sends)
+                    rope_key, rope_cs = (j, t), (cos[:, None, :], sin[:, None, :])   # (B_j, 1, d): per-row
+                self._pre(k, x, *rope_cs, step_sends)
                 nxt = lay.model_rank(j, s + 1)
                 if nxt == self.rank:
                     xs[j] = x
