@@ -87,3 +87,11 @@ def test_generate_from_checkpoint_and_bad_checkpoint(tmp_path):
     err = [l for l in (r.stdout + r.stderr).splitlines() if "error" in l]
     assert r.returncode == 2 and len(err) == 1 and "lacks tensor(s) model.norm.weight" in err[0], r.stdout + r.stderr
     assert not bad.exists() and not (tmp_path / "bad.h5.tmp").exists()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_gather_in_order_chunked_bytes(ranks):
+    """Saved outputs / prompt logits travel as raw byte chunks to rank 0 (tests/mpi_progs/check_gather.py)."""
+    r = run_ranks(ranks, ["-m", "mpi4py", "tests/mpi_progs/check_gather.py"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"check_gather: 18 cases passed on {ranks} ranks" in r.stdout

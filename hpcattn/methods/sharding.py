@@ -39,26 +39,72 @@ def layout_indices(layout: str, n: int, p: int, r: int) -> torch.Tensor:
     return torch.arange(a, b)
 
 
+CHUNK_BYTES = 1 << 30     # largest message gather_in_order sends (MPI counts are 32-bit)
+
+
 def gather_in_order(world, index: torch.Tensor | None, rows: torch.Tensor | None, dim: int,
-                    n: int | None = None) -> torch.Tensor | None:
+                    n: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor | None:
     """Collective over ``world`` (a :class:`hpcattn.comm.base.Comm`; None: one process): rows of
     every rank to rank 0, in global token order.
 
-    ``rows`` holds this rank's rows along ``dim`` (any shape), ``index`` (len,) int64 their global
-    token indices in that order; None/None where a rank holds no rows. Sent as host copies through
-    the control plane (``world.mpi.gather``). Rank 0 gets one CPU tensor whose ``dim`` is sorted by
-    global index (with ``n``: the indices must be exactly 0..n-1, else RuntimeError), or None when
-    no rank held rows; other ranks get None.
+    ``rows`` holds this rank's rows along ``dim`` (any shape, any dtype), ``index`` (len,) int64 their
+    global token indices in that order; None/None where a rank holds no rows. Rank 0 gets one CPU
+    tensor whose ``dim`` is sorted by global index (with ``n``: the indices must be exactly
+    0..n-1, else RuntimeError), or None when no rank held rows; other ranks get None.
+
+    Transport: the indices and shapes go through the control plane (``world.mpi.gather``, small);
+    the rows go as raw bytes, host copies, point to point to rank 0 in messages of at most
+    ``chunk_bytes`` (no pickling, no 2 GiB message limit: prompt logits (B, N, vocab) float32 are
+    4 GB at N = 8K for a 128K vocabulary), received straight into rank 0's result.
     """
-    mine = None if rows is None else (index.cpu(), rows.cpu())
-    parts = [mine] if world is None else world.mpi.gather(mine, root=0)
+    mine = None if rows is None else rows.detach().cpu().contiguous()
+    meta = None if mine is None else (index.cpu(), tuple(mine.shape), mine.dtype)
+    metas = [meta] if world is None else world.mpi.gather(meta, root=0)
     if world is not None and world.rank != 0:
+        if mine is not None:
+            for part in _byte_chunks(mine, chunk_bytes):
+                world.mpi.Send(part, dest=0, tag=_GATHER_TAG)
         return None
-    parts = [pp for pp in parts if pp is not None]
-    if not parts:
+    present = [(r, m) for r, m in enumerate(metas) if m is not None]
+    if not present:
         return None
-    idx = torch.cat([pp[0] for pp in parts])
+    idx = torch.cat([m[0] for _, m in present])
     order = torch.argsort(idx)
     if n is not None and not torch.equal(idx[order], torch.arange(n)):
+        _drain(world, present, chunk_bytes)
         raise RuntimeError(f"gather_in_order: the ranks' rows are not a permutation of 0..{n - 1}")
-    return torch.cat([pp[1] for pp in parts], dim=dim).index_select(dim, order)
+    shape, dtype = list(present[0][1][1]), present[0][1][2]
+    shape[dim] = idx.numel()
+    out = torch.empty(shape, dtype=dtype)
+    rank_of = order.argsort()                  # global position of each gathered row
+    at = 0
+    for r, (ix, shp, _) in present:
+        part = mine if r == 0 else _receive(world, r, shp, dtype, chunk_bytes)
+        out.index_copy_(dim, rank_of[at:at + ix.numel()], part)
+        at += ix.numel()
+    return out
+
+
+_GATHER_TAG = 7301
+
+
+def _byte_chunks(t: torch.Tensor, chunk_bytes: int):
+    """Numpy uint8 views of consecutive pieces (<= chunk_bytes) of contiguous t's bytes."""
+    flat = t.view(-1).view(torch.uint8).numpy() if t.numel() else t.new_empty(0, dtype=torch.uint8).numpy()
+    for a in range(0, flat.size, chunk_bytes):
+        yield flat[a:a + chunk_bytes]
+
+
+def _receive(world, src: int, shape, dtype, chunk_bytes: int) -> torch.Tensor:
+    """A tensor of ``shape``/``dtype`` from ``src``'s :func:`_byte_chunks` sends."""
+    t = torch.empty(shape, dtype=dtype)
+    for part in _byte_chunks(t, chunk_bytes):
+        world.mpi.Recv(part, source=src, tag=_GATHER_TAG)
+    return t
+
+
+def _drain(world, present, chunk_bytes: int) -> None:
+    """Receive (and drop) every other rank's rows, so no sender is left blocked before an error."""
+    for r, (_, shp, dtype) in present:
+        if r != 0:
+            _receive(world, r, shp, dtype, chunk_bytes)
