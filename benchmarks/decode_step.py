@@ -347,7 +347,6 @@ def _model(n_layers):
 
 def model_step(args, bw):
     from hpcattn.kernels import select_kernel
-    from hpcattn.model import fused_decode
     from hpcattn.model.runner import ModelRunner
     print("\n## end-to-end decode step, Llama-3.1-8B shape, random bf16 weights (ms; floor = (weights + KV) / copy rate)")
     print("   eager: the runner with kernel auto (dense decode on aten_flash);"
@@ -373,11 +372,10 @@ def model_step(args, bw):
                 out = {}
                 for mode, kn, products in (("false", kern, "auto"), ("false", lean, "auto"), ("true", kern, "auto"),
                                            ("true", kern, "torch")):
-                    fused_decode.PRODUCTS = products
                     torch.cuda.empty_cache()
                     cache: dict = {}
                     r = ModelRunner(model, None, kn, prefill="local", decode="local", cuda_graphs=mode,
-                                    graph_cache=cache)
+                                    graph_cache=cache, decode_products=products)
                     with torch.inference_mode():
                         r.prime(B, n, steps + 4)
                         torch.manual_seed(0)
@@ -397,7 +395,6 @@ def model_step(args, bw):
                     out[(mode, kn.name, products)] = (sorted(ts)[len(ts) // 2], torch.stack(toks[:4]).cpu(),
                                                       r.graph_attrs())
                     del r, cache
-                fused_decode.PRODUCTS = "auto"
                 out = {k[:2] if k[2] == "auto" else "cublas": v for k, v in out.items()}
                 te, tl_, tg = out[("false", kern.name)][0], out[("false", "lean")][0], out[("true", kern.name)][0]
                 tc = out["cublas"][0]

@@ -197,6 +197,10 @@ class RunConfig:
     cuda_graphs: str = _f("auto", choices=("auto", "true", "false"),
                           doc="decode steps as one CUDA graph (decode local/tree, generate decode); auto: "
                               "where capturable, eager on CPU and host-staged MPI; true: error where not")
+    decode_products: str = _f("auto", choices=("auto", "gemv", "torch"),
+                              doc="the captured decode step's matrix products: auto: hpcattn's Triton gemv "
+                                  "(RMSNorm / SiLU fused in) where it beat cuBLAS on an H200, cuBLAS elsewhere; "
+                                  "gemv: every product up to 16 rows; torch: cuBLAS (F.linear) for all")
     case_timeout_s: typing.Optional[float] = _f(3600.0, doc="hang watchdog: a case (or set-up) running longer "
                                                             "aborts the job with stacks; null = off")
     memory_check: bool = _f(True, doc="refuse a case whose --dry-run memory estimate exceeds this rank's share of "

@@ -92,8 +92,9 @@ class _Replay:
 
 @pytest.mark.parametrize("biases", [False, True])
 def test_runner_static_step_equals_eager(monkeypatch, biases):
-    """The captured step (fused forward, Lean with device lengths) equals the eager runner; with
-    every bias a Llama checkpoint can have (attention_bias: q/k/v/o, mlp_bias: gate/up/down)."""
+    """The captured step (fused forward with gemv products, Lean with device lengths) equals the
+    eager runner; with every bias a Llama checkpoint can have (attention_bias: q/k/v/o, mlp_bias:
+    gate/up/down)."""
     from hpcattn.kernels import select_kernel
     from hpcattn.model.llama import ModelArgs
     from hpcattn.model.runner import ModelRunner
@@ -123,8 +124,8 @@ def test_runner_static_step_equals_eager(monkeypatch, biases):
     cache: dict = {}
     for rep in range(2):                                       # the second run reuses the "graph"
         r = ModelRunner(model, None, kern, prefill="local", decode="local", cuda_graphs="auto",
-                        graph_cache=cache)
-        assert r.graph_attrs() == {"cuda_graphs": "graph", "decode_kernel": "lean",
+                        graph_cache=cache, decode_products="gemv")      # every product on gemv (CPU: auto = torch)
+        assert r.graph_attrs() == {"cuda_graphs": "graph", "decode_kernel": "lean", "decode_products": "gemv",
                                    "cuda_graphs_reason": "captured once per shape, replayed every step"}
         toks, logits = r.generate(tokens, 6)
         assert torch.equal(toks, ref_toks), rep
@@ -262,10 +263,10 @@ def test_lamina_decode_is_eager_and_says_why():
 
 
 @pytest.mark.parametrize("M", [1, 3])
-def test_decode_forward_gemv_products_equal_cublas_path_with_biases(M, monkeypatch):
-    """decode_forward with every product on gemv (PRODUCTS=triton: RMSNorm / SiLU prologues,
+def test_decode_forward_gemv_products_equal_cublas_path_with_biases(M):
+    """decode_forward with every product on gemv (products=gemv: RMSNorm / SiLU prologues,
     residual epilogue, biases on q/k/v, o and the MLP) equals the torch-product path (float32), and
-    a changed weight changes both (the check can fail); a bad PRODUCTS value is one clear error."""
+    a changed weight changes both (the check can fail); a bad products value is one clear error."""
     from hpcattn.model import fused_decode
     from hpcattn.model.llama import ModelArgs
     from hpcattn.model.weights import random_model
@@ -281,20 +282,18 @@ def test_decode_forward_gemv_products_equal_cublas_path_with_biases(M, monkeypat
     pos, at = torch.tensor([7]), torch.tensor([0])
 
     def run(products):
-        monkeypatch.setattr(fused_decode, "PRODUCTS", products)
         with torch.inference_mode():
             return fused_decode.decode_forward(model, token, pos, slot=lambda i: None, at=at,
-                                               attend=lambda i, q: q * 0.5)
+                                               attend=lambda i, q: q * 0.5, products=products)
 
-    ref, got = run("torch"), run("triton")
+    ref, got = run("torch"), run("gemv")
     assert got.dtype == torch.float32 and got.shape == (M, args.vocab_size)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         model.layers[1].feed_forward.w2.bias.add_(1.0)
-    assert (run("triton") - got).abs().max() > 1e-3
-    monkeypatch.setattr(fused_decode, "PRODUCTS", "cublas")
-    with pytest.raises(ValueError, match="PRODUCTS = 'cublas': expected auto, triton or torch"):
-        fused_decode.decode_forward(model, token, pos, slot=lambda i: None, at=at, attend=lambda i, q: q)
+    assert (run("gemv") - got).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="decode products 'cublas': expected one of auto, gemv, torch"):
+        run("cublas")
 
 
 def test_gemv_tuned_table_lookup():

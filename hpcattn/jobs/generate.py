@@ -163,7 +163,8 @@ class GenerateJob:
                            apb=apb_params(c, p, c.shape.context - c.generate.query_len),
                            compressor=self.compressor(c), apb_seed=c.apb.seed,
                            cuda_graphs=c.run.cuda_graphs if ctx is not None else "false",
-                           graph_cache=self.graph_cache, prompt_logits=prompt_logits)
+                           graph_cache=self.graph_cache, prompt_logits=prompt_logits,
+                           decode_products=c.run.decode_products)
 
     def compressor(self, c):
         if c.apb.compressor != "retaining_heads" or c.generate.prefill != "apb":

@@ -11,10 +11,10 @@ function of the same parameters in 7-11 kernels per layer (7 at B = 1 on CUDA):
     (1 or 2) - [silu_mul] + w2 + residual (1 or 2)
 
 Each product runs on cuBLAS (F.linear / addmm, the residual folded in) or as one
-:func:`hpcattn.model.gemv.gemv` kernel with its neighbours fused (:data:`PRODUCTS`): ``auto`` takes
+:func:`hpcattn.model.gemv.gemv` kernel with its neighbours fused (``products``, config ``run.decode_products``): ``auto`` takes
 gemv on CUDA where it was measured faster (:func:`hpcattn.model.gemv.tuned`: every product at B = 1,
-5 kernels per layer besides attention; o + residual alone at larger batches), ``triton`` takes it for
-every product (tests), ``torch`` for none.
+5 kernels per layer besides attention; o + residual alone at larger batches), ``gemv`` takes it for
+every product it supports (up to :data:`hpcattn.model.gemv.MAX_ROWS` rows; tests), ``torch`` for none.
 
 The q/k/v weights of a layer, and its gate/up weights, are read by one product each: on first use
 :func:`fuse_projections` stores them in one buffer per layer and turns the layer's ``wq``/``wk``/
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from hpcattn.model import gemv as _gemv
 
-PRODUCTS = "auto"   # auto (gemv where measured faster, CUDA) | triton (gemv everywhere) | torch; benchmarks, tests set it
+PRODUCT_MODES = ("auto", "gemv", "torch")    # decode_forward's ``products`` (config run.decode_products)
 
 
 @triton.jit
@@ -183,7 +183,7 @@ def residual_linear(x: torch.Tensor, h: torch.Tensor, linear: torch.nn.Linear) -
 
 def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
                    slot: Callable[[int], tuple[torch.Tensor, torch.Tensor] | None], at: torch.Tensor,
-                   attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                   attend: Callable[[int, torch.Tensor], torch.Tensor], products: str = "auto") -> torch.Tensor:
     """One decode step of ``model`` (:class:`hpcattn.model.llama.Transformer`).
 
     Args:
@@ -191,6 +191,8 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
         slot: layer -> (k_buf, v_buf) (B, Hkv, cap, d) to store this token's k, v in, or None.
         at: (1,) int64 device tensor, the token slot to store at.
         attend: (layer, q (B, 1, Hq, d) post-RoPE) -> attention output (B, 1, Hq, d).
+        products: ``auto`` | ``gemv`` | ``torch``: which products run on :func:`hpcattn.model.gemv.gemv`
+            (module docstring).
     Returns:
         float32 logits (B, vocab).
     """
@@ -202,9 +204,9 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
     cos, sin = model.rope(pos, torch.float64 if x.dtype == torch.float64 else torch.float32)
     cos, sin = cos.view(-1), sin.view(-1)
     M = x.shape[0]
-    qkv_p, w13_p = _product("rmsnorm", x, nq + 2 * nkv), _product("rmsnorm", x, 2 * a.ffn_dim)
-    res, silu = _product("residual", x, a.dim), _product("silu_mul", x, a.dim)
-    head_p = _product("rmsnorm", x, a.vocab_size)
+    qkv_p, w13_p = _product("rmsnorm", x, nq + 2 * nkv, products), _product("rmsnorm", x, 2 * a.ffn_dim, products)
+    res, silu = _product("residual", x, a.dim, products), _product("silu_mul", x, a.dim, products)
+    head_p = _product("rmsnorm", x, a.vocab_size, products)
     for i, (layer, f) in enumerate(zip(model.layers, fused)):
         att, ffn = layer.attention, layer.feed_forward
         an, fn = layer.attention_norm, layer.ffn_norm
@@ -234,14 +236,14 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
     return model.output(rmsnorm(x, model.norm.weight, model.norm.eps)).float()
 
 
-def _product(kind: str, x: torch.Tensor, N: int) -> dict | None:
+def _product(kind: str, x: torch.Tensor, N: int, products: str) -> dict | None:
     """gemv launch parameters for a ``kind`` product of the token rows x into N outputs, or None: cuBLAS (see
-    :data:`PRODUCTS`; ``triton`` gives {} = gemv's own default parameters where none were tuned)."""
-    if PRODUCTS not in ("auto", "triton", "torch"):
-        raise ValueError(f"fused_decode.PRODUCTS = {PRODUCTS!r}: expected auto, triton or torch")
-    if PRODUCTS == "torch" or not _gemv.supported(x):
+    ``products``; ``gemv`` gives {} = gemv's own default parameters where none were tuned)."""
+    if products not in PRODUCT_MODES:
+        raise ValueError(f"decode products {products!r}: expected one of {', '.join(PRODUCT_MODES)}")
+    if products == "torch" or not _gemv.supported(x):
         return None
     cfg = _gemv.tuned(kind, x.shape[0], x.dtype, N)
-    if PRODUCTS == "triton":
+    if products == "gemv":
         return cfg or {}
     return cfg if x.is_cuda else None

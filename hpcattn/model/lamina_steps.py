@@ -43,10 +43,10 @@ class ModelRole:
     """A model rank's step for B sequences of ``model`` (:class:`hpcattn.model.llama.Transformer`)
     at RoPE position ``pos`` (advanced by :meth:`step` with ``advance``)."""
 
-    def __init__(self, model, B: int, pos: int = 0):
+    def __init__(self, model, B: int, pos: int = 0, products: str = "auto"):
         a = model.args
         w = model.tok_embeddings.weight
-        self.model, self.B = model, B
+        self.model, self.B, self.products = model, B, products
         self.token = torch.zeros(B, dtype=torch.int64, device=w.device)
         self.pos = torch.full((1,), pos, dtype=torch.int64, device=w.device)
         self._slot0 = torch.zeros(1, dtype=torch.int64, device=w.device)
@@ -66,7 +66,7 @@ class ModelRole:
             return self.o[layer]
 
         logits = decode_forward(self.model, self.token, self.pos, slot=lambda i: (self.kv[i, 0], self.kv[i, 1]),
-                                at=self._slot0, attend=attend)
+                                at=self._slot0, attend=attend, products=self.products)
         if advance:
             self.pos.add_(1)
         return logits, logits.argmax(-1)

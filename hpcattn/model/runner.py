@@ -80,6 +80,8 @@ class ModelRunner:
         reduction, topology: tree decode merge (see :func:`hpcattn.methods.tree_decode`).
         placement: where generated tokens' KV goes: ``last`` rank or ``round_robin``.
         prompt_logits: keep what :meth:`gather_prompt_logits` needs (see the module docstring).
+        decode_products: the captured step's products (:func:`hpcattn.model.fused_decode.decode_forward`:
+            ``auto`` | ``gemv`` | ``torch``; config ``run.decode_products``).
     """
 
     def __init__(self, model: Transformer, ctx, kernel: Kernel, *, prefill: str = "ring", decode: str = "tree",
@@ -87,7 +89,7 @@ class ModelRunner:
                  placement: str = "last", query_len: int = 1, star_block: int | None = None,
                  star_anchor: int | None = None, star_quirk: bool = False, apb=None,
                  compressor="query_aware", apb_seed: int = 0, cuda_graphs: str = "false",
-                 graph_cache: dict | None = None, prompt_logits: bool = False):
+                 graph_cache: dict | None = None, prompt_logits: bool = False, decode_products: str = "auto"):
         if decode == "local" and prefill != "local" and ctx is not None and ctx.size > 1:
             raise ValueError("decode=local needs prefill=local (the cache must be whole on every rank)")
         self.model, self.ctx, self.kernel = model, ctx, kernel
@@ -109,6 +111,7 @@ class ModelRunner:
         self.prompt_logits = prompt_logits
         self.prompt_hidden: list[tuple[torch.Tensor, torch.Tensor]] = []   # (index (n,), hidden (B, n, dim))
         self.cuda_graphs = cuda_graphs
+        self.decode_products = decode_products
         self.graph_cache = graph_cache if graph_cache is not None else {}
         self._graph_on, self._graph_why = self._graph_decision()
         self._static = None               # the captured decode step of this runner (graph mode)
@@ -266,6 +269,7 @@ class ModelRunner:
         attrs = {"cuda_graphs": "graph" if self._graph_on else "eager", "cuda_graphs_reason": self._graph_why}
         if self._graph_on:
             attrs["decode_kernel"] = "lean"
+            attrs["decode_products"] = self.decode_products
         return attrs
 
     def _new_cache(self, *shape_dtype_device) -> ShardedKVCache:
@@ -307,7 +311,8 @@ class ModelRunner:
         from hpcattn.graph import StepGraph
         from hpcattn.model.fused_decode import decode_forward
 
-        key = ("step", B, id(self.cache), local, mine, self.decode_method, self.reduction, self.topology)
+        key = ("step", B, id(self.cache), local, mine, self.decode_method, self.reduction, self.topology,
+               self.decode_products)
         st = self.graph_cache.get(key)
         if st is not None:
             return st
@@ -331,7 +336,8 @@ class ModelRunner:
             return (cache.buf[layer, 0], cache.buf[layer, 1]) if mine else None
 
         def step():
-            logits = decode_forward(model, st["token"], st["pos"], slot=slot, at=st["at"], attend=attend)
+            logits = decode_forward(model, st["token"], st["pos"], slot=slot, at=st["at"], attend=attend,
+                                    products=self.decode_products)
             st["pos"].add_(1)
             if mine:
                 st["at"].add_(1)
