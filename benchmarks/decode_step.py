@@ -20,7 +20,8 @@ Sections (each prints a table; --json gets every row, rewritten after every sect
   model    end-to-end decode step of the Llama-3.1-8B shape (random weights, bf16), 4 and 32
            layers, 8K/32K/128K context, B=1 and 8 (32 layers at B=8, 128K needs 137 GB of KV:
            skipped): eager (kernel auto: dense decode on aten_flash), eager with the Lean kernel,
-           and graph (the runner's captured fused step, Lean with device lengths), vs the byte
+           graph (the runner's captured fused step, Lean with device lengths, decode_products auto)
+           and g-cuBLAS (the same graph with decode_products torch), vs the byte
            floor (weights read once + KV read once) / copy rate; greedy tokens of eager and graph
            compared
   hf       Hugging Face transformers' LlamaForCausalLM with the same shape (its own random weights:
