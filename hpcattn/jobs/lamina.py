@@ -143,7 +143,8 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
 
     why = decide(c.run.cuda_graphs, blocker(device=per_rank[0]["device"].split(":")[0], method="lamina",
                                             backend="", world_size=len(per_rank)))[1]
-    attrs = {"cuda_graphs": "eager", "cuda_graphs_reason": why, "lamina_model_ranks": lay.model_ranks, "lamina_attention_ranks": lay.attention_ranks,
+    attrs = {"cuda_graphs": "eager", "cuda_graphs_reason": why,
+             "lamina_model_ranks": lay.model_ranks, "lamina_attention_ranks": lay.attention_ranks,
              "lamina_microbatches": lay.microbatches, "lamina_roles": roles,
              "lamina_devices": [pr["device"] for pr in per_rank],
              "lamina_attention_kernel": next((pr["kernel"] for pr in per_rank if pr["role"] != MODEL), ""),

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hpcattn.timing import timed_runs
-
 from hpcattn.comm.base import Comm, Counters, Request
+from hpcattn.timing import timed_runs
 
 
 class EmulatedComm(Comm):

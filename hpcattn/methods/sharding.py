@@ -40,6 +40,7 @@ def layout_indices(layout: str, n: int, p: int, r: int) -> torch.Tensor:
 
 
 CHUNK_BYTES = 1 << 30     # largest message gather_in_order sends (MPI counts are 32-bit)
+_GATHER_TAG = 7301        # its point-to-point messages (in order per sender: MPI does not overtake)
 
 
 def gather_in_order(world, index: torch.Tensor | None, rows: torch.Tensor | None, dim: int,
@@ -85,12 +86,9 @@ def gather_in_order(world, index: torch.Tensor | None, rows: torch.Tensor | None
     return out
 
 
-_GATHER_TAG = 7301
-
-
 def _byte_chunks(t: torch.Tensor, chunk_bytes: int):
     """Numpy uint8 views of consecutive pieces (<= chunk_bytes) of contiguous t's bytes."""
-    flat = t.view(-1).view(torch.uint8).numpy() if t.numel() else t.new_empty(0, dtype=torch.uint8).numpy()
+    flat = t.view(-1).view(torch.uint8).numpy()
     for a in range(0, flat.size, chunk_bytes):
         yield flat[a:a + chunk_bytes]
 

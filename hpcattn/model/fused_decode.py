@@ -203,37 +203,41 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
     x = F.embedding(token, model.tok_embeddings.weight)                        # (B, dim)
     cos, sin = model.rope(pos, torch.float64 if x.dtype == torch.float64 else torch.float32)
     cos, sin = cos.view(-1), sin.view(-1)
-    M = x.shape[0]
     qkv_p, w13_p = _product("rmsnorm", x, nq + 2 * nkv, products), _product("rmsnorm", x, 2 * a.ffn_dim, products)
-    res, silu = _product("residual", x, a.dim, products), _product("silu_mul", x, a.dim, products)
+    o_p, down_p = _product("residual", x, a.dim, products), _product("silu_mul", x, a.dim, products)
     head_p = _product("rmsnorm", x, a.vocab_size, products)
     for i, (layer, f) in enumerate(zip(model.layers, fused)):
         att, ffn = layer.attention, layer.feed_forward
-        an, fn = layer.attention_norm, layer.ffn_norm
-        if qkv_p is not None:
-            qkv = _gemv.gemv(x, *f["qkv"], prologue="rmsnorm", norm_weight=an.weight, eps=an.eps, cfg=qkv_p)
-        else:
-            qkv = F.linear(rmsnorm(x, an.weight, an.eps), *f["qkv"])          # (B, nq + 2 nkv)
+        qkv = _normed_product(x, layer.attention_norm, *f["qkv"], qkv_p)            # (B, nq + 2 nkv)
         q = qkv[:, :nq].view(B, a.n_heads, a.head_dim)
         k = qkv[:, nq:nq + nkv].view(B, a.n_kv_heads, a.head_dim)
         v = qkv[:, nq + nkv:].view(B, a.n_kv_heads, a.head_dim)
-        o = attend(i, rope_and_cache(q, k, v, cos, sin, slot(i), at)).reshape(M, nq)
-        if res is not None:
-            x = _gemv.gemv(o.contiguous(), att.wo.weight, att.wo.bias, residual=x, cfg=res)
-        else:
-            x = residual_linear(x, o, att.wo)
-        if w13_p is not None:
-            ab = _gemv.gemv(x, *f["w13"], prologue="rmsnorm", norm_weight=fn.weight, eps=fn.eps, cfg=w13_p)
-        else:
-            ab = F.linear(rmsnorm(x, fn.weight, fn.eps), *f["w13"])          # (B, 2 ffn) = [gate | up]
-        if silu is not None:
-            x = _gemv.gemv(ab, ffn.w2.weight, ffn.w2.bias, residual=x, prologue="silu_mul", cfg=silu)
-        else:
-            x = residual_linear(x, silu_mul(ab), ffn.w2)
-    if head_p is not None:
-        return _gemv.gemv(x, model.output.weight, model.output.bias, prologue="rmsnorm",
-                          norm_weight=model.norm.weight, eps=model.norm.eps, out_dtype=torch.float32, cfg=head_p)
-    return model.output(rmsnorm(x, model.norm.weight, model.norm.eps)).float()
+        o = attend(i, rope_and_cache(q, k, v, cos, sin, slot(i), at)).reshape(B, nq)
+        x = _residual_product(x, o, att.wo, o_p)
+        ab = _normed_product(x, layer.ffn_norm, *f["w13"], w13_p)                   # (B, 2 ffn) = [gate | up]
+        x = _residual_product(x, ab, ffn.w2, down_p, silu=True)
+    return _normed_product(x, model.norm, model.output.weight, model.output.bias, head_p, torch.float32)
+
+
+def _normed_product(x: torch.Tensor, norm, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict | None,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F.linear(RMSNorm(x), weight, bias) as ``out_dtype`` (default x's): one gemv with the RMSNorm
+    prologue (``cfg`` its launch parameters), or with cfg None the rmsnorm kernel and cuBLAS."""
+    if cfg is not None:
+        return _gemv.gemv(x, weight, bias, prologue="rmsnorm", norm_weight=norm.weight, eps=norm.eps,
+                          out_dtype=out_dtype, cfg=cfg)
+    y = F.linear(rmsnorm(x, norm.weight, norm.eps), weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def _residual_product(x: torch.Tensor, h: torch.Tensor, linear: torch.nn.Linear, cfg: dict | None,
+                      silu: bool = False) -> torch.Tensor:
+    """x + linear(h), or with ``silu`` x + linear(silu_mul(h)) (h = [gate | up]): one gemv (``cfg``
+    its launch parameters), or with cfg None :func:`residual_linear` (one addmm) after silu_mul."""
+    if cfg is not None:
+        return _gemv.gemv(h.contiguous(), linear.weight, linear.bias, residual=x,
+                          prologue="silu_mul" if silu else "none", cfg=cfg)
+    return residual_linear(x, silu_mul(h) if silu else h, linear)
 
 
 def _product(kind: str, x: torch.Tensor, N: int, products: str) -> dict | None:

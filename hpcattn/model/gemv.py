@@ -94,7 +94,7 @@ def _gemv(X, W, Y, BIAS, RES, NW, M, N, K, sx, eps,
 # Where gemv beats cuBLAS plus the small ops around it, and with which launch parameters: one H200,
 # Llama-3.1-8B shapes, bf16, best of benchmarks/decode_step.py's products-section sweeps (2026-12-03;
 # benchmarks/results/decode_step_h200_2026-12-03_{gemv_sweep,partial_sums_sweep,final}.log). Keys:
-# (kind, largest M, largest N or None). At B=1 every product wins (us, gemv vs cuBLAS + ops, final
+# (kind, largest M, largest N or None); the first entry that fits wins. At B=1 every product wins (us, gemv vs cuBLAS + ops, final
 # run): RMSNorm + q/k/v 15.4 vs 17.8, o + residual 11.2 vs 14.9, RMSNorm + gate/up 56.2 vs 58.3,
 # SiLU*up + down + residual 33.0 vs 35.3, RMSNorm + lm_head 234 vs 243. At B=8 only o + residual
 # wins (11.9 vs 14.9); the tl.dot path with a prologue loses (0.16-0.64x), so tuned() says None there
@@ -111,9 +111,9 @@ def tuned(kind: str, M: int, dtype: torch.dtype = torch.bfloat16, N: int = 0) ->
     residual; ``silu_mul``; ``rmsnorm``) product of M token rows and N outputs, or None where cuBLAS
     was faster. The tiles were tuned for 2-byte dtypes; float32 (validation runs) takes the same
     products with :func:`config`'s smaller tiles ({}: the tuned ones exceed shared memory there)."""
-    for (k, rows, n_max), cfg in sorted(TUNED.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 1 << 62)):
+    for (k, rows, n_max), cfg in TUNED.items():
         if k == kind and M <= rows and (n_max is None or N <= n_max):
-            return cfg if torch.empty((), dtype=dtype).element_size() == 2 else {}
+            return cfg if dtype.itemsize == 2 else {}
     return None
 
 
@@ -146,8 +146,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: {M} token rows, at most {MAX_ROWS}")
     if (prologue == "rmsnorm") != (norm_weight is not None):
         raise ValueError("gemv: norm_weight is needed by, and only by, the rmsnorm prologue")
-    if residual is not None:
-        assert residual.shape == (M, N) and residual.is_contiguous()
+    if residual is not None and (residual.shape != (M, N) or not residual.is_contiguous()):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} is not a contiguous ({M}, {N})")
     if x.device.type != "cuda":
         from hpcattn.kernels.lean import interpreter_shim
         interpreter_shim()                             # Triton's CPU interpreter (tests)
