@@ -10,6 +10,8 @@ Sections (each prints a table; --json gets every row, rewritten after every sect
            shape: B=1 4K..1M and B=8 ragged; a small sweep of Lean's grid / tile / reduction, the
            best per shape reported; L2 flushed before every timed call (--flush write: 512 MiB
            written, the default; read: 512 MiB summed, L2 left clean)
+  leanprof CUPTI kernel durations of one call (eager, L2 flushed): cuDNN vs Lean's main and
+           merge kernels, pointer vs TMA loads, two-kernel vs fused reduction (not in the default set)
   gemv     the decode step's products, Llama-3.1-8B shapes (q/k/v, o, gate/up, down, lm_head), B=1
            and 8: cuBLAS with the small ops the torch path runs around it (RMSNorm, SiLU*up,
            residual add) vs hpcattn.model.gemv (one kernel, the small ops fused), each call in a
@@ -155,16 +157,61 @@ def _cudnn(q, k, v, scale):
     return r[0], r[1]
 
 
-LEAN_SWEEP = [  # (programs per SM, block_n, reduction, num_warps, num_stages); None = the default
-    # the configurations that were best somewhere in a 13-entry sweep and a 24-entry probe (one H200,
-    # 2026-12-02: 0.5-4 programs/SM, 32-256 keys, 4/8 warps, 2-4 stages, both reductions)
-    None, (1, 64, "two_kernel", 4, 3), (1, 64, "fused", 4, 3), (1, 128, "two_kernel", 8, 3),
-    (1, 128, "fused", 8, 3), (2, 64, "two_kernel", 4, 3), (2, 64, "fused", 4, 3), (2, 64, "two_kernel", 4, 4),
+LEAN_SWEEP = [  # (programs per SM, block_n, reduction, num_warps, num_stages, TMA loads, split, PDL merge);
+    # None = the default. The configurations that were best somewhere in a 13-entry sweep, a 24-entry
+    # probe (one H200, 2026-12-02: 0.5-4 programs/SM, 32-256 keys, 4/8 warps, 2-4 stages, both
+    # reductions) and 17-entry sweeps of deeper pipelines, TMA loads and the aligned split (2026-12-03)
+    None, (1, 64, "two_kernel", 4, 3, False, "stream_k", False), (2, 64, "two_kernel", 4, 4, False, "stream_k", False),
+    (1, 64, "two_kernel", 4, 4, False, "aligned", True), (2, 32, "two_kernel", 4, 4, False, "aligned", False),
+    (2, 64, "two_kernel", 4, 4, False, "aligned", False), (1, 64, "fused", 4, 4, False, "aligned", False),
+]
+LEAN_SWEEP_WIDE = LEAN_SWEEP + [  # --lean-sweep wide
+    (1, 64, "two_kernel", 4, 3, False, "aligned", False), (1, 64, "two_kernel", 4, 5, False, "aligned", False),
+    (1, 64, "two_kernel", 4, 5, False, "aligned", True), (2, 32, "two_kernel", 4, 4, False, "aligned", True),
+    (1, 128, "two_kernel", 4, 3, True, "aligned", True), (1, 64, "two_kernel", 4, 4, True, "aligned", False),
+    (1, 32, "two_kernel", 4, 6, False, "aligned", False), (1, 64, "two_kernel", 8, 4, False, "aligned", False),
+    (2, 64, "two_kernel", 4, 4, False, "stream_k", True), (1, 64, "two_kernel", 4, 3, False, "stream_k", True),
 ]
 
 
+def _ctx(n: int) -> str:
+    """4K for 4096, 5000 for 5000."""
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def _cfg_name(c):
-    return "default" if c is None else f"{c[0]}x{c[1]}{'f' if c[2] == 'fused' else 't'}w{c[3]}s{c[4]}"
+    """1x64tw4s3 = 1 program/SM, 64-key tiles, two-kernel (f: fused), 4 warps, 3 stages; T: TMA
+    loads; A: segment-aligned split (else stream-K); P: merge launched as a programmatic dependent."""
+    if c is None:
+        return "default"
+    return (f"{c[0]}x{c[1]}{'f' if c[2] == 'fused' else 't'}w{c[3]}s{c[4]}" + ("T" if c[5] else "")
+            + ("A" if c[6] == "aligned" else "") + ("P" if c[7] else ""))
+
+
+def _lean_kw(c, sms):
+    """lean_decode keyword arguments of a sweep entry (None: the defaults)."""
+    if c is None:
+        return {}
+    return dict(num_programs=c[0] * sms, block_n=c[1], reduction=c[2], num_warps=c[3], num_stages=c[4],
+                tma=c[5], split=c[6], pdl=c[7])
+
+
+def kernel_stats(jit, before=()):
+    """Registers, spills and shared memory of the compiled variants of a Triton kernel that are not
+    in ``before`` (keys of an earlier call): what a configuration costs the compiler."""
+    out = {}
+    for caches in getattr(jit, "device_caches", {}).values():
+        for key, kern in caches[0].items():
+            if key in before:
+                continue
+            kern = kern.result() if hasattr(kern, "result") else kern
+            try:
+                kern._init_handles()
+            except Exception:
+                pass
+            out[key] = dict(regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None),
+                            smem=getattr(kern.metadata, "shared", None))
+    return out
 
 
 def lean_vs_cudnn(args, bw):
@@ -174,8 +221,8 @@ def lean_vs_cudnn(args, bw):
     scale = 128 ** -0.5
     print("\n## lean vs cuDNN (graph replays, L2 flushed; ms; floor = KV bytes / copy rate)")
     print(f"{'shape':22} {'floor':>7} {'cudnn':>7} {'lean':>7} {'vs cudnn':>9} {'best':>7} {'vs cudnn':>8}  "
-          f"{'best config':14}  all configs (programs/SM x block_n, t/f = two-kernel/fused, warps, stages)")
-    shapes = [(f"B1 N{n // 1024}K", [n]) for n in args.ctx_b1]
+          f"{'best config':14}  all configs (programs/SM x block_n, t/f = two-kernel/fused, warps, stages, T = TMA loads, A = aligned split, P = PDL merge)")
+    shapes = [(f"B1 N{_ctx(n)}", [n]) for n in args.ctx_b1]
     rnd = random.Random(0)
     shapes.append(("B8 ragged 1K-128K", [int(2 ** rnd.uniform(10, 17)) for _ in range(8)]))
     for name, lengths in shapes:
@@ -193,9 +240,9 @@ def lean_vs_cudnn(args, bw):
         t_cudnn = time_fn(graphed(ref_fn), flush=flush)
         lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
         res = {}
-        for c in (LEAN_SWEEP if not args.quick else LEAN_SWEEP[:3]):
-            kw = {} if c is None else dict(num_programs=c[0] * sms, block_n=c[1], reduction=c[2],
-                                           num_warps=c[3], num_stages=c[4])
+        sweep = LEAN_SWEEP_WIDE if args.lean_sweep == "wide" else LEAN_SWEEP
+        for c in (sweep if not args.quick else sweep[:3]):
+            kw = _lean_kw(c, sms)
             try:
                 fn = lambda: lean_decode(q, k, v, scale=scale, k_lengths=lens, **kw)  # noqa: E731
                 res[c] = time_fn(graphed(fn), flush=flush)
@@ -217,6 +264,55 @@ def lean_vs_cudnn(args, bw):
         del q, k, v
         torch.cuda.empty_cache()
         save(args.json)
+
+
+def lean_profile(args, bw):
+    """Where the time of one decode attention call goes: CUPTI kernel durations (torch.profiler,
+    eager launches, L2 flushed before each call) of cuDNN and of Lean's main and merge kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    from hpcattn.kernels import lean
+    from hpcattn.kernels.lean import lean_decode
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    flush = Flush(512)
+    scale = 128 ** -0.5
+    configs = [None, (1, 64, "two_kernel", 4, 3, False, "stream_k", False),
+               (2, 64, "two_kernel", 4, 4, False, "stream_k", False), (1, 64, "two_kernel", 4, 4, False, "aligned", True),
+               (1, 64, "fused", 4, 4, False, "aligned", False)]
+    print("\n## kernel durations per call (us; CUPTI, eager, L2 flushed; sum = all kernels of the call)")
+    for n in args.ctx_b1:
+        q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+        k, v, _ = _kv(1, n)
+        lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+        cases = [("cudnn", lambda: _cudnn(q, k, v, scale))]
+        for c in configs:
+            kw = _lean_kw(c, sms)
+            cases.append((f"lean {_cfg_name(c)}", lambda kw=kw: lean_decode(q, k, v, scale=scale, k_lengths=lens, **kw)))
+        cases.append(("lean default uniform", lambda: lean_decode(q, k, v, scale=scale)))
+        for name, fn in cases:
+            seen = set(kernel_stats(lean._lean_fwd))
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            stats = list(kernel_stats(lean._lean_fwd, seen).values())
+            reps = 20
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    flush()
+                    fn()
+                torch.cuda.synchronize()
+            per = {}
+            for e in prof.events():
+                if e.device_type.name == "CUDA" and "reduce" not in e.name and "fill" not in e.name \
+                        and "elementwise" not in e.name.lower() and "memcpy" not in e.name.lower():
+                    per.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+            parts = {k_[:40]: sorted(t)[len(t) // 2] for k_, t in per.items()}
+            tot = sum(parts.values())
+            print(f"N {_ctx(n):>6}  {name:26} sum {tot:7.1f}  " + "  ".join(f"{k_}={t:.1f}" for k_, t in parts.items())
+                  + "".join(f"  [main pass compiled: {st['regs']} regs, {st['spills']} spills, {st['smem']} B smem]"
+                            for st in stats), flush=True)
+            emit("leanprof", n=n, case=name, sum_us=tot, kernels=parts, compiled=stats)
+        del q, k, v
+        torch.cuda.empty_cache()
 
 
 GEMV_SHAPES = {"qkv": (6144, 4096, "rmsnorm"), "o": (4096, 4096, "residual"), "gate_up": (28672, 4096, "rmsnorm"),
@@ -526,6 +622,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lean-sweep", choices=("small", "wide"), default="small",
+                    help="Lean configurations the lean section times (LEAN_SWEEP / LEAN_SWEEP_WIDE)")
     ap.add_argument("--gemv-sweep", type=int, default=len(GEMV_SWEEP), help="how many gemv configurations to sweep")
     ap.add_argument("--json", default=None)
     ap.add_argument("--hf-modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
@@ -544,7 +642,7 @@ def main():
     bw = ceiling(args) if "ceiling" in args.sections else 4.5
     if "ceiling" not in args.sections:
         print("# ceiling section not run: floors below divide by an assumed 4.5 TB/s, not a measured rate")
-    for name, fn in (("lean", lean_vs_cudnn), ("gemv", gemv_products), ("attn", attn_step),
+    for name, fn in (("lean", lean_vs_cudnn), ("leanprof", lean_profile), ("gemv", gemv_products), ("attn", attn_step),
                      ("model", model_step), ("hf", hf_step)):
         if name in args.sections:
             t0 = time.time()

@@ -19,6 +19,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
 
+import bisect  # noqa: E402
 import random  # noqa: E402
 
 import pytest  # noqa: E402
@@ -106,11 +107,14 @@ CASES = [
 IDS = [f"B{c[0]}-G{c[1] // c[2]}-d{c[3]}-{str(c[6])[6:]}-{c[7]}-P{c[8]}" for c in CASES]
 
 
+@pytest.mark.parametrize("split", ["stream_k", "aligned"])
 @pytest.mark.parametrize("reduction", ["two_kernel", "fused"])
 @pytest.mark.parametrize("B,hq,hkv,d,sk,lengths,dtype,layout,P,bn", CASES, ids=IDS)
-def test_matches_reference(B, hq, hkv, d, sk, lengths, dtype, layout, P, bn, reduction):
+def test_matches_reference(B, hq, hkv, d, sk, lengths, dtype, layout, P, bn, reduction, split):
     q, k, v = make_qkv(B, 1, sk, hq, hkv, d, dtype, seed=B * 100 + hq + d + sk, kv_layout=layout)
-    check(q, k, v, lengths, num_programs=P, block_n=bn, reduction=reduction)
+    if split == "aligned":
+        P = B * hkv * (P % 3 + 1)                  # 1-3 programs per segment (ragged lengths too)
+    check(q, k, v, lengths, num_programs=P, block_n=bn, reduction=reduction, split=split)
 
 
 def test_random_schedules():
@@ -124,6 +128,29 @@ def test_random_schedules():
                            kv_layout=rnd.choice(["head_major", "contiguous"]))
         check(q, k, v, lengths, num_programs=rnd.randint(1, 20), block_n=rnd.choice([16, 32]),
               reduction=rnd.choice(["two_kernel", "fused"]))
+
+
+@pytest.mark.parametrize("reduction", ["two_kernel", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tma_loads_match_reference_and_mask_past_lengths(dtype, reduction):
+    """TMA descriptor loads read whole tiles, past a sequence's length into the next head's rows:
+    those keys must be masked even when the cache holds NaN there (uninitialised capacity)."""
+    q, k, v = make_qkv(3, 1, 90, 8, 2, 64, dtype, seed=11, kv_layout="head_major")
+    lengths = [90, 37, 0]
+    out_ref = check(q, k, v, lengths, num_programs=5, block_n=32, reduction=reduction, tma=True)
+    for b, n in enumerate(lengths):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    out, lse = lean_decode(q, k, v, scale=64 ** -0.5, k_lengths=lengths, num_programs=5, block_n=32,
+                           reduction=reduction, tma=True)
+    assert torch.equal(out, out_ref[0]) and torch.equal(lse, out_ref[1])
+
+
+def test_tma_needs_head_major_kv():
+    q, k, v = make_qkv(2, 1, 40, 4, 2, 64, torch.float32, seed=0, kv_layout="contiguous")
+    with pytest.raises(ValueError, match="head-major"):
+        lean_decode(q, k, v, scale=0.125, tma=True)
+    assert not lean._tma_ok(k, v)                  # the automatic choice falls back silently
 
 
 def test_num_programs_do_not_change_the_result_much():
@@ -165,36 +192,40 @@ def test_small_sq(causal):
 # schedule, plan and fused-counter invariants (host side, no kernel math)
 
 
-def _walk(lengths, Hkv, bn, P):
+def _walk(lengths, Hkv, bn, P, aligned=False):
     """Pure-Python replay of the kernel's walk: returns {(c, s): (t0, t1)} pieces."""
-    seg, first, T = lean.schedule(tuple(lengths), Hkv, bn, P)
-    base, rem = divmod(T, P)
+    seg, ranges, T = lean.schedule(tuple(lengths), Hkv, bn, P, aligned)
     pieces = {}
-    for c in range(P):
-        start = c * base + min(c, rem)
-        end = start + base + (c < rem)
-        g, s = start, first[c]
-        if start < end:
-            assert seg[s] <= start < seg[s + 1]
+    for c, (start, end) in enumerate(ranges):
+        g = start
+        s = bisect.bisect_right(seg, start) - 1 if start < T else 0   # the kernel's first segment
         while g < end:
             while seg[s + 1] <= g:
                 s += 1
             stop = min(end, seg[s + 1])
             pieces[(c, s)] = (g - seg[s], stop - seg[s])
             g, s = stop, s + 1
-    return seg, T, pieces
+    return seg, ranges, T, pieces
 
 
-def test_schedule_covers_every_tile_once_and_slots_are_unique():
+@pytest.mark.parametrize("aligned", [False, True])
+def test_schedule_covers_every_tile_once_and_slots_are_unique(aligned):
     rnd = random.Random(0)
     for _ in range(200):
         B, Hkv, bn = rnd.randint(1, 5), rnd.randint(1, 4), rnd.choice([16, 64])
         lengths = [rnd.choice([0, 1, rnd.randint(0, 400)]) for _ in range(B)]
-        P = rnd.randint(1, 40)
-        seg, T, pieces = _walk(lengths, Hkv, bn, P)
-        sizes = [min(end, T) - start for start, end in
-                 ((c * (T // P) + min(c, T % P), (c + 1) * (T // P) + min(c + 1, T % P)) for c in range(P))]
-        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == T          # balanced stream-K split
+        S = B * Hkv
+        P = S * rnd.randint(1, 8) if aligned else rnd.randint(1, 40)
+        seg, ranges, T, pieces = _walk(lengths, Hkv, bn, P, aligned)
+        sizes = [end - start for start, end in ranges]
+        if aligned:                                                      # balanced within a segment
+            pps = P // S
+            for s in range(S):
+                own = sizes[s * pps:(s + 1) * pps]
+                assert max(own) - min(own) <= 1 and sum(own) == seg[s + 1] - seg[s]
+                assert all(s2 == s for (c, s2) in pieces if s * pps <= c < (s + 1) * pps)
+        else:
+            assert max(sizes) - min(sizes) <= 1 and sum(sizes) == T      # balanced stream-K split
         covered = sorted((seg[s] + t0, seg[s] + t1) for (c, s), (t0, t1) in pieces.items())
         assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))   # contiguous, no overlap
         if T:
@@ -206,14 +237,33 @@ def test_schedule_covers_every_tile_once_and_slots_are_unique():
         for s in range(len(seg) - 1):                                    # merge pass finds them
             owners = sorted(c for c, s2 in pieces if s2 == s)
             if seg[s + 1] > seg[s]:
-                base, rem = divmod(T, P)
+                if aligned:
+                    first, n = s * (P // S), min(P // S, seg[s + 1] - seg[s])
+                else:
+                    base, rem = divmod(T, P)
 
-                def prog_of(t):
-                    big = rem * (base + 1)
-                    return t // (base + 1) if t < big else rem + (t - big) // max(base, 1)
-                assert owners == list(range(prog_of(seg[s]), prog_of(seg[s + 1] - 1) + 1))
+                    def prog_of(t):
+                        big = rem * (base + 1)
+                        return t // (base + 1) if t < big else rem + (t - big) // max(base, 1)
+                    first, n = prog_of(seg[s]), prog_of(seg[s + 1] - 1) - prog_of(seg[s]) + 1
+                assert owners == list(range(first, first + n))
             else:
                 assert owners == []
+
+
+def test_choose_split():
+    assert lean.same_lengths(None, 4) and lean.same_lengths((5, 5), 2) and lean.same_lengths((9,), 1)
+    assert not lean.same_lengths((5, 6), 2) and not lean.same_lengths(torch.tensor([5, 5]), 2)
+    assert lean.choose_split(None, True, 32, 132, False) == ("aligned", 128)      # equal lengths
+    assert lean.choose_split(None, False, 16, 132, False) == ("stream_k", 132)    # ragged
+    assert lean.choose_split(None, True, 8, 132, True) == ("stream_k", 132)       # given, 8 does not divide
+    assert lean.choose_split(None, True, 8, 128, True) == ("aligned", 128)
+    assert lean.choose_split(None, True, 512, 264, False) == ("stream_k", 264)    # P < S
+    assert lean.choose_split("aligned", False, 16, 40, True) == ("aligned", 32)
+    with pytest.raises(ValueError):
+        lean.choose_split("aligned", True, 64, 40, True)
+    with pytest.raises(ValueError):
+        lean.choose_split("round_robin", True, 64, 40, True)
 
 
 def test_fused_counters_reset_after_each_call():

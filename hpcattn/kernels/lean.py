@@ -23,7 +23,15 @@ segment s) *piece* it loads the G*Sq packed query rows of (b, h) once (GQA packi
 read once for all G query heads of its KV head), runs base-2 online softmax over its tiles and
 stores the piece's partial state (normalised o, base-2 lse) in fp32 scratch slot ``c + s``.
 
-Slot ``c + s`` is unique: if c < c' both touch segments s and s', then s <= s' (ranges are
+Aligned split (``split="aligned"``, the automatic choice when every sequence has the same length,
+e.g. B = 1). With P a multiple of S, program c works on segment s = c // (P/S) only, and the P/S
+programs of a segment split its tiles into ranges whose sizes differ by at most one. No program
+then straddles two segments: in the stream-K split about S programs do, and each straddle costs
+that program a second Q load and a drained load pipeline, on the kernel's critical path (one
+H200, B = 1, 16K keys: ~2.5 us of a 22 us main pass, see docs/performance.md). For ragged batches
+the stream-K split balances the work and stays the default.
+
+Slot ``c + s`` is unique (in the aligned split trivially, s being a function of c): if c < c' both touch segments s and s', then s <= s' (ranges are
 contiguous and ordered), so c + s = c' + s' is impossible unless (c, s) = (c', s'). Hence S + P
 slots always suffice, whatever the lengths, and the pieces of segment s sit in slots c + s for
 c = prog_of(seg_start[s]) .. prog_of(seg_start[s+1] - 1).
@@ -48,13 +56,19 @@ over B), and walks from there; the merge pass does the same for its segment. No 
 so the lengths may be a device tensor that changes between launches: one captured CUDA graph then
 serves every decode step as the cache grows (``k_lengths`` as a tensor; :func:`schedule` is the
 host mirror of the same arithmetic, for tests). Host lengths are copied to the device once and
-cached; ``k_lengths=None`` (all Sk keys) copies nothing: the kernels take Sk as an argument. The only torch code here is argument checking and allocation; all attention math is in the
-Triton kernels.
+cached; ``k_lengths=None`` (all Sk keys) copies nothing: the kernels take Sk as an argument. The
+only torch code here is argument checking and allocation; all attention math is in the Triton
+kernels.
+
+KV loads: pointer loads (any strides) or, with ``tma=True``, TMA tensor descriptors over the
+(B*Hkv*Sk, d) rows of a head-major contiguous cache (Hopper and later). A TMA tile may run past a
+piece's last key into the next segment's rows; those keys are masked in registers (scores -inf,
+V rows zeroed), so NaN in unused cache capacity never leaks. Measured no faster than pointer loads
+on one H200 (docs/performance.md), so off unless asked for (``TMA_DEFAULT``).
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 from collections import OrderedDict
@@ -154,15 +168,45 @@ def _seg_start(s, tiles, excl, ob, Hkv, S, T):
 
 
 @triton.jit
-def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
+def _range_of(c, s_lo, nt, T, P, PPS, ALIGNED: tl.constexpr):
+    """Units [start, end) of program c. Stream-K: the balanced split of all T units over P.
+    ALIGNED (P = S * PPS): program c splits segment c // PPS (whose units start at s_lo, nt of
+    them) with its PPS - 1 neighbours, so no program straddles two segments."""
+    if ALIGNED:
+        j = c - (c // PPS) * PPS
+        start = s_lo + j * (nt // PPS) + tl.minimum(j, nt % PPS)
+        end = start + nt // PPS + (j < nt % PPS).to(tl.int32)
+    else:
+        base = T // P
+        rem = T % P
+        start = c * base + tl.minimum(c, rem)
+        end = start + base + (c < rem).to(tl.int32)
+    return start, end
+
+
+@triton.jit
+def _pieces_of(s, lo, hi, T, P, PPS, ALIGNED: tl.constexpr):
+    """(first program, number of programs) that hold pieces of segment s (units [lo, hi))."""
+    if ALIGNED:
+        c0 = s * PPS
+        n = tl.minimum(PPS, hi - lo)
+    else:
+        c0 = _prog_of(lo, T // P, T % P)
+        n = tl.where(hi > lo, _prog_of(hi - 1, T // P, T % P) - c0 + 1, 0)
+    return c0, n
+
+
+@triton.jit
+def _lean_fwd(Q, K, V, KD, VD, PO, PL, OUT, LSE, LENS, CNT,
               sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd,
               sob, sos, soh, sod, slb, slh, sls,
-              qk_scale, P, S, Hkv, B, SK,
+              qk_scale, P, PPS, S, Hkv, B, SK,
               G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_B: tl.constexpr, CAUSAL: tl.constexpr, FUSED: tl.constexpr,
+              BLOCK_B: tl.constexpr, CAUSAL: tl.constexpr, FUSED: tl.constexpr, ALIGNED: tl.constexpr,
               DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
-              EVEN_D: tl.constexpr, MROWS: tl.constexpr, MCHUNK: tl.constexpr, UNIFORM: tl.constexpr):
+              EVEN_D: tl.constexpr, MROWS: tl.constexpr, MCHUNK: tl.constexpr, UNIFORM: tl.constexpr,
+              TMA: tl.constexpr, PDL: tl.constexpr):
     """Stream-K main pass: program c walks units [start, end) and stores one state per piece.
     The schedule comes from the device lengths LENS (B,), so one launch (or one captured graph)
     serves any lengths. EVEN_D: BLOCK_D == D (no head-dim masks on the KV loads). MROWS, MCHUNK:
@@ -170,13 +214,6 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
     c = tl.program_id(0)
     R = G * SQ
     ob = tl.arange(0, BLOCK_B)
-    lens_v, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N, UNIFORM)
-    T = Hkv * tl.sum(tiles_v, 0)
-    base = T // P
-    rem = T % P
-    start = c * base + tl.minimum(c, rem)
-    end = start + base + (c < rem).to(tl.int32)
-
     rows = tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -184,6 +221,23 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
     d_ok = dd < D
     gi = rows // SQ                       # packed row r = gi * Sq + sq
     sq = rows % SQ
+    s_own = c // PPS                      # ALIGNED: the one segment program c works on
+    if PDL:   # the merge pass may launch now: it waits (gdc_wait) for this grid to finish
+        tl.extra.cuda.gdc_launch_dependents()
+    if ALIGNED:   # its query rows do not depend on the lengths: load them while LENS is in flight
+        b_own = (s_own // Hkv).to(tl.int64)
+        q_own = tl.load(Q + b_own * sqb + sq[:, None] * sqs + ((s_own % Hkv) * G + gi)[:, None] * sqh
+                        + dd[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    lens_v, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N, UNIFORM)
+    T = Hkv * tl.sum(tiles_v, 0)
+    start, end = _range_of(c, _seg_start(s_own, tiles_v, excl_v, ob, Hkv, S, T),
+                           _pick(tiles_v, ob, s_own // Hkv), T, P, PPS, ALIGNED)
+    if ALIGNED and not FUSED:
+        if start == end:   # no tile (segment shorter than P/S tiles): an empty piece for the merge
+            tl.store(PO + (c + s_own).to(tl.int64) * R * D + rows[:, None] * D + dd[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(PL + (c + s_own).to(tl.int64) * R + rows, tl.full([BLOCK_M], float("-inf"), tl.float32),
+                     mask=row_ok)
 
     if FUSED:
         # segments of length 0 own no unit: their empty state is written by program s % P
@@ -213,9 +267,11 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
         b64 = b.to(tl.int64)
         h64 = h.to(tl.int64)
 
-        head = h * G + gi
-        q = tl.load(Q + b64 * sqb + sq[:, None] * sqs + head[:, None] * sqh + dd[None, :] * sqd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if ALIGNED:
+            q = q_own
+        else:
+            q = tl.load(Q + b64 * sqb + sq[:, None] * sqs + (h * G + gi)[:, None] * sqh + dd[None, :] * sqd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = K + b64 * skb + h64 * skh
         v_base = V + b64 * svb + h64 * svh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -225,10 +281,13 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
         # 64-bit tile pointers, advanced by BLOCK_N keys per step (no int32 overflow at 1M+ keys)
         kp = k_base + n_lo.to(tl.int64) * sks + offs_n[None, :] * sks + dd[:, None] * skd
         vp = v_base + n_lo.to(tl.int64) * svs + offs_n[:, None] * svs + dd[None, :] * svd
+        row0 = (b * Hkv + h) * SK         # descriptor row of key 0 of segment s
         for n0 in range(n_lo, n_hi, BLOCK_N):
             n = n0 + offs_n
             n_ok = n < n_hi
-            if EVEN_D:
+            if TMA:
+                kt = tl.trans(KD.load([row0 + n0, 0]))                            # (BLOCK_D, BLOCK_N)
+            elif EVEN_D:
                 kt = tl.load(kp, mask=n_ok[None, :], other=0.0)                   # (BLOCK_D, BLOCK_N)
             else:
                 kt = tl.load(kp, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
@@ -246,7 +305,10 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(qk - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if EVEN_D:
+            if TMA:   # keys past n_hi are the next segment's (finite or not): zero them
+                vt = VD.load([row0 + n0, 0])                                      # (BLOCK_N, BLOCK_D)
+                vt = tl.where(n_ok[:, None], vt, tl.zeros_like(vt))
+            elif EVEN_D:
                 vt = tl.load(vp, mask=n_ok[:, None], other=0.0)                   # (BLOCK_N, BLOCK_D)
             else:
                 vt = tl.load(vp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -274,8 +336,7 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
                 tl.store(PL + slot * R + rows, lse2, mask=row_ok)
                 tl.debug_barrier()        # all threads' partial stores precede the release
                 arrived = tl.atomic_add(CNT + s, 1, sem="acq_rel", scope="gpu")
-                c0 = _prog_of(seg_lo, base, rem)
-                npieces = _prog_of(seg_hi - 1, base, rem) - c0 + 1
+                c0, npieces = _pieces_of(s, seg_lo, seg_hi, T, P, PPS, ALIGNED)
                 if arrived == npieces - 1:  # the last piece of this segment to arrive merges
                     tl.debug_barrier()
                     mrows = tl.arange(0, MROWS)    # only the real rows: more pieces per load
@@ -294,24 +355,31 @@ def _lean_fwd(Q, K, V, PO, PL, OUT, LSE, LENS, CNT,
 
 
 @triton.jit
-def _lean_merge(PO, PL, OUT, LSE, LENS, sob, sos, soh, sod, slb, slh, sls, P, S, Hkv, B, SK,
+def _lean_merge(PO, PL, OUT, LSE, LENS, sob, sos, soh, sod, slb, slh, sls, P, PPS, S, Hkv, B, SK,
                 G: tl.constexpr, SQ: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, UNIFORM: tl.constexpr):
+                BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, UNIFORM: tl.constexpr, ALIGNED: tl.constexpr,
+                PDL: tl.constexpr):
     """Second pass: program (s, j) merges the pieces of segment s = b*Hkv + h over head-dim block j
-    (BLOCK_D columns; several programs per segment, so every piece is loaded in one round)."""
+    (BLOCK_D columns; several programs per segment, so every piece is loaded in one round).
+    ALIGNED: the pieces are the P/S slots from s*(P/S) + s, every one written (empty programs
+    store an empty state), so the lengths are not read. PDL: launched as a programmatic
+    dependent of the main pass; the pieces are read after ``gdc_wait``."""
     s = tl.program_id(0)
     j = tl.program_id(1)
     R = G * SQ
-    ob = tl.arange(0, BLOCK_B)
-    _, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N, UNIFORM)
-    T = Hkv * tl.sum(tiles_v, 0)
-    base = T // P
-    rem = T % P
-    lo = _seg_start(s, tiles_v, excl_v, ob, Hkv, S, T)
-    hi = _seg_start(s + 1, tiles_v, excl_v, ob, Hkv, S, T)
-    c0 = _prog_of(lo, base, rem)
-    npieces = tl.where(hi > lo, _prog_of(hi - 1, base, rem) - c0 + 1, 0)
+    if ALIGNED:
+        c0 = s * PPS
+        npieces = PPS
+    else:
+        ob = tl.arange(0, BLOCK_B)
+        _, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N, UNIFORM)
+        T = Hkv * tl.sum(tiles_v, 0)
+        lo = _seg_start(s, tiles_v, excl_v, ob, Hkv, S, T)
+        hi = _seg_start(s + 1, tiles_v, excl_v, ob, Hkv, S, T)
+        c0, npieces = _pieces_of(s, lo, hi, T, P, PPS, ALIGNED)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     rows = tl.arange(0, BLOCK_M)
     dd = j * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < R
@@ -330,19 +398,23 @@ _LENS_CACHE_SIZE = 64
 _COUNTERS: dict = {}
 
 
-# Tile and grid choice by KV capacity on CUDA: rows (max B*Sk, programs per SM, block_n, num_warps,
+# Tile and grid choice on CUDA: per split, rows (max B*Sk, programs per SM, block_n, num_warps,
 # num_stages); the first row with B*Sk <= max applies (d <= 64 takes block_n >= 128). From the lean
-# section of benchmarks/decode_step.py on one H200, 2026-12-02 (bf16, Hq 32 / Hkv 8, d 128; L2
-# flushed by write and by read, three runs): 1 program/SM x 64 keys best or within 2% of the best
-# at 4K-16K; 2/SM x 64 keys x 4 stages at 32K-1M and for a B = 8 ragged batch (docs/performance.md).
-# (Launching the merge pass as a programmatic dependent gained nothing measurable: not used.) The
-# choice depends on the capacity, not the lengths, so a graph over a growing cache keeps one.
-TUNED = ((24576, 1, 64, 4, 3), (1 << 62, 2, 64, 4, 4))
+# section of benchmarks/decode_step.py on one H200 (bf16, Hq 32 / Hkv 8, d 128, L2 flushed):
+# stream-K (2026-12-02, three runs): 1 program/SM x 64 keys best or within 2% at 4K-16K, 2/SM x 64
+# keys x 4 stages at 32K-1M and for a B = 8 ragged batch; aligned (2026-12-03, 17 configurations):
+# 1/SM x 64 keys x 4 stages best or within 0.5% of the best at every B = 1 context 4K-1M (3 stages
+# cost 2 us at 16K, 2/SM x 64 x 4 stages 4% at 16K). The choice depends on the capacity, not the
+# lengths, so a graph over a growing cache keeps one.
+TUNED = {"stream_k": ((24576, 1, 64, 4, 3), (1 << 62, 2, 64, 4, 4)),
+         "aligned": ((1 << 62, 1, 64, 4, 4),)}
 
 
-def default_config(head_dim: int, dtype: torch.dtype, n_keys: int | None = None) -> dict:
+def default_config(head_dim: int, dtype: torch.dtype, n_keys: int | None = None,
+                   split: str = "stream_k") -> dict:
     """Tile configuration and programs per SM for a KV capacity of ``n_keys`` = B*Sk (``TUNED``)."""
-    row = TUNED[-1] if n_keys is None else next(r for r in TUNED if n_keys <= r[0])
+    table = TUNED[split]
+    row = table[-1] if n_keys is None else next(r for r in table if n_keys <= r[0])
     block_n = row[2] if head_dim > 64 else max(row[2], 128)
     return {"block_n": block_n, "num_warps": row[3], "num_stages": row[4], "programs_per_sm": row[1]}
 
@@ -354,27 +426,62 @@ def default_num_programs(device: torch.device, programs_per_sm: int = 2) -> int:
     return 4
 
 
-def schedule(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int):
-    """Host mirror of the in-kernel schedule (tests, planning): (seg_start (S+1) list, first
-    segment of each program (P) list, T). The kernels compute the same figures on the device."""
+def schedule(lengths: tuple[int, ...], Hkv: int, block_n: int, P: int, aligned: bool = False):
+    """Host mirror of the in-kernel schedule (tests, planning): (seg_start (S+1) list, the unit
+    range [start, end) of each program (P) list, T). ``aligned`` (P a multiple of S): program c
+    splits segment c // (P / S) with its neighbours (``_range_of``). The kernels compute the same
+    figures on the device."""
     seg = [0]
     for n in lengths:
         tiles = -(-n // block_n)
         for _ in range(Hkv):
             seg.append(seg[-1] + tiles)
     T = seg[-1]
-    base, rem = divmod(T, P)
-    first = []
+    S = len(seg) - 1
+    ranges = []
     for c in range(P):
-        st = c * base + min(c, rem)
-        # the non-empty segment containing unit st (upper bound - 1); 0 for idle programs
-        first.append(bisect.bisect_right(seg, st) - 1 if st < T else 0)
-    return seg, first, T
+        if aligned:
+            pps = P // S
+            s, j = divmod(c, pps)
+            nt = seg[s + 1] - seg[s]
+            st = seg[s] + j * (nt // pps) + min(j, nt % pps)
+            ranges.append((st, st + nt // pps + (j < nt % pps)))
+        else:
+            base, rem = divmod(T, P)
+            st = c * base + min(c, rem)
+            ranges.append((st, st + base + (c < rem)))
+    return seg, ranges, T
+
+
+def same_lengths(lengths, B: int) -> bool:
+    """Whether every sequence has the same length: B = 1, ``None`` (all Sk keys) or equal host
+    lengths (a device tensor at B > 1 is not known to be)."""
+    return B == 1 or lengths is None or (not isinstance(lengths, torch.Tensor) and len(set(lengths)) == 1)
+
+
+def choose_split(split: str | None, same: bool, S: int, P: int, p_given: bool) -> tuple[str, int]:
+    """The schedule and grid: ("stream_k" | "aligned", P). ``None`` picks "aligned" when every
+    sequence has the same length (``same``, :func:`same_lengths`) and P >= S: then no program
+    straddles two segments (each straddle restarts a program's load pipeline and puts two Q loads
+    on the critical path). A default grid is rounded down to a multiple of S (at B = 1, Hkv = 8:
+    128 of 132 programs, the same largest piece for power-of-two lengths); a given grid is kept,
+    so None aligns it only when S divides it."""
+    if split not in (None, "stream_k", "aligned"):
+        raise ValueError(f"split must be 'stream_k', 'aligned' or None, got {split!r}")
+    if split == "stream_k":
+        return split, P
+    if split is None and (not same or P < S or (p_given and P % S)):
+        return "stream_k", P
+    if P < S:
+        raise ValueError(f"split='aligned' needs num_programs >= B*Hkv = {S}, got {P}")
+    return "aligned", S * (P // S)
 
 
 def _merge_chunk(block_m: int, block_d: int) -> int:
-    """Pieces merged per load (a (CHUNK, BLOCK_M, BLOCK_D) fp32 block of about 8K values)."""
+    """Pieces merged per load (a (CHUNK, BLOCK_M, BLOCK_D) fp32 block of about 8K values; smaller
+    blocks in the fused reduction measured slower: more serial L2 round trips, 2026-12-03)."""
     return max(1, min(64, 8192 // (block_m * block_d)))
+
 
 
 MERGE_BLOCK_D = 32      # head-dim columns per merge program (d = 128: 4 programs per segment)
@@ -439,6 +546,23 @@ def interpreter_shim() -> None:
 _SHIM_DONE = False
 
 
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, strict: bool = True) -> bool:
+    """Whether K/V tiles can come through (B*Hkv*Sk, d) TMA descriptors: head-major contiguous
+    k and v (``kernels.head_major``), d a power of two with 16-byte rows, fewer than 2**31 rows;
+    and (``strict``, the automatic choice) a CUDA device of compute capability >= 9."""
+    B, Sk, Hkv, d = k.shape
+    ok = all(t.transpose(1, 2).is_contiguous() and t.data_ptr() % 16 == 0 for t in (k, v))
+    ok = ok and d & (d - 1) == 0 and d * k.element_size() % 16 == 0 and 0 < B * Hkv * Sk < 2 ** 31
+    if strict:
+        ok = ok and k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] >= 9
+        ok = ok and TMA_DEFAULT
+    return ok
+
+
+PDL_DEFAULT = False     # programmatic dependent launch of the merge pass (benchmarks compare)
+TMA_DEFAULT = False     # automatic TMA loads where _tma_ok allows (benchmarks flip it to compare)
+
+
 def _check_args(q, k, v, scale, k_lengths, causal, reduction):
     """Argument validation (pure torch / Python); returns the per-sequence lengths tuple."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -494,7 +618,8 @@ def _check_args(q, k, v, scale, k_lengths, causal, reduction):
 def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
                 k_lengths: list[int] | None = None, num_programs: int | None = None,
                 causal: str = "none", reduction: str = "two_kernel", block_n: int | None = None,
-                num_warps: int | None = None, num_stages: int | None = None):
+                num_warps: int | None = None, num_stages: int | None = None, tma: bool | None = None,
+                split: str | None = None, pdl: bool | None = None):
     """Stream-K decode attention state of q over (k, v); see the module docstring.
 
     Args:
@@ -512,6 +637,13 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         reduction: ``two_kernel`` (second Triton pass) or ``fused`` (last-arriving program
             merges; one launch); see the module docstring.
         block_n, num_warps, num_stages: tile configuration (default :func:`default_config`).
+        tma: load K/V tiles with TMA tensor descriptors (Hopper+, head-major contiguous caches);
+            None = whenever :func:`_tma_ok` allows.
+        split: ``stream_k`` (the balanced split of all tiles, any lengths), ``aligned`` (each
+            segment split over P / S programs; P rounded down to a multiple of S) or None
+            (:func:`choose_split`: aligned for equal lengths).
+        pdl: launch the merge pass as a programmatic dependent of the main pass (Hopper+, two-kernel
+            reduction; ignored elsewhere); None = ``PDL_DEFAULT``.
 
     Returns:
         out (B, Sq, Hq, d) in q.dtype and lse (B, Hq, Sq) float32 (natural log); a row that sees
@@ -525,7 +657,10 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     if B == 0 or Sq == 0:
         return out, lse
-    cfg = default_config(d, q.dtype, B * k.shape[1])
+    uniform = k_lengths is None                    # every sequence sees all Sk keys: nothing to copy
+    same = same_lengths(None if uniform else lengths, B)
+    want_aligned = split == "aligned" or (split is None and same)
+    cfg = default_config(d, q.dtype, B * k.shape[1], "aligned" if want_aligned else "stream_k")
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
@@ -533,14 +668,18 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     S = B * Hkv
     device_lengths = isinstance(lengths, torch.Tensor)
+    p_given = num_programs is not None
     if num_programs is None:
         num_programs = default_num_programs(q.device, cfg["programs_per_sm"])
-        if not device_lengths:                      # no more programs than work units
-            num_programs = max(1, min(num_programs, Hkv * sum(-(-n // block_n) for n in lengths)))
     P = int(num_programs)
     if P < 1:
         raise ValueError(f"num_programs must be >= 1, got {num_programs}")
-    uniform = k_lengths is None                    # every sequence sees all Sk keys: nothing to copy
+    split, P = choose_split(split, same, S, P, p_given)
+    if not p_given and not device_lengths:          # no more programs than work units
+        tiles = [-(-n // block_n) for n in lengths]
+        P = S * max(1, min(P // S, max(tiles))) if split == "aligned" else max(1, min(P, Hkv * sum(tiles)))
+    aligned = split == "aligned"
+    pps = P // S if aligned else P                  # programs per segment (stream-K: unused)
     lens = lengths if device_lengths else (q if uniform else _lens_tensor(lengths, q.device))
 
     R = G * Sq
@@ -554,19 +693,32 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     cnt = _counters(S, q.device) if fused else lens      # CNT unused by the two-kernel path
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     rows = max(2, triton.next_power_of_2(R))               # merges: no tl.dot, no 16-row minimum
+    pdl = (PDL_DEFAULT if pdl is None else bool(pdl)) and not fused and q.device.type == "cuda" \
+        and torch.cuda.get_device_capability(q.device)[0] >= 9
+    use_tma = _tma_ok(k, v) if tma is None else bool(tma)
+    if use_tma:
+        if not _tma_ok(k, v, strict=False):
+            raise ValueError("tma=True needs head-major contiguous k and v (kernels.head_major), "
+                             f"16-byte rows and B*Hkv*Sk < 2**31; got k strides {k.stride()}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        rows_kv = B * Hkv * k.shape[1]
+        kd, vd = (TensorDescriptor(t.transpose(1, 2), [rows_kv, d], [d, 1], [block_n, d]) for t in (k, v))
+    else:
+        kd, vd = k, v
     _lean_fwd[(P,)](
-        q, k, v, part_o, part_l, out, lse, lens, cnt,
+        q, k, v, kd, vd, part_o, part_l, out, lse, lens, cnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        float(scale) * LOG2E, P, S, Hkv, B, Sk,
+        float(scale) * LOG2E, P, pps, S, Hkv, B, Sk,
         G=G, SQ=Sq, D=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_D=BLOCK_D, BLOCK_B=BLOCK_B,
-        CAUSAL=causal == "bottom_right", FUSED=fused, DOT_PREC=dot_prec,
+        CAUSAL=causal == "bottom_right", FUSED=fused, ALIGNED=aligned, DOT_PREC=dot_prec,
         UPCAST_DOT=q.device.type != "cuda",
         EVEN_D=BLOCK_D == d, MROWS=rows, MCHUNK=_merge_chunk(rows, BLOCK_D), UNIFORM=uniform,
-        num_warps=num_warps, num_stages=num_stages)
+        TMA=use_tma, PDL=pdl, num_warps=num_warps, num_stages=num_stages)
     if not fused:
         mbd = min(BLOCK_D, MERGE_BLOCK_D)
         _lean_merge[(S, triton.cdiv(d, mbd))](
-            part_o, part_l, out, lse, lens, *out.stride(), *lse.stride(), P, S, Hkv, B, Sk,
+            part_o, part_l, out, lse, lens, *out.stride(), *lse.stride(), P, pps, S, Hkv, B, Sk,
             G=G, SQ=Sq, D=d, BLOCK_M=rows, BLOCK_D=mbd, BLOCK_N=block_n, BLOCK_B=BLOCK_B,
-            CHUNK=_merge_chunk(rows, mbd), UNIFORM=uniform, num_warps=4)
+            CHUNK=_merge_chunk(rows, mbd), UNIFORM=uniform, ALIGNED=aligned, PDL=pdl, num_warps=4,
+            **({"launch_pdl": True} if pdl else {}))
     return out, lse
