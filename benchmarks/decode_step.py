@@ -11,7 +11,8 @@ Sections (each prints a table; --json gets every row, rewritten after every sect
            best per shape reported; L2 flushed before every timed call (--flush write: 512 MiB
            written, the default; read: 512 MiB summed, L2 left clean)
   leanprof CUPTI kernel durations of one call (eager, L2 flushed): cuDNN vs Lean's main and
-           merge kernels, pointer vs TMA loads, two-kernel vs fused reduction (not in the default set)
+           merge kernels, stream-K vs aligned split, two-kernel vs fused reduction, and the main
+           pass's registers / spills / shared memory (not in the default set)
   gemv     the decode step's products, Llama-3.1-8B shapes (q/k/v, o, gate/up, down, lm_head), B=1
            and 8: cuBLAS with the small ops the torch path runs around it (RMSNorm, SiLU*up,
            residual add) vs hpcattn.model.gemv (one kernel, the small ops fused), each call in a
@@ -278,7 +279,8 @@ def lean_profile(args, bw):
     configs = [None, (1, 64, "two_kernel", 4, 3, False, "stream_k", False),
                (2, 64, "two_kernel", 4, 4, False, "stream_k", False), (1, 64, "two_kernel", 4, 4, False, "aligned", True),
                (1, 64, "fused", 4, 4, False, "aligned", False)]
-    print("\n## kernel durations per call (us; CUPTI, eager, L2 flushed; sum = all kernels of the call)")
+    print("\n## kernel durations per call (us; CUPTI, eager, L2 flushed; sum = all kernels of the call; with the\n"
+          "## PDL merge (default, 'P' rows) the merge's record starts at its early launch and includes its wait)")
     for n in args.ctx_b1:
         q = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
         k, v, _ = _kv(1, n)

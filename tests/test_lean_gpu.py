@@ -103,13 +103,55 @@ SCRIPT = textwrap.dedent(r"""
     print("LEAN_GPU_OK", n_checked)
 """)
 
+# The aligned split and the PDL merge (the B = 1 defaults on Hopper) on the cases where they differ
+# from stream-K: lengths 0 and 1, more programs per segment than tiles (empty pieces), both
+# reductions, PDL on and off, device lengths; a few compiles only.
+ALIGNED_SCRIPT = textwrap.dedent(r"""
+    import torch
+    from hpcattn.kernels import attn_reference, head_major
+    from hpcattn.kernels.lean import lean_decode
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_lean_compiled_kernels_match_reference():
+    def err(a, b):
+        a, b = a.double(), b.double()
+        both = torch.isneginf(a) & torch.isneginf(b)
+        return torch.where(both, torch.zeros_like(a), (a - b).abs()).max().item()
+
+    n = 0
+    for lengths in ([20000], [1], [0], [4097, 0, 1, 300], [130, 130]):
+        B, Sk = len(lengths), max(max(lengths), 1)
+        q = torch.randn(B, 1, 32, 128, device="cuda").to(torch.bfloat16)
+        k = head_major(torch.randn(B, Sk, 8, 128, device="cuda").to(torch.bfloat16))
+        v = head_major(torch.randn(B, Sk, 8, 128, device="cuda").to(torch.bfloat16))
+        ro, rl = attn_reference(q.double(), k.double(), v.double(), scale=0.09, k_lengths=torch.tensor(lengths))
+        for P in (None, 1000):
+            for red in ("two_kernel", "fused"):
+                for pdl in (True, False):
+                    for lens in (lengths, torch.tensor(lengths, device="cuda", dtype=torch.int32)):
+                        o, l = lean_decode(q, k, v, scale=0.09, k_lengths=lens, num_programs=P, reduction=red,
+                                           split="aligned", pdl=pdl)
+                        assert not torch.isnan(o).any()
+                        assert torch.equal(torch.isneginf(l.cpu()), torch.isneginf(rl.cpu())), (lengths, P, red)
+                        assert err(o, ro) < 2e-2 and err(l, rl) < 1e-3, (lengths, P, red, pdl, err(o, ro))
+                        n += 1
+    print("LEAN_ALIGNED_OK", n)
+""")
+
+
+def _run_script(script: str, marker: str):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True,
                        text=True, timeout=900)
-    assert r.returncode == 0 and "LEAN_GPU_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+    assert r.returncode == 0 and marker in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lean_aligned_split_and_pdl_merge():
+    _run_script(ALIGNED_SCRIPT, "LEAN_ALIGNED_OK")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lean_compiled_kernels_match_reference():
+    _run_script(SCRIPT, "LEAN_GPU_OK")
