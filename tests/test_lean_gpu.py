@@ -3,8 +3,9 @@
 tests/test_lean.py sets TRITON_INTERPRET=1 for its whole pytest process, so the compiled kernels
 are checked in a fresh subprocess with that variable removed. Cases: bf16/fp16, GQA 1/4/8,
 d 64/128, ragged lengths incl. 0 and 1, tile-boundary lengths, several grid sizes, both reductions,
-small Sq with bottom-right causal, pointer and TMA loads (NaN past the lengths), and repeated launches of the fused reduction (its arrival
-counters must reset, its cross-program memory ordering must hold).
+small Sq with bottom-right causal, pointer and TMA loads (NaN past the lengths), repeated launches
+of the fused reduction (its arrival counters must reset, its cross-program memory ordering must
+hold), and the aligned split with and without the PDL merge.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-SCRIPT = textwrap.dedent(r"""
+PRELUDE = textwrap.dedent(r"""
     import random, torch
     from hpcattn.kernels import attn_reference, head_major
     from hpcattn.kernels.lean import lean_decode
@@ -28,6 +29,9 @@ SCRIPT = textwrap.dedent(r"""
         a, b = a.double(), b.double()
         both = torch.isneginf(a) & torch.isneginf(b)
         return torch.where(both, torch.zeros_like(a), (a - b).abs()).max().item()
+""")
+
+SCRIPT = PRELUDE + textwrap.dedent(r"""
 
     def same_dtype(q, k, v, scale, lengths):
         B, Sq, Hq, d = q.shape
@@ -106,16 +110,7 @@ SCRIPT = textwrap.dedent(r"""
 # The aligned split and the PDL merge (the B = 1 defaults on Hopper) on the cases where they differ
 # from stream-K: lengths 0 and 1, more programs per segment than tiles (empty pieces), both
 # reductions, PDL on and off, device lengths; a few compiles only.
-ALIGNED_SCRIPT = textwrap.dedent(r"""
-    import torch
-    from hpcattn.kernels import attn_reference, head_major
-    from hpcattn.kernels.lean import lean_decode
-
-    def err(a, b):
-        a, b = a.double(), b.double()
-        both = torch.isneginf(a) & torch.isneginf(b)
-        return torch.where(both, torch.zeros_like(a), (a - b).abs()).max().item()
-
+ALIGNED_SCRIPT = PRELUDE + textwrap.dedent(r"""
     n = 0
     for lengths in ([20000], [1], [0], [4097, 0, 1, 300], [130, 130]):
         B, Sk = len(lengths), max(max(lengths), 1)

@@ -31,10 +31,11 @@ that program a second Q load and a drained load pipeline, on the kernel's critic
 H200, B = 1, 16K keys: ~2.5 us of a 22 us main pass, see docs/performance.md). For ragged batches
 the stream-K split balances the work and stays the default.
 
-Slot ``c + s`` is unique (in the aligned split trivially, s being a function of c): if c < c' both touch segments s and s', then s <= s' (ranges are
-contiguous and ordered), so c + s = c' + s' is impossible unless (c, s) = (c', s'). Hence S + P
-slots always suffice, whatever the lengths, and the pieces of segment s sit in slots c + s for
-c = prog_of(seg_start[s]) .. prog_of(seg_start[s+1] - 1).
+Slot ``c + s`` is unique (in the aligned split trivially, s being a function of c): if c < c'
+both touch segments s and s', then s <= s' (ranges are contiguous and ordered), so c + s = c' + s'
+is impossible unless (c, s) = (c', s'). Hence S + P slots always suffice, whatever the lengths, and
+the pieces of segment s sit in slots c + s for c = prog_of(seg_start[s]) .. prog_of(seg_start[s+1]
+- 1) (aligned: c = s*P/S .. (s+1)*P/S - 1).
 
 Reduction (``reduction=``):
 
@@ -168,6 +169,21 @@ def _seg_start(s, tiles, excl, ob, Hkv, S, T):
 
 
 @triton.jit
+def _store_piece(PO, PL, slot, o, lse2, rows, dd, row_ok, d_ok, R, D: tl.constexpr):
+    """A piece's partial state (normalised o (BLOCK_M, BLOCK_D), base-2 lse) into scratch slot."""
+    slot = slot.to(tl.int64)
+    tl.store(PO + slot * R * D + rows[:, None] * D + dd[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(PL + slot * R + rows, lse2, mask=row_ok)
+
+
+@triton.jit
+def _load_q(Q, b, h, gi, sq, dd, row_ok, d_ok, sqb, sqs, sqh, sqd, G: tl.constexpr):
+    """The G*Sq packed query rows of (sequence b, KV head h): (BLOCK_M, BLOCK_D), 0 past R / D."""
+    return tl.load(Q + b.to(tl.int64) * sqb + sq[:, None] * sqs + (h * G + gi)[:, None] * sqh + dd[None, :] * sqd,
+                   mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _range_of(c, s_lo, nt, T, P, PPS, ALIGNED: tl.constexpr):
     """Units [start, end) of program c. Stream-K: the balanced split of all T units over P.
     ALIGNED (P = S * PPS): program c splits segment c // PPS (whose units start at s_lo, nt of
@@ -225,19 +241,15 @@ def _lean_fwd(Q, K, V, KD, VD, PO, PL, OUT, LSE, LENS, CNT,
     if PDL:   # the merge pass may launch now: it waits (gdc_wait) for this grid to finish
         tl.extra.cuda.gdc_launch_dependents()
     if ALIGNED:   # its query rows do not depend on the lengths: load them while LENS is in flight
-        b_own = (s_own // Hkv).to(tl.int64)
-        q_own = tl.load(Q + b_own * sqb + sq[:, None] * sqs + ((s_own % Hkv) * G + gi)[:, None] * sqh
-                        + dd[None, :] * sqd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_own = _load_q(Q, s_own // Hkv, s_own % Hkv, gi, sq, dd, row_ok, d_ok, sqb, sqs, sqh, sqd, G)
     lens_v, tiles_v, excl_v = _lens_plan(LENS, B, SK, BLOCK_B, BLOCK_N, UNIFORM)
     T = Hkv * tl.sum(tiles_v, 0)
     start, end = _range_of(c, _seg_start(s_own, tiles_v, excl_v, ob, Hkv, S, T),
                            _pick(tiles_v, ob, s_own // Hkv), T, P, PPS, ALIGNED)
     if ALIGNED and not FUSED:
         if start == end:   # no tile (segment shorter than P/S tiles): an empty piece for the merge
-            tl.store(PO + (c + s_own).to(tl.int64) * R * D + rows[:, None] * D + dd[None, :],
-                     tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(PL + (c + s_own).to(tl.int64) * R + rows, tl.full([BLOCK_M], float("-inf"), tl.float32),
-                     mask=row_ok)
+            _store_piece(PO, PL, c + s_own, tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                         tl.full([BLOCK_M], float("-inf"), tl.float32), rows, dd, row_ok, d_ok, R, D)
 
     if FUSED:
         # segments of length 0 own no unit: their empty state is written by program s % P
@@ -270,8 +282,7 @@ def _lean_fwd(Q, K, V, KD, VD, PO, PL, OUT, LSE, LENS, CNT,
         if ALIGNED:
             q = q_own
         else:
-            q = tl.load(Q + b64 * sqb + sq[:, None] * sqs + (h * G + gi)[:, None] * sqh + dd[None, :] * sqd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = _load_q(Q, b, h, gi, sq, dd, row_ok, d_ok, sqb, sqs, sqh, sqd, G)
         k_base = K + b64 * skb + h64 * skh
         v_base = V + b64 * svb + h64 * svh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -325,15 +336,12 @@ def _lean_fwd(Q, K, V, KD, VD, PO, PL, OUT, LSE, LENS, CNT,
         l_safe = tl.where(ok, l_i, 1.0)
         o = acc / l_safe[:, None]
         lse2 = tl.where(ok, m_i + tl.log2(l_safe), float("-inf"))
-        slot = (c + s).to(tl.int64)
         if FUSED:
             if (seg_lo >= start) & (seg_hi <= end):   # the whole segment is ours: final state
                 _store_final(OUT, LSE, o, lse2, b, h, gi, sq, dd, row_ok, d_ok,
                              sob, sos, soh, sod, slb, slh, sls, G)
             else:
-                tl.store(PO + slot * R * D + rows[:, None] * D + dd[None, :], o,
-                         mask=row_ok[:, None] & d_ok[None, :])
-                tl.store(PL + slot * R + rows, lse2, mask=row_ok)
+                _store_piece(PO, PL, c + s, o, lse2, rows, dd, row_ok, d_ok, R, D)
                 tl.debug_barrier()        # all threads' partial stores precede the release
                 arrived = tl.atomic_add(CNT + s, 1, sem="acq_rel", scope="gpu")
                 c0, npieces = _pieces_of(s, seg_lo, seg_hi, T, P, PPS, ALIGNED)
@@ -347,9 +355,7 @@ def _lean_fwd(Q, K, V, KD, VD, PO, PL, OUT, LSE, LENS, CNT,
                                  sob, sos, soh, sod, slb, slh, sls, G)
                     tl.atomic_xchg(CNT + s, 0)
         else:
-            tl.store(PO + slot * R * D + rows[:, None] * D + dd[None, :], o,
-                     mask=row_ok[:, None] & d_ok[None, :])
-            tl.store(PL + slot * R + rows, lse2, mask=row_ok)
+            _store_piece(PO, PL, c + s, o, lse2, rows, dd, row_ok, d_ok, R, D)
         g = stop
         s += 1
 
@@ -483,7 +489,6 @@ def _merge_chunk(block_m: int, block_d: int) -> int:
     return max(1, min(64, 8192 // (block_m * block_d)))
 
 
-
 MERGE_BLOCK_D = 32      # head-dim columns per merge program (d = 128: 4 programs per segment)
 
 
@@ -546,24 +551,19 @@ def interpreter_shim() -> None:
 _SHIM_DONE = False
 
 
-def _tma_ok(k: torch.Tensor, v: torch.Tensor, strict: bool = True) -> bool:
+def _tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether K/V tiles can come through (B*Hkv*Sk, d) TMA descriptors: head-major contiguous
-    k and v (``kernels.head_major``), d a power of two with 16-byte rows, fewer than 2**31 rows;
-    and (``strict``, the automatic choice) a CUDA device of compute capability >= 9."""
+    k and v (``kernels.head_major``), d a power of two with 16-byte rows, fewer than 2**31 rows."""
     B, Sk, Hkv, d = k.shape
     ok = all(t.transpose(1, 2).is_contiguous() and t.data_ptr() % 16 == 0 for t in (k, v))
-    ok = ok and d & (d - 1) == 0 and d * k.element_size() % 16 == 0 and 0 < B * Hkv * Sk < 2 ** 31
-    if strict:
-        ok = ok and k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] >= 9
-        ok = ok and TMA_DEFAULT
-    return ok
+    return ok and d & (d - 1) == 0 and d * k.element_size() % 16 == 0 and 0 < B * Hkv * Sk < 2 ** 31
 
 
 # The merge pass as a programmatic dependent of the main pass (Hopper+): launched while the main
 # pass runs, it waits in gdc_wait, so its launch latency is hidden. One H200, 2026-12-03, graph
 # replays, aligned split: 0.966 -> 0.985x cuDNN at 4K, 0.996 -> 1.014x at 16K, equal at 1M.
 PDL_DEFAULT = True
-TMA_DEFAULT = False     # automatic TMA loads where _tma_ok allows (benchmarks flip it to compare)
+TMA_DEFAULT = False     # automatic TMA loads on Hopper+ where _tma_ok allows (measured slower: off)
 
 
 def _check_args(q, k, v, scale, k_lengths, causal, reduction):
@@ -641,7 +641,7 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
             merges; one launch); see the module docstring.
         block_n, num_warps, num_stages: tile configuration (default :func:`default_config`).
         tma: load K/V tiles with TMA tensor descriptors (Hopper+, head-major contiguous caches);
-            None = whenever :func:`_tma_ok` allows.
+            None = ``TMA_DEFAULT`` on Hopper+ where :func:`_tma_ok` allows.
         split: ``stream_k`` (the balanced split of all tiles, any lengths), ``aligned`` (each
             segment split over P / S programs; P rounded down to a multiple of S) or None
             (:func:`choose_split`: aligned for equal lengths).
@@ -696,11 +696,11 @@ def lean_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     cnt = _counters(S, q.device) if fused else lens      # CNT unused by the two-kernel path
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     rows = max(2, triton.next_power_of_2(R))               # merges: no tl.dot, no 16-row minimum
-    pdl = (PDL_DEFAULT if pdl is None else bool(pdl)) and not fused and q.device.type == "cuda" \
-        and torch.cuda.get_device_capability(q.device)[0] >= 9
-    use_tma = _tma_ok(k, v) if tma is None else bool(tma)
+    hopper = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9
+    pdl = (PDL_DEFAULT if pdl is None else bool(pdl)) and not fused and hopper
+    use_tma = (TMA_DEFAULT and hopper and _tma_ok(k, v)) if tma is None else bool(tma)
     if use_tma:
-        if not _tma_ok(k, v, strict=False):
+        if not _tma_ok(k, v):
             raise ValueError("tma=True needs head-major contiguous k and v (kernels.head_major), "
                              f"16-byte rows and B*Hkv*Sk < 2**31; got k strides {k.stride()}")
         from triton.tools.tensor_descriptor import TensorDescriptor
