@@ -371,7 +371,7 @@ def _run(cfg, world, args) -> int:
 
     from hpcattn import comm as comm_mod
     from hpcattn import config, watchdog
-    from hpcattn.jobs.inputs import DTYPES
+    from hpcattn.dtypes import DTYPES
     from hpcattn.jobs.runner import check_memory, host_info, plan_cases, run_cases, run_metadata
     from hpcattn.kernels import select_kernel
     from hpcattn.results.hdf5 import RecordWriter

@@ -144,7 +144,8 @@ def validate_input_file(path: str, dtypes, chunk_elems: int = 1 << 24) -> None:
     of about ``chunk_elems`` values."""
     import h5py
 
-    from hpcattn.jobs.inputs import DTYPES, _read
+    from hpcattn.dtypes import DTYPES
+    from hpcattn.jobs.inputs import _read
 
     names = sorted(set([dtypes] if isinstance(dtypes, str) else dtypes))
     targets = [None] + [DTYPES[d] for d in names if d in DTYPES]     # an unknown name: config.validate

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from hpcattn.dtypes import DTYPES
 from hpcattn.jobs.check import count_nonfinite, max_err, reference_state
-from hpcattn.jobs.inputs import DTYPES, InputSource
+from hpcattn.jobs.inputs import InputSource
 from hpcattn.methods import local_attention, ring_decode, tree_decode
 from hpcattn.methods.sharding import contiguous_bounds, shard_lengths
 

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from hpcattn import watchdog
+from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError, InputError
 from hpcattn.jobs.check import failure, max_err, require_finite, tolerance
-from hpcattn.jobs.inputs import DTYPES
 
 
 # -- prompts and shapes ----------------------------------------------------------------------------

@@ -24,11 +24,10 @@ import h5py
 import numpy as np
 import torch
 
+from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError, InputError
 
 CHUNK = 4096
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
 
 
 def _chunk_seed(seed: int, name: str, chunk: int) -> int:

@@ -36,7 +36,7 @@ def estimate(cfg, p: int) -> tuple[int, int]:
     its head slice of the whole cache and the receive buffers of every layer's prompt KV, posted
     before the first decode step (:meth:`LaminaDecoder` hand-over)."""
     from hpcattn.jobs.generate import model_args, weight_bytes
-    from hpcattn.jobs.inputs import DTYPES
+    from hpcattn.dtypes import DTYPES
 
     a = model_args(cfg)
     e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
@@ -58,7 +58,7 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
     of this rank: None on attention ranks, reused by the next case on model ranks)."""
     from hpcattn import comm as comm_mod
     from hpcattn.jobs.generate import GenerateJob, model_args
-    from hpcattn.jobs.inputs import DTYPES
+    from hpcattn.dtypes import DTYPES
     from hpcattn.jobs.runner import _peak_memory
     from hpcattn.model.lamina import LaminaDecoder
 

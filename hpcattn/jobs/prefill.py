@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from hpcattn.dtypes import DTYPES
 from hpcattn.jobs.check import count_nonfinite, max_err, reference_state
-from hpcattn.jobs.inputs import DTYPES, InputSource, needle_positions, plant_needles
+from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
 from hpcattn.methods import local_attention, ring_prefill
 from hpcattn.methods.sharding import gather_in_order, layout_indices
 

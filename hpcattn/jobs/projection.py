@@ -159,7 +159,8 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
 
     from hpcattn import config as config_mod
     from hpcattn.config import apb_params
-    from hpcattn.jobs.inputs import DTYPES, InputSource, needle_positions, plant_needles
+    from hpcattn.dtypes import DTYPES
+    from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
     from hpcattn.jobs.prefill import star_anchor
     from hpcattn.kernels import select_kernel
     from hpcattn.methods.apb import RetainingHeads, score_query_aware, score_random
