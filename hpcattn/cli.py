@@ -155,6 +155,7 @@ def _resolve(args, world_size: int):
     from hpcattn import config
     from hpcattn.jobs.inputs import apply_file_shape
     from hpcattn.jobs.runner import plan_cases
+    from hpcattn.jobs.validate import validate
 
     if args.ranks is not None and (not args.dry_run or args.ranks < 1):
         raise HpcattnError(f"--ranks {args.ranks}: " + ("must be >= 1" if args.dry_run else
@@ -189,7 +190,7 @@ def _resolve(args, world_size: int):
     p = args.ranks if args.ranks else world_size
     cases = plan_cases(cfg, p)
     for c in cases:
-        config.validate(c.cfg, p, cuda, source=args.config)
+        validate(c.cfg, p, cuda, source=args.config)
     if cfg.comm.ranks_per_node and p % cfg.comm.ranks_per_node:
         raise HpcattnError(f"{args.config}: comm.ranks_per_node={cfg.comm.ranks_per_node} does not divide "
                            f"the {p} ranks")
@@ -383,7 +384,7 @@ def _run(cfg, world, args) -> int:
     device_kind = config.resolve_device(cfg, torch.cuda.is_available())
     lamina = cfg.job == "generate" and cfg.generate.decode == "lamina"
     if lamina:                     # a device per role; attention ranks hold no weights
-        from hpcattn.model.lamina import rank_device
+        from hpcattn.jobs.lamina import rank_device
         device_kind = rank_device(cfg, rank, world.Get_size(), torch.cuda.is_available())
     # collective inside: a rank that fails here cannot tell the others (they wait in it), so it
     # prints its one line and aborts the job (_abort_on_error)

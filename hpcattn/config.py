@@ -480,7 +480,9 @@ def expand_cases(cfg: Config) -> Iterator[tuple[dict, Config]]:
 
 
 def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "config") -> None:
-    """Check one concrete (sweep-expanded) config against the run's world size and device."""
+    """Check one concrete (sweep-expanded) config against the run's world size and device: the
+    rules that need the config alone. A run checks each case with :func:`hpcattn.jobs.validate.validate`,
+    which adds the rules of the layers above (Lamina's roles, APB's lengths, CUDA-graph capture)."""
     s = cfg.shape
     for name in ("batch", "heads_q", "heads_kv", "head_dim"):
         if getattr(s, name) < 1:
@@ -502,9 +504,6 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ConfigError(f"{source}: methods lists a method twice: {cfg.methods}")
     lamina = cfg.job == "generate" and cfg.generate.decode == "lamina"
-    if lamina:
-        from hpcattn.model.lamina import validate_config
-        validate_config(cfg, world_size, cuda_available, source)
     if cfg.job == "generate":
         _validate_generate(cfg, world_size - cfg.lamina.attention_ranks if lamina else world_size, source)
     if cfg.job == "prefill" and ("star" in cfg.methods or "apb" in cfg.methods):
@@ -541,14 +540,6 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
                           f"use comm.backend=mpi or gloo on CPU ranks")
     if cfg.comm.backend == "gloo" and device == "cuda":
         raise ConfigError(f"{source}: comm.backend=gloo is the CPU stand-in for nccl; on GPUs use nccl or mpi")
-    if cfg.run.cuda_graphs == "true" and cfg.job in ("decode", "generate"):
-        from hpcattn.graph import blocker, decide
-        backend = cfg.comm.backend if cfg.comm.backend != "auto" else ("nccl" if device == "cuda" else "mpi")
-        methods = cfg.methods if cfg.job == "decode" else [cfg.generate.decode]
-        for m in methods:
-            decide("true", blocker(device=device, method=m, backend=backend, world_size=world_size,
-                                   placement=cfg.generate.kv_placement if cfg.job == "generate" else "last"),
-                   where=f"{source}: run.cuda_graphs")
     if device == "cpu" and s.dtype == "float16":
         raise ConfigError(f"{source}: shape.dtype=float16 is not supported on CPU ranks; "
                           f"use float32, float64 or bfloat16")
@@ -594,26 +585,6 @@ def _validate_approx(cfg: Config, world_size: int, source: str) -> None:
             raise ConfigError(f"{source}: star.block={block} must be in [1, context={s.context}]")
         if anchor > block:
             raise ConfigError(f"{source}: star.anchor={anchor} must be <= star.block={block}")
-    if "apb" in cfg.methods:
-        from hpcattn.methods.apb import validate as apb_validate
-        apb_validate(s.context, world_size, s.query_len, apb_params(cfg, world_size))
-        if cfg.apb.compressor == "retaining_heads" and not (cfg.apb.retaining_heads_path and
-                                                             Path(cfg.apb.retaining_heads_path).is_file()):
-            raise ConfigError(f"{source}: apb.compressor=retaining_heads needs apb.retaining_heads_path "
-                              f"(a safetensors file), got {cfg.apb.retaining_heads_path!r}")
-
-
-def apb_params(cfg: Config, world_size: int, context: int | None = None):
-    """APBParams of a concrete config (presets filled in, ablation switches applied); ``context``
-    is the context length (default shape.context; the generate job passes prompt - query)."""
-    from hpcattn.methods.apb import APBParams, preset
-
-    la, lp = preset(context if context is not None else cfg.shape.context, world_size)
-    a = cfg.apb
-    la = a.anchor_len if a.anchor_len is not None else la
-    lp = a.passing_len if a.passing_len is not None else lp
-    return APBParams(la=la if a.anchor else 0, lp=lp if a.passing else 0, query_offset=a.query_offset,
-                     query_in_anchor=a.query_in_anchor, pool=a.score_pool)
 
 
 def _validate_generate(cfg: Config, world_size: int, source: str) -> None:
@@ -641,13 +612,6 @@ def _validate_generate(cfg: Config, world_size: int, source: str) -> None:
         if g.query_len < 1 or n < world_size:
             raise ConfigError(f"{source}: generate.query_len={g.query_len} must be >= 1 and leave at least "
                               f"one context token per rank (prompt length {s.context})")
-        if g.prefill == "apb":
-            from hpcattn.methods.apb import validate as apb_validate
-            apb_validate(n, world_size, g.query_len, apb_params(cfg, world_size, n))
-            if cfg.apb.compressor == "query_aware" and apb_params(cfg, world_size, n).lp and \
-                    not (apb_params(cfg, world_size, n).la and cfg.apb.query_in_anchor):
-                raise ConfigError(f"{source}: apb.compressor=query_aware in the model needs the query in the "
-                                  f"anchor (apb.anchor and apb.query_in_anchor true)")
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"{source}: model.path: not a directory: {cfg.model.path}")
     if g.prompt_ids is not None and not Path(g.prompt_ids).is_file():

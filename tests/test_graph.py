@@ -39,12 +39,13 @@ def test_decisions():
 
 def test_config_true_on_cpu_is_one_clear_error():
     from hpcattn import config
+    from hpcattn.jobs.validate import validate
 
     cfg = config.load(None, ["run.cuda_graphs=true", "run.device=cpu", "methods=[local]"])
     with pytest.raises(ConfigError, match=r"x.yaml: run.cuda_graphs=true: CUDA graphs need a CUDA device"):
-        config.validate(cfg, 1, False, source="x.yaml")
+        validate(cfg, 1, False, source="x.yaml")
     cfg = config.load(None, ["run.cuda_graphs=auto", "run.device=cpu"])
-    config.validate(cfg, 1, False)                       # auto: eager on CPU, no error
+    validate(cfg, 1, False)                       # auto: eager on CPU, no error
     with pytest.raises(ConfigError, match="run.cuda_graphs"):
         config.load(None, ["run.cuda_graphs=sometimes"])
 

@@ -10,6 +10,7 @@ import pytest
 
 from hpcattn import config as C
 from hpcattn.errors import ConfigError
+from hpcattn.jobs.validate import validate
 from hpcattn.results.hdf5 import read_cases
 from tests.mpirun import ROOT, run_ranks
 
@@ -73,7 +74,7 @@ def _cfg(world, **sets):
     cfg = C.load("configs/generate.yaml", ["generate.decode=lamina", "shape.heads_q=8", "shape.heads_kv=2",
                                            "shape.head_dim=8"] + [f"{k}={v}" for k, v in sets.items()])
     for _, c in C.expand_cases(cfg):
-        C.validate(c, world, cuda_available=False, source="g.yaml")
+        validate(c, world, cuda_available=False, source="g.yaml")
 
 
 @pytest.mark.parametrize("world,sets,msg", [
@@ -92,7 +93,7 @@ def test_lamina_config_errors(world, sets, msg):
 
 
 def test_lamina_mixed_pool_needs_mpi():
-    from hpcattn.model.lamina import validate_config
+    from hpcattn.jobs.lamina import validate_config
 
     cfg = C.load("configs/generate.yaml", ["generate.decode=lamina", "shape.heads_kv=2", "lamina.model_device=cuda",
                                            "lamina.attention_device=cpu", "comm.backend=gloo"])

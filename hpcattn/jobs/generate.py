@@ -150,7 +150,7 @@ class GenerateJob:
     def runner(self, case, ctx=None, prefill=None, decode=None, prompt_logits=False):
         from hpcattn.model.runner import ModelRunner
 
-        from hpcattn.config import apb_params
+        from hpcattn.jobs.params import apb_params
 
         c = case.cfg
         p = ctx.size if ctx is not None else 1

@@ -90,7 +90,7 @@ class PrefillJob:
             anchor = star_anchor(case.cfg, self.p)
             return lambda tm: star_phase1(q, k, v, blocks=blocks, anchor=anchor, kernel=kern, scale=sc, tm=tm)
         if case.method == "apb":
-            from hpcattn.config import apb_params
+            from hpcattn.jobs.params import apb_params
             from hpcattn.methods.apb import apb_prefill
 
             q, k, v = self.full
@@ -207,7 +207,7 @@ class PrefillJob:
                             is_last=self.r == last, quirk=case.cfg.star.compat_remote_causal_quirk)
         recall = None
         if case.method == "apb" and len(self.needles) and getattr(self, "last_idx", None) is not None:
-            from hpcattn.config import apb_params
+            from hpcattn.jobs.params import apb_params
 
             la = apb_params(case.cfg, self.p).la if self.r > 0 else 0
             lb = self.n // self.p
@@ -289,7 +289,7 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
     if method == "star":      # the whole context is held (inputs), anchor + block computed
         return qkv(s.context) + acc(2 * t) + ref, 0, ref
     if method == "apb":
-        from hpcattn.config import apb_params
+        from hpcattn.jobs.params import apb_params
         lp = apb_params(cfg, p).lp
         return qkv(s.context) + acc(2 * t) + ref, 2 * s.batch * lp * s.heads_kv * s.head_dim * e, ref
     raise ValueError(method)

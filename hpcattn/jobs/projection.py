@@ -158,10 +158,11 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
     import numpy as np
 
     from hpcattn import config as config_mod
-    from hpcattn.config import apb_params
     from hpcattn.dtypes import DTYPES
     from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
+    from hpcattn.jobs.params import apb_params
     from hpcattn.jobs.prefill import star_anchor
+    from hpcattn.jobs.validate import validate
     from hpcattn.kernels import select_kernel
     from hpcattn.methods.apb import RetainingHeads, score_query_aware, score_random
 
@@ -169,7 +170,7 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
     device = torch.device(config_mod.resolve_device(cfg, torch.cuda.is_available()))
     rows = []
     for point, c in config_mod.expand_cases(cfg):
-        config_mod.validate(c, hosts, device.type == "cuda", source="project")
+        validate(c, hosts, device.type == "cuda", source="project")
         s = c.shape
         dtype = DTYPES[s.dtype]
         kernel = select_kernel(c.kernel.backend, device, dtype, s.head_dim)

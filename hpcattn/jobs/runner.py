@@ -51,7 +51,7 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
         if cfg.generate.prefill == "star":
             parts.append(f"block{cfg.star.block or 'auto'}-anchor{cfg.star.anchor or 'block'}")
         if cfg.generate.prefill == "apb":
-            from hpcattn.config import apb_params
+            from hpcattn.jobs.params import apb_params
             prm = apb_params(cfg, p, cfg.shape.context - cfg.generate.query_len)
             parts.append(f"la{prm.la}-lp{prm.lp}-{cfg.apb.compressor}")
         if cfg.generate.decode == "tree" and p > 1:
@@ -67,7 +67,7 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
         return f"block{cfg.star.block or cfg.shape.context // p}/anchor{star_anchor(cfg, p)}" + \
             ("/quirk" if cfg.star.compat_remote_causal_quirk else "")
     if cfg.job == "prefill" and method == "apb":
-        from hpcattn.config import apb_params
+        from hpcattn.jobs.params import apb_params
         prm = apb_params(cfg, p)
         flags = "" if cfg.apb.query_in_anchor or not prm.la else "/noquery"
         return f"la{prm.la}/lp{prm.lp}/{cfg.apb.compressor}{flags}"

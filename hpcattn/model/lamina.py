@@ -62,7 +62,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hpcattn.errors import ConfigError
 from hpcattn.kernels import Kernel, merge_pair
 from hpcattn.methods.sharding import contiguous_bounds, layout_indices
 from hpcattn.model.llama import ModelArgs, apply_rope
@@ -531,7 +530,7 @@ def _length_groups(lengths: list[int]) -> list[tuple[int, list[int]]]:
     return sorted(groups.items())
 
 
-# -- one-process reference and config validation --------------------------------------------------
+# -- one-process reference ------------------------------------------------------------------------
 
 def reference_generate(model, kernel: Kernel, tokens: torch.Tensor, lengths: list[int], new_tokens: int):
     """One process, local prefill and decode: (tokens (B, n), logits (n, B, vocab)); a ragged batch
@@ -546,70 +545,3 @@ def reference_generate(model, kernel: Kernel, tokens: torch.Tensor, lengths: lis
         toks.append(t)
         logits.append(lg)
     return torch.cat(toks), torch.cat(logits, dim=1)
-
-
-def role_devices(cfg, cuda_available: bool) -> tuple[str, str]:
-    """(model device, attention device) of a config: lamina.*_device, auto = run.device resolved."""
-    from hpcattn.config import resolve_device
-
-    run = resolve_device(cfg, cuda_available)
-    lm = cfg.lamina
-    return (run if lm.model_device == "auto" else lm.model_device,
-            run if lm.attention_device == "auto" else lm.attention_device)
-
-
-def rank_device(cfg, rank: int, world: int, cuda_available: bool) -> str:
-    """The device kind of world rank ``rank`` in a Lamina run."""
-    model_dev, attn_dev = role_devices(cfg, cuda_available)
-    return attn_dev if rank >= world - cfg.lamina.attention_ranks else model_dev
-
-
-def prompt_lengths(cfg) -> list[int]:
-    """Per-sequence prompt lengths: shape.lengths (ragged prompts) or shape.context for every row."""
-    s = cfg.shape
-    return list(s.lengths) if s.lengths is not None else [s.context] * s.batch
-
-
-def validate_config(cfg, world_size: int, cuda_available: bool, source: str) -> None:
-    """Checks of a ``generate.decode: lamina`` case (shape.heads_* already resolved from the model)."""
-    lm, s, g = cfg.lamina, cfg.shape, cfg.generate
-    A = lm.attention_ranks
-    if A < 1:
-        raise ConfigError(f"{source}: lamina.attention_ranks must be >= 1, got {A}")
-    if world_size - A < 1:
-        raise ConfigError(f"{source}: lamina.attention_ranks={A} leaves no model rank: generate.decode=lamina "
-                          f"needs at least {A + 1} ranks, the run has {world_size}")
-    if s.heads_kv % A:
-        raise ConfigError(f"{source}: lamina.attention_ranks={A} must divide the model's KV heads "
-                          f"(shape.heads_kv={s.heads_kv}): each attention rank owns Hkv/A heads of every sequence")
-    if lm.microbatches < 1 or lm.microbatches > s.batch:
-        raise ConfigError(f"{source}: lamina.microbatches={lm.microbatches} must be in [1, shape.batch={s.batch}]")
-    if g.prefill not in ("local", "ring"):
-        raise ConfigError(f"{source}: generate.decode=lamina hands over exact prompt KV: generate.prefill must be "
-                          f"local or ring, got {g.prefill}")
-    model_dev, attn_dev = role_devices(cfg, cuda_available)
-    for key, dev in (("lamina.model_device", model_dev), ("lamina.attention_device", attn_dev)):
-        if dev == "cuda" and not cuda_available:
-            raise ConfigError(f"{source}: {key}=cuda but no CUDA GPU is visible")
-        if dev == "cpu" and s.dtype == "float16":
-            raise ConfigError(f"{source}: {key}=cpu: shape.dtype=float16 is not supported on CPU ranks")
-        if dev == "cpu" and cfg.kernel.backend not in ("auto", "torch_ref", "cpu_flash"):
-            raise ConfigError(f"{source}: {key}=cpu: kernel.backend={cfg.kernel.backend} needs a GPU "
-                              f"(use auto or torch_ref)")
-    if model_dev != attn_dev and cfg.comm.backend != "mpi":
-        raise ConfigError(f"{source}: a mixed pool (model ranks on {model_dev}, attention ranks on {attn_dev}) "
-                          f"needs comm.backend=mpi (nccl/gloo serve one device kind), got {cfg.comm.backend}")
-    if cfg.comm.backend == "nccl" and "cpu" in (model_dev, attn_dev):
-        raise ConfigError(f"{source}: comm.backend=nccl needs every Lamina role on cuda")
-    if cfg.comm.backend == "gloo" and "cuda" in (model_dev, attn_dev):
-        raise ConfigError(f"{source}: comm.backend=gloo is the CPU stand-in for nccl; a cuda role needs nccl or mpi")
-    lengths = prompt_lengths(cfg)
-    if any(n < 1 for n in lengths):
-        raise ConfigError(f"{source}: shape.lengths: every prompt needs at least one token, got {lengths}")
-    M = world_size - A
-    if g.prefill == "ring" and M > 1:
-        for n in sorted(set(lengths)):
-            if n < M or (cfg.ring.layout == "zigzag" and n % (2 * M)):
-                raise ConfigError(f"{source}: ring prefill over the {M} model ranks: prompt length {n} must be "
-                                  f">= {M}" + (f" and divisible by 2 x {M} = {2 * M} (ring.layout=zigzag; use "
-                                               f"contiguous)" if cfg.ring.layout == "zigzag" else ""))

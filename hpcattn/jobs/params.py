@@ -1,0 +1,18 @@
+"""Method parameters derived from a concrete config: the jobs translate ``cfg`` into the plain
+arguments the methods take (methods never see the config)."""
+
+from __future__ import annotations
+
+from hpcattn.config import Config
+from hpcattn.methods.apb import APBParams, preset
+
+
+def apb_params(cfg: Config, world_size: int, context: int | None = None):
+    """APBParams of a concrete config (presets filled in, ablation switches applied); ``context``
+    is the context length (default shape.context; the generate job passes prompt - query)."""
+    la, lp = preset(context if context is not None else cfg.shape.context, world_size)
+    a = cfg.apb
+    la = a.anchor_len if a.anchor_len is not None else la
+    lp = a.passing_len if a.passing_len is not None else lp
+    return APBParams(la=la if a.anchor else 0, lp=lp if a.passing else 0, query_offset=a.query_offset,
+                     query_in_anchor=a.query_in_anchor, pool=a.score_pool)
