@@ -20,18 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from hpcattn.errors import ConfigError
+from hpcattn import kernels
+from hpcattn.errors import ConfigError, HpcattnError
+from hpcattn.kernels.capture import building_graph
 
 MODES = ("auto", "true", "false")
-
-_BUILDING = [0]     # > 0 while a StepGraph warms up or captures (kernel choice: see building())
-
-
-def building() -> bool:
-    """True while a :class:`StepGraph` runs its warm-up or its capture: kernels that choose per
-    call between an eager-friendly and a graph-friendly kernel (``auto``'s decode route) take the
-    graph one, so the warm-up compiles and runs what the capture records."""
-    return _BUILDING[0] > 0
 
 
 def blocker(*, device: str, method: str, backend: str, world_size: int,
@@ -60,11 +53,8 @@ def blocker(*, device: str, method: str, backend: str, world_size: int,
 def lean_for_graphs(device: torch.device, dtype: torch.dtype, head_dim: int):
     """(the Lean kernel, None), or (None, why not): captured decode steps need it (it reads the
     cache length from the device, so one graph serves every step)."""
-    from hpcattn.errors import HpcattnError
-    from hpcattn.kernels import select_kernel
-
     try:
-        return select_kernel("lean", device, dtype, head_dim), None
+        return kernels.select_kernel("lean", device, dtype, head_dim), None
     except HpcattnError as e:
         return None, f"the Lean kernel (device lengths) is not usable here: {e}"
 
@@ -98,11 +88,8 @@ class StepGraph:
 
     def __init__(self, fn, *, warmup: int = 2, counters=None):
         self.counters = counters
-        _BUILDING[0] += 1
-        try:
+        with building_graph():
             self._build(fn, warmup, counters)
-        finally:
-            _BUILDING[0] -= 1
 
     def _build(self, fn, warmup, counters):
         side = torch.cuda.Stream()

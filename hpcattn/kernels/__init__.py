@@ -33,6 +33,7 @@ import torch
 
 from hpcattn.errors import HpcattnError
 from hpcattn.kernels import backends
+from hpcattn.kernels.capture import building
 from hpcattn.kernels.merge import (empty_state, lse_as_out, merge_pair, merge_states,  # noqa: F401
                                    pack_states, sanitize_lse, unpack_states)
 from hpcattn.kernels.reference import attn_reference  # noqa: F401
@@ -103,7 +104,7 @@ def _decode_kernel(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str, 
     ``why="ragged"``: ``lean`` for a ragged batch (one launch instead of a per-sequence loop).
     ``why="decode"``: a dense decode call of cuDNN goes to ``kern.decode_route``'s eager kernel
     (``aten_flash``, else ``lean``), or its captured one (``lean``) while a CUDA graph is being
-    built (:func:`hpcattn.graph.building`: warm-up and capture) or captured. PyTorch's cuDNN op
+    built (:func:`hpcattn.kernels.capture.building`: warm-up and capture) or captured. PyTorch's cuDNN op
     builds a new cuDNN graph on the host for every new key length (measured on an H200: 37-56 ms
     of host time per call, ~0.03 ms on the GPU), and every eager decode step has a new length.
     """
@@ -113,7 +114,6 @@ def _decode_kernel(kern: Kernel, q: torch.Tensor, k: torch.Tensor, causal: str, 
     if why == "ragged":
         name = "lean"
     else:
-        from hpcattn.graph import building
         name = kern.decode_route[1 if building() or torch.cuda.is_current_stream_capturing() else 0]
     try:
         other = select_kernel(name, q.device, q.dtype, q.shape[-1])
