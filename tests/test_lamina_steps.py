@@ -68,7 +68,7 @@ def test_attention_role_alone_is_the_attention_of_the_prefix_and_new_token():
     the prefix plus the new token (float64 reference), k, v appended at slot ``at``."""
     from hpcattn.kernels import Kernel, attn_reference
     from hpcattn.model.lamina_steps import AttentionRole
-    from hpcattn.model.runner import ShardedKVCache
+    from hpcattn.model.kv_cache import ShardedKVCache
 
     g = torch.Generator().manual_seed(2)
     L, B, Hq, Hkv, d, n = 2, 3, 8, 2, 16, 21

@@ -382,7 +382,7 @@ def measure_atime_graph(kernel, B: int, l: int, n_heads: int, n_kv_heads: int, h
 
     from hpcattn.graph import StepGraph
     from hpcattn.model.lamina_steps import AttentionRole
-    from hpcattn.model.runner import ShardedKVCache
+    from hpcattn.model.kv_cache import ShardedKVCache
 
     per_layer = 2 * B * l * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
     n = max(1, min(n_layers, -(-min_bytes // per_layer)))

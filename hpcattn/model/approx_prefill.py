@@ -26,7 +26,7 @@ import torch
 from hpcattn.methods.apb import (APBParams, apb_attention, passing_from, pool_scores, score_query_aware,
                                  score_random, select_passing)
 from hpcattn.methods.star import star_blocks, star_query
-from hpcattn.model.runner import ShardedKVCache
+from hpcattn.model.kv_cache import ShardedKVCache
 
 
 def _cache(run, B: int, tokens: int):

@@ -65,7 +65,8 @@ import torch
 from hpcattn.kernels import Kernel, merge_pair
 from hpcattn.methods.sharding import contiguous_bounds, layout_indices
 from hpcattn.model.llama import ModelArgs, apply_rope
-from hpcattn.model.runner import ModelRunner, ShardedKVCache
+from hpcattn.model.kv_cache import ShardedKVCache
+from hpcattn.model.runner import ModelRunner
 
 MODEL, ATTENTION = "model", "attention"
 TAG_Q, TAG_KV, TAG_OUT, TAG_X, TAG_PROMPT_KV = 1, 2, 3, 4, 5

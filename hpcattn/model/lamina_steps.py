@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from hpcattn.kernels import Kernel
-from hpcattn.model.runner import ShardedKVCache
+from hpcattn.model.kv_cache import ShardedKVCache
 
 
 def exchange_buffers(n_layers: int, B: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype,

@@ -40,35 +40,9 @@ import torch
 from hpcattn.kernels import Kernel
 from hpcattn.methods import ring_decode, ring_prefill, tree_decode
 from hpcattn.methods.sharding import contiguous_bounds, gather_in_order, layout_indices
+from hpcattn.model.approx_prefill import approx_prefill
+from hpcattn.model.kv_cache import ShardedKVCache
 from hpcattn.model.llama import Transformer
-
-
-class ShardedKVCache:
-    """This rank's post-RoPE K and V for every layer, head-major: buf (L, 2, B, Hkv, cap, d).
-
-    ``length`` tokens are valid (the same count in every layer).
-    """
-
-    def __init__(self, n_layers: int, B: int, n_kv: int, d: int, capacity: int, dtype, device):
-        self.buf = torch.empty(n_layers, 2, B, n_kv, capacity, d, dtype=dtype, device=device)
-        self.length = 0
-        self.capacity = capacity
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: int) -> None:
-        """Store k, v (B, n, Hkv, d) at token slots [at, at + n)."""
-        n = k.shape[1]
-        if at + n > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {at + n} > capacity {self.capacity}")
-        self.buf[layer, 0, :, :, at:at + n] = k.transpose(1, 2)
-        self.buf[layer, 1, :, :, at:at + n] = v.transpose(1, 2)
-
-    def view(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n tokens as (B, n, Hkv, d) views (no copy)."""
-        return self.buf[layer, 0, :, :, :n].transpose(1, 2), self.buf[layer, 1, :, :, :n].transpose(1, 2)
-
-    @property
-    def nbytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size()
 
 
 class ModelRunner:
@@ -136,7 +110,6 @@ class ModelRunner:
         With ``prompt_logits`` it also keeps this rank's final hidden states of the prompt."""
         self.prompt_hidden = []
         if self.prefill_method in ("star", "apb"):
-            from hpcattn.model.approx_prefill import approx_prefill
             if self.p == 1:
                 raise ValueError("star/apb prefill needs at least 2 ranks")
             return approx_prefill(self, tokens, new_tokens)
