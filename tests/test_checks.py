@@ -17,8 +17,8 @@ import torch
 
 from hpcattn import config
 from hpcattn.errors import InputError
-from hpcattn.jobs.check import count_nonfinite, max_err, validate_input_file, verdict, within
-from hpcattn.jobs.inputs import write_input_file
+from hpcattn.jobs.check import count_nonfinite, max_err, verdict, within
+from hpcattn.jobs.inputs import validate_input_file, write_input_file
 from hpcattn.kernels import select_kernel
 from hpcattn.results.hdf5 import RecordWriter, read_cases, recover
 from hpcattn.results.report import format_csv, format_table, rows_from_files

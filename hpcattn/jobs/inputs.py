@@ -132,8 +132,49 @@ def apply_file_shape(cfg, path: str) -> None:
     if cfg.job == "prefill" and fs["q_len"] != fs["context"]:
         raise ConfigError(f"inputs.path {path}: prefill needs q and k of equal length, "
                           f"got q {fs['q_len']} and k {fs['context']} tokens")
-    from hpcattn.jobs.check import validate_input_file
     validate_input_file(path, cfg.shape.dtype)            # NaN/Inf, or overflow of shape.dtype: InputError
+
+
+def validate_input_file(path: str, dtypes, chunk_elems: int = 1 << 24) -> None:
+    """Every value a run reads from input file ``path`` - ``q``, ``k``, ``v`` (and ``qq``/``kq``/
+    ``vq`` when present), less the keys past a sequence's ``lengths`` (padding, never read) - is
+    finite, also once converted to each of ``dtypes`` (names, e.g. ``float16``, which 1e5
+    overflows). Raises InputError naming the dataset and the file. Reads the file once, in chunks
+    of about ``chunk_elems`` values."""
+    names = sorted(set([dtypes] if isinstance(dtypes, str) else dtypes))
+    targets = [None] + [DTYPES[d] for d in names if d in DTYPES]     # an unknown name: config.validate
+    with h5py.File(path, "r") as f:
+        lengths = None
+        if "lengths" in f and f["lengths"].shape == f["k"].shape[:1] and f["lengths"].dtype.kind in "iu":
+            lengths = torch.as_tensor(f["lengths"][()].astype(np.int64))     # else: every key is checked
+        for name in [n for n in ("q", "k", "v", "qq", "kq", "vq") if n in f]:   # qq/kq/vq: star/apb query
+            ds = f[name]
+            S = ds.shape[1]
+            step = max(1, chunk_elems // max(1, ds.size // max(S, 1)))
+            bad = {dt: [0, None] for dt in targets}          # dtype -> [count, first index]
+            peak = 0.0
+            for a in range(0, S, step):
+                x = _read(ds, np.s_[:, a:a + step], torch.float64, "cpu")    # (B, s, H, d)
+                if name in ("k", "v") and lengths is not None:   # keys past lengths[b]: padding, never read
+                    used = torch.arange(a, a + x.shape[1])[None, :] < lengths[:, None]
+                    x = torch.where(used[:, :, None, None], x, torch.zeros((), dtype=x.dtype))
+                fin = torch.isfinite(x)
+                if fin.any():
+                    peak = max(peak, float(x[fin].abs().max()))
+                for dt in targets:
+                    nf = ~torch.isfinite(x if dt is None else x.to(dt))
+                    n = int(nf.sum())
+                    if n and bad[dt][1] is None:
+                        i = nf.nonzero()[0].tolist()
+                        bad[dt][1] = (i[0], i[1] + a, *i[2:])
+                    bad[dt][0] += n
+            for dt in targets:
+                n, first = bad[dt]
+                if n:
+                    what = "NaN/Inf value(s)" if dt is None else \
+                        f"value(s) that overflow shape.dtype={str(dt).replace('torch.', '')} (max |x| = {peak:.4g})"
+                    raise InputError(f"inputs.path: {path}:/{name} holds {n} {what}, the first at index "
+                                     f"{first}; inputs must be finite")
 
 
 def read_tokens(path: str, name: str, index: torch.Tensor, *, dtype: torch.dtype, device) -> torch.Tensor:
