@@ -432,7 +432,7 @@ def _run(cfg, world, args) -> int:
                                f"output {cfg.run.output}", args.debug)
     progress = _progress(len(cases)) if rank == 0 else (lambda case, row: None)
     if cfg.job == "generate":
-        from hpcattn.jobs.generate import run_generate_cases
+        from hpcattn.jobs.runner import run_generate_cases
         rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
     else:
         rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcattn import watchdog
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError, InputError
 from hpcattn.jobs.check import failure, max_err, require_finite, tolerance
@@ -304,39 +303,8 @@ class GenerateJob:
         return toks, logits, np.asarray(prefill_s), np.asarray(decode_s, dtype=np.float64).reshape(c.run.repeats, n - 1)
 
 
-def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None) -> list[dict]:
-    """Execute generate cases (collective); rank 0 writes each finished case."""
-    rows, ref_model = [], None
-    for case in cases:
-        watchdog.arm(f"case {case.id}")
-        kernel = kernel_for(case.cfg)
-        if case.cfg.generate.decode == "lamina":         # model and attention roles: hpcattn.jobs.lamina
-            from hpcattn.jobs.lamina import run_lamina_case
-            row, model = run_lamina_case(case, ctx, kernel, writer, model)
-            if row is not None:
-                rows.append(row)
-                progress(case, row)
-            continue
-        job = GenerateJob(case.cfg, ctx, kernel, model)
-        job.ref_model = ref_model
-        model = job.model                      # same weights for every case of the run
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        job.compute_reference(case)
-        toks, logits, prefill_s, decode_s = job.run(case)
-        from hpcattn.jobs.runner import _peak_memory
-
-        per_rank = ctx.world.mpi.gather((prefill_s, decode_s, _peak_memory(ctx.device)), root=0)
-        if ctx.rank == 0:
-            row = _record(case, kernel, ctx, job, toks, logits, job.check(toks, logits) or {}, per_rank, writer)
-            rows.append(row)
-            progress(case, row)
-            ref_model = job.ref_model
-        del job
-    return rows
-
-
-def _record(case, kernel, ctx, job, toks, logits, check: dict, per_rank, writer) -> dict:
+def record_case(case, kernel, ctx, job, toks, logits, check: dict, per_rank, writer) -> dict:
+    """Rank 0: the record of a generate case (attributes and datasets), written to ``writer``."""
     c = case.cfg
     a = job.model.args
     pre = np.stack([pr[0] for pr in per_rank], axis=1)                   # (R, ranks)
@@ -409,11 +377,6 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
     e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
     weights = weight_bytes(a, e)
     n = cfg.shape.context + cfg.generate.new_tokens
-    if method.endswith("+lamina"):    # rank 0 is a model rank (weights, no KV), and runs the reference
-        from hpcattn.jobs.lamina import estimate as lamina_estimate
-        busiest, step = lamina_estimate(cfg, p)
-        ref = reference_bytes(cfg, a, n, 0)
-        return max(busiest, weights + ref), step, ref
     prefill, decode = method.split("+")
     per_rank = n if (prefill == "local" and decode == "local") or p == 1 else -(-n // p) + cfg.generate.new_tokens
     kv = 2 * a.n_layers * cfg.shape.batch * per_rank * a.n_kv_heads * a.head_dim * e

@@ -1,5 +1,5 @@
 """``generate.decode: lamina``: one Lamina case of the generate job (hooked from
-:func:`hpcattn.jobs.generate.run_generate_cases`), its record, plan estimate and variant name, and
+:func:`hpcattn.jobs.runner.run_generate_cases`), its record, plan estimate and variant name, and
 its config: the roles' devices, the prompt lengths and the rules of a Lamina case (run by
 :func:`hpcattn.jobs.validate.validate`).
 
@@ -16,9 +16,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hpcattn import comm as comm_mod
 from hpcattn.config import resolve_device
+from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError
-from hpcattn.model.lamina import BYTE_PHASES, DECODE_PHASES, MODEL, Layout
+from hpcattn.jobs.generate import GenerateJob, model_args, record_case, reference_bytes, weight_bytes
+from hpcattn.jobs.measure import peak_memory
+from hpcattn.model.lamina import BYTE_PHASES, DECODE_PHASES, MODEL, LaminaDecoder, Layout
 
 
 def layout_of(cfg, world: int) -> Layout:
@@ -108,9 +112,6 @@ def estimate(cfg, p: int) -> tuple[int, int]:
     until the hand-over's sends complete, a contiguous copy of that shard; an attention rank holds
     its head slice of the whole cache and the receive buffers of every layer's prompt KV, posted
     before the first decode step (:meth:`LaminaDecoder` hand-over)."""
-    from hpcattn.jobs.generate import model_args, weight_bytes
-    from hpcattn.dtypes import DTYPES
-
     a = model_args(cfg)
     e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
     A = cfg.lamina.attention_ranks
@@ -126,15 +127,21 @@ def estimate(cfg, p: int) -> tuple[int, int]:
     return max(model_rank, attention_rank), step
 
 
+def estimate_case(cfg, method: str, p: int) -> tuple[int, int, int]:
+    """The generate job's plan estimate of a Lamina case (:func:`hpcattn.jobs.generate.estimate`'s
+    triple): rank 0 is a model rank (weights, no KV), and runs the reference."""
+    a = model_args(cfg)
+    e = torch.empty(0, dtype=DTYPES[cfg.shape.dtype]).element_size()
+    weights = weight_bytes(a, e)
+    n = cfg.shape.context + cfg.generate.new_tokens
+    busiest, step = estimate(cfg, p)
+    ref = reference_bytes(cfg, a, n, 0)
+    return max(busiest, weights + ref), step, ref
+
+
 def run_lamina_case(case, ctx, kernel, writer, model=None):
     """Run one Lamina case on every rank (collective). Returns (row on rank 0 else None, the model
     of this rank: None on attention ranks, reused by the next case on model ranks)."""
-    from hpcattn import comm as comm_mod
-    from hpcattn.jobs.generate import GenerateJob, model_args
-    from hpcattn.dtypes import DTYPES
-    from hpcattn.jobs.runner import _peak_memory
-    from hpcattn.model.lamina import LaminaDecoder
-
     c = case.cfg
     lay = layout_of(c, ctx.size)
     role = lay.role(ctx.rank)
@@ -161,15 +168,13 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
             "busy": np.asarray([r.busy_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "wait": np.asarray([r.wait_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "bytes": [res.bytes[ph] for ph in BYTE_PHASES], "role": role, "kernel": kernel.name,
-            "device": str(ctx.device), "mem": _peak_memory(ctx.device)}
+            "device": str(ctx.device), "mem": peak_memory(ctx.device)}
     per_rank = ctx.world.mpi.gather(mine, root=0)
     if ctx.rank != 0:
         return None, model
-    from hpcattn.jobs.generate import _record
-
     check = _check(job, case, res.tokens, res.logits, lengths) if c.run.check else {}
     extra_attrs, extra_sets = _lamina_summary(c, lay, per_rank, lengths)
-    row = _record(case, kernel, ctx, job, res.tokens, res.logits, check,
+    row = record_case(case, kernel, ctx, job, res.tokens, res.logits, check,
                   [(pr["prefill"], pr["step"], pr["mem"]) for pr in per_rank],
                   _Augment(writer, extra_attrs, extra_sets))
     return row, model

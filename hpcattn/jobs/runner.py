@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -22,11 +21,19 @@ import torch
 from hpcattn import watchdog
 from hpcattn.config import Config
 from hpcattn.config import expand_cases as expand_points
-from hpcattn.jobs import decode, generate, prefill
-from hpcattn.timing import PHASES, PhaseTimer
+from hpcattn.jobs import decode, generate, lamina, prefill
+from hpcattn.jobs.measure import peak_memory, summarize, time_case
+from hpcattn.timing import PHASES
+
+
+def generate_estimate(cfg: Config, method: str, p: int) -> tuple[int, int, int]:
+    """The generate job's plan estimate (:func:`hpcattn.jobs.generate.estimate`; a Lamina case's:
+    :func:`hpcattn.jobs.lamina.estimate_case`)."""
+    return (lamina.estimate_case if method.endswith("+lamina") else generate.estimate)(cfg, method, p)
+
 
 JOBS = {"decode": (decode.DecodeJob, decode.estimate), "prefill": (prefill.PrefillJob, prefill.estimate),
-        "generate": (None, generate.estimate)}
+        "generate": (None, generate_estimate)}
 
 
 @dataclass
@@ -42,8 +49,7 @@ class Case:
 
 def variant_of(cfg: Config, method: str, p: int) -> str:
     if cfg.job == "generate" and cfg.generate.decode == "lamina":
-        from hpcattn.jobs.lamina import variant
-        return variant(cfg, p)
+        return lamina.variant(cfg, p)
     if cfg.job == "generate":
         parts = []
         if cfg.generate.prefill == "ring" and p > 1:
@@ -185,54 +191,6 @@ def _host_available() -> int | None:
     return avail
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def time_case(fn, ctx, warmup: int, repeats: int):
-    """Run ``fn(tm)`` warmup + repeats times. Returns (last result, times (repeats,),
-    phases (repeats, len(PHASES)), bytes per step {phase: bytes})."""
-    timer = PhaseTimer(ctx.device, ctx.counters)
-    ctx.counters.reset()
-    times, phases, result = [], [], None
-    cuda = ctx.device.type == "cuda"
-    for i in range(warmup + repeats):
-        result = None
-        ctx.barrier()
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            result = fn(timer)
-            b.record()
-            b.synchronize()
-            dt = a.elapsed_time(b) / 1e3
-        else:
-            t0 = time.perf_counter()
-            result = fn(timer)
-            dt = time.perf_counter() - t0
-        ph = timer.collect()
-        if i >= warmup:
-            times.append(dt)
-            phases.append([ph.get(x, 0.0) for x in PHASES])
-    n = warmup + repeats
-    per_step = {x: ctx.counters.bytes.get(x, 0) // n for x in PHASES}
-    return result, np.asarray(times), np.asarray(phases).reshape(repeats, len(PHASES)), per_step
-
-
-def summarize(times: np.ndarray, phases: np.ndarray) -> dict:
-    """times (repeats, ranks), phases (repeats, ranks, P) -> summary of max-over-ranks times."""
-    step = times.max(axis=1)
-    slowest = times.argmax(axis=1)
-    ph = phases[np.arange(len(step)), slowest]                   # phases of the slowest rank
-    med = float(np.median(step))
-    comm = float(np.median(ph[:, PHASES.index("comm")]))
-    return {"time_median_s": med, "time_p10_s": float(np.percentile(step, 10)),
-            "time_p90_s": float(np.percentile(step, 90)), "time_min_s": float(step.min()),
-            "comm_fraction": comm / med if med > 0 else 0.0}
-
-
 def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, progress) -> list[dict]:
     """Execute ``cases`` on every rank (collective). Rank 0 writes each finished case to ``writer``.
 
@@ -262,7 +220,7 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
             extras = {**(extras or {}), **(job.graph_attrs(case) if hasattr(job, "graph_attrs") else {})}
             outputs = job.gathered_outputs(case, result) if case.cfg.run.save_outputs else None
             per_rank = ctx.world.mpi.gather((times, phases, [bytes_step[x] for x in PHASES],
-                                             _peak_memory(ctx.device)), root=0)
+                                             peak_memory(ctx.device)), root=0)
             if ctx.rank == 0:
                 row = _record(case, kernel, ctx, per_rank, err_all, outputs, writer, extras)
                 rows.append(row)
@@ -271,6 +229,36 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
         del job, ref
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None) -> list[dict]:
+    """Execute generate cases (collective); rank 0 writes each finished case."""
+    rows, ref_model = [], None
+    for case in cases:
+        watchdog.arm(f"case {case.id}")
+        kernel = kernel_for(case.cfg)
+        if case.cfg.generate.decode == "lamina":         # model and attention roles: hpcattn.jobs.lamina
+            row, model = lamina.run_lamina_case(case, ctx, kernel, writer, model)
+            if row is not None:
+                rows.append(row)
+                progress(case, row)
+            continue
+        job = generate.GenerateJob(case.cfg, ctx, kernel, model)
+        job.ref_model = ref_model
+        model = job.model                      # same weights for every case of the run
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        job.compute_reference(case)
+        toks, logits, prefill_s, decode_s = job.run(case)
+        per_rank = ctx.world.mpi.gather((prefill_s, decode_s, peak_memory(ctx.device)), root=0)
+        if ctx.rank == 0:
+            row = generate.record_case(case, kernel, ctx, job, toks, logits, job.check(toks, logits) or {}, per_rank,
+                                       writer)
+            rows.append(row)
+            progress(case, row)
+            ref_model = job.ref_model
+        del job
     return rows
 
 
