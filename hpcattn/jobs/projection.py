@@ -21,47 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hpcattn.comm.base import Comm, Counters, Request
+from hpcattn.comm.base import Counters
+from hpcattn.comm.emulated import EmulatedComm
 from hpcattn.timing import timed_runs
-
-
-class EmulatedComm(Comm):
-    """The world communicator of virtual rank ``rank`` of ``size``, inside one process.
-
-    ``sendrecv_start`` fills ``recv`` with ``blocks[(rank - step - 1) % size]`` (what a ring
-    delivers at each step); ``allgather`` returns ``gathered`` (precomputed contributions of all
-    hosts). Nothing else is supported: the projection needs nothing else.
-    """
-
-    def __init__(self, rank: int, size: int, counters: Counters, blocks=None, gathered=None):
-        self.rank, self.size, self.counters = rank, size, counters
-        self.transport = "emulated"
-        self.blocks, self.gathered = blocks, gathered
-        self._step = 0
-        self.mpi = _NoMPI(size)
-
-    def sendrecv_start(self, send, dest, recv, source):
-        self.counters.add(send.numel() * send.element_size())
-        self._step += 1
-        recv.copy_(self.blocks[(self.rank - self._step) % self.size])
-        return Request(lambda: None)
-
-    def allgather(self, t):
-        self.counters.add(t.numel() * t.element_size())
-        if self.gathered is None:
-            raise RuntimeError("EmulatedComm.allgather: contributions not provided")
-        return self.gathered
-
-    def barrier(self):
-        pass
-
-
-class _NoMPI:
-    def __init__(self, size):
-        self.size = size
-
-    def allreduce(self, x):
-        raise RuntimeError("the projection supports the zigzag ring layout only")
 
 
 @dataclass
@@ -80,15 +42,15 @@ class _Ctx:
 
 def ring_hosts(q, k, v, P: int, *, kernel, scale, device, repeats=3):
     """Per host (zigzag ring, causal): (out, lse, times). q, k, v: (B, n, H, d) full sequence."""
-    from hpcattn.methods.ring import _kv_buffer, _fill, ring_prefill
+    from hpcattn.methods.ring import fill_kv, kv_buffer, ring_prefill
     from hpcattn.methods.sharding import zigzag_indices
 
     n = q.shape[1]
     idx = [zigzag_indices(n, P, r).to(q.device) for r in range(P)]
     blocks = []
     for r in range(P):
-        b = _kv_buffer(k[:, idx[r]], len(idx[r]))
-        _fill(b, k[:, idx[r]], v[:, idx[r]])
+        b = kv_buffer(k[:, idx[r]], len(idx[r]))
+        fill_kv(b, k[:, idx[r]], v[:, idx[r]])
         blocks.append(b)
     res = []
     for r in range(P):

@@ -25,7 +25,7 @@ from hpcattn.methods.sharding import contiguous_bounds
 from hpcattn.timing import NullTimer
 
 
-def _kv_buffer(k: torch.Tensor, tmax: int) -> torch.Tensor:
+def kv_buffer(k: torch.Tensor, tmax: int) -> torch.Tensor:
     """Contiguous head-major [K | V] buffer (2, B, Hkv, tmax, d): the wire format, and what the
     kernel reads without a copy through :func:`_kv_views`."""
     B, _, Hkv, d = k.shape
@@ -37,7 +37,8 @@ def _kv_views(buf: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return buf[0, :, :, :n].transpose(1, 2), buf[1, :, :, :n].transpose(1, 2)
 
 
-def _fill(buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def fill_kv(buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k, v (B, n, Hkv, d) into the first n token slots of a :func:`kv_buffer`."""
     n = k.shape[1]
     buf[0, :, :, :n] = k.transpose(1, 2)
     buf[1, :, :, :n] = v.transpose(1, 2)
@@ -74,9 +75,9 @@ def ring_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCon
         n = comm.mpi.allreduce(t)
         sizes = [b - a for a, b in (contiguous_bounds(n, p, i) for i in range(p))]
     tmax = max(sizes)
-    cur = _kv_buffer(k, tmax)
-    _fill(cur, k, v)
-    nxt = _kv_buffer(k, tmax) if p > 1 else None
+    cur = kv_buffer(k, tmax)
+    fill_kv(cur, k, v)
+    nxt = kv_buffer(k, tmax) if p > 1 else None
     half = t // 2
     for step in range(p):
         req = None
@@ -133,9 +134,9 @@ def ring_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: CommCont
     B, Sq, Hq, d = q.shape
     Hkv = k.shape[2]
     tmax = max(max(ls) if ls else 0 for ls in shard_lengths)
-    cur = _kv_buffer(k, tmax).zero_()
-    _fill(cur, k, v)
-    nxt = _kv_buffer(k, tmax) if p > 1 else None
+    cur = kv_buffer(k, tmax).zero_()
+    fill_kv(cur, k, v)
+    nxt = kv_buffer(k, tmax) if p > 1 else None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc_o = torch.zeros(B, Sq, Hq, d, dtype=acc, device=q.device)
     acc_l = torch.full((B, Hq, Sq), float("-inf"), dtype=acc, device=q.device)
