@@ -29,6 +29,8 @@ import tempfile
 import threading
 import time
 
+from hpcattn.launch import note_abort
+
 EXIT_CODE = 4
 
 _state = {"timeout": None, "rank": 0, "deadline": None, "label": "", "thread": None}
@@ -182,6 +184,5 @@ def abort_job(world, code: int) -> None:
     time.sleep(float(os.environ.get("HPCATTN_ABORT_GRACE_S", "1.0")))
     if world is None:
         os._exit(code)
-    from hpcattn.launch import note_abort
     note_abort(code)                         # srun reports 137 for any abort: the job script reads this
     world.Abort(code)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from hpcattn import graph
 from hpcattn.dtypes import DTYPES
-from hpcattn.jobs.check import count_nonfinite, max_err, reference_state
-from hpcattn.jobs.inputs import InputSource
+from hpcattn.jobs.check import count_nonfinite, max_err, reference_state, reference_state_bytes
+from hpcattn.jobs.inputs import InputSource, file_shape
 from hpcattn.methods import local_attention, ring_decode, tree_decode
 from hpcattn.methods.sharding import contiguous_bounds, shard_lengths
+from hpcattn.timing import NullTimer
 
 
 class DecodeJob:
@@ -31,7 +33,6 @@ class DecodeJob:
         src = InputSource(cfg, ctx.device)
         q_rows = 1
         if cfg.inputs.source == "file":
-            from hpcattn.jobs.inputs import file_shape
             q_rows = file_shape(cfg.inputs.path)["q_len"]
         self.q = src.range("q", 0, q_rows)
         self.k, self.v = self._shard(src)
@@ -60,9 +61,6 @@ class DecodeJob:
         """A callable ``fn(tm) -> (out, lse) or None`` running one step of ``case.method``: the
         step captured once as a CUDA graph and replayed (``run.cuda_graphs``, see
         :mod:`hpcattn.graph`; phases are then not split), or the eager calls."""
-        from hpcattn import graph
-        from hpcattn.timing import NullTimer
-
         fn = self._eager(case)
         use, why = graph.decide(case.cfg.run.cuda_graphs, graph.blocker(
             device=self.ctx.device.type, method=case.method, backend=self.ctx.backend, world_size=self.p))
@@ -133,8 +131,6 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
     the first that is rank 0's reference copy) - a plan. With ``run.check`` (or ``local`` among
     the sweep point's methods) rank 0 also holds the whole KV cache (B, N, Hkv, d) x 2, plus the
     float64 reference's working set (:func:`hpcattn.jobs.check.reference_state_bytes`)."""
-    from hpcattn.jobs.check import reference_state_bytes
-
     s = cfg.shape
     e = torch.empty(0, dtype=DTYPES[s.dtype]).element_size()
     lengths = s.lengths if s.lengths is not None else [s.context] * s.batch

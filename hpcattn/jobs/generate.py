@@ -31,15 +31,18 @@ case's dtype (what a user would see). A non-finite checkpoint weight is an input
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hpcattn.config import resolve_device
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError, InputError
 from hpcattn.jobs.check import failure, max_err, require_finite, tolerance
+from hpcattn.kernels import select_kernel
 
 
 # -- prompts and shapes ----------------------------------------------------------------------------
@@ -207,10 +210,6 @@ class GenerateJob:
     def _reference(self):
         """(model, kernel, dtype name) of the reference precision; model and kernel None when the
         case already runs in it (its own one-process run is then the reference)."""
-        import copy
-
-        from hpcattn.kernels import select_kernel
-
         rd = reference_dtype(self.dtype, self.ctx.device)
         name = str(rd).replace("torch.", "")
         if rd == self.dtype:
@@ -359,7 +358,6 @@ def reference_bytes(cfg, a, tokens: int, case_kv: int) -> int:
     reference's). 0 without ``run.check``."""
     if not cfg.run.check:
         return 0
-    from hpcattn.config import resolve_device
 
     dtype = DTYPES[cfg.shape.dtype]
     rd = reference_dtype(dtype, torch.device(resolve_device(cfg, torch.cuda.is_available())))

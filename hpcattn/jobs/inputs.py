@@ -24,8 +24,10 @@ import h5py
 import numpy as np
 import torch
 
+from hpcattn.config import ShapeConfig
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError, InputError
+from hpcattn.kernels import head_major
 
 CHUNK = 4096
 
@@ -117,8 +119,6 @@ def file_shape(path: str) -> dict:
 
 def apply_file_shape(cfg, path: str) -> None:
     """Set cfg.shape from the input file; a non-default config value that disagrees is an error."""
-    from hpcattn.config import ShapeConfig
-
     fs = file_shape(path)
     default = ShapeConfig()
     for key in ("batch", "heads_q", "heads_kv", "head_dim", "context", "lengths"):
@@ -223,7 +223,6 @@ def plant_needles(k: torch.Tensor, index: torch.Tensor, positions: torch.Tensor,
 
 
 def _head_major(t: torch.Tensor) -> torch.Tensor:
-    from hpcattn.kernels import head_major
     return head_major(t)
 
 

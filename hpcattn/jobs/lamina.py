@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hpcattn import comm as comm_mod
+from hpcattn import graph
 from hpcattn.config import resolve_device
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError
@@ -217,10 +218,8 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
     nbytes = np.asarray([pr["bytes"] for pr in per_rank], dtype=np.int64)   # (ranks, phases)
     B, steps = c.shape.batch, c.generate.new_tokens - 1
     step_max = step.max(axis=2) if steps else np.zeros((step.shape[0], 0))
-    from hpcattn.graph import blocker, decide
-
-    why = decide(c.run.cuda_graphs, blocker(device=per_rank[0]["device"].split(":")[0], method="lamina",
-                                            backend="", world_size=len(per_rank)))[1]
+    why = graph.decide(c.run.cuda_graphs, graph.blocker(device=per_rank[0]["device"].split(":")[0], method="lamina",
+                                                        backend="", world_size=len(per_rank)))[1]
     attrs = {"cuda_graphs": "eager", "cuda_graphs_reason": why,
              "lamina_model_ranks": lay.model_ranks, "lamina_attention_ranks": lay.attention_ranks,
              "lamina_microbatches": lay.microbatches, "lamina_roles": roles,

@@ -16,10 +16,14 @@ from __future__ import annotations
 import torch
 
 from hpcattn.dtypes import DTYPES
-from hpcattn.jobs.check import count_nonfinite, max_err, reference_state
+from hpcattn.jobs.check import count_nonfinite, max_err, reference_state, reference_state_bytes
 from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
+from hpcattn.jobs.params import apb_params
 from hpcattn.methods import local_attention, ring_prefill
+from hpcattn.methods.apb import RetainingHeads, apb_prefill, score_query_aware, score_random
 from hpcattn.methods.sharding import gather_in_order, layout_indices
+from hpcattn.methods.star import star_blocks, star_phase1, star_query
+from hpcattn.methods.torch_cp import TorchContextParallel
 
 APPROX = ("star", "apb")
 
@@ -75,24 +79,17 @@ class PrefillJob:
             return lambda tm: ring_prefill(self.q, self.k, self.v, self.ctx, kernel=kern, scale=sc,
                                            causal=self.causal, layout=self.layout, tm=tm)
         if case.method == "torch_cp":
-            from hpcattn.methods.torch_cp import TorchContextParallel
-
             t = case.cfg.torch_cp
             self.peer = None                      # free the previous case's shards first
             self.peer = TorchContextParallel(*self.full, self.ctx, scale=sc, causal=self.causal,
                                              sdpa=t.sdpa, native_gqa=t.native_gqa)
             return lambda tm: (self.peer(tm), None)
         if case.method == "star":
-            from hpcattn.methods.star import star_phase1
-
             q, k, v = self.full
             blocks = self.star_blocks(case)
             anchor = star_anchor(case.cfg, self.p)
             return lambda tm: star_phase1(q, k, v, blocks=blocks, anchor=anchor, kernel=kern, scale=sc, tm=tm)
         if case.method == "apb":
-            from hpcattn.jobs.params import apb_params
-            from hpcattn.methods.apb import apb_prefill
-
             q, k, v = self.full
             prm = apb_params(case.cfg, self.p)
             comp = self.compressor(case)
@@ -106,14 +103,10 @@ class PrefillJob:
         raise ValueError(case.method)
 
     def star_blocks(self, case):
-        from hpcattn.methods.star import star_blocks
-
         return star_blocks(self.n, case.cfg.star.block or self.n // self.p, self.p)[self.r]
 
     def compressor(self, case):
         """compressor(q_loc, k_loc, v_loc, rank) -> scores (B, S, Hkv) for APB."""
-        from hpcattn.methods.apb import RetainingHeads, score_query_aware, score_random
-
         a, s = case.cfg.apb, case.cfg.shape
         if a.compressor == "query_aware":
             qq = self.query[0]
@@ -188,8 +181,6 @@ class PrefillJob:
     def approx_extras(self, case, result, ref) -> dict:
         """Star/APB (collective): the query pass (Star phase 2, exact) against the reference, and
         APB's needle recall. Rank 0 gets the dict; other ranks {}."""
-        from hpcattn.methods.star import star_blocks, star_query
-
         if case.method not in APPROX:
             return {}
         q, k, v = self.full
@@ -207,8 +198,6 @@ class PrefillJob:
                             is_last=self.r == last, quirk=case.cfg.star.compat_remote_causal_quirk)
         recall = None
         if case.method == "apb" and len(self.needles) and getattr(self, "last_idx", None) is not None:
-            from hpcattn.jobs.params import apb_params
-
             la = apb_params(case.cfg, self.p).la if self.r > 0 else 0
             lb = self.n // self.p
             glob = self.r * lb + (self.last_idx.cpu() - la)                      # (B, lp, Hkv) global rows
@@ -263,8 +252,6 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
     ``run.check`` the float64 reference's working set on ``run.check_rows`` rows and the
     same-dtype baseline's whole output, with ``run.save_outputs`` the gathered out/lse (float32;
     the larger of those two, they never coexist)."""
-    from hpcattn.jobs.check import reference_state_bytes
-
     s = cfg.shape
     e = torch.empty(0, dtype=DTYPES[s.dtype]).element_size()
     qkv = lambda n: s.batch * n * (s.heads_q + 2 * s.heads_kv) * s.head_dim * e  # noqa: E731
@@ -289,7 +276,6 @@ def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
     if method == "star":      # the whole context is held (inputs), anchor + block computed
         return qkv(s.context) + acc(2 * t) + ref, 0, ref
     if method == "apb":
-        from hpcattn.jobs.params import apb_params
         lp = apb_params(cfg, p).lp
         return qkv(s.context) + acc(2 * t) + ref, 2 * s.batch * lp * s.heads_kv * s.head_dim * e, ref
     raise ValueError(method)

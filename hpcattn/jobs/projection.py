@@ -17,12 +17,30 @@ The emulated outputs equal the distributed run's (tested), so the work measured 
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
 
+from hpcattn import config as config_mod
 from hpcattn.comm.base import Counters
 from hpcattn.comm.emulated import EmulatedComm
+from hpcattn.dtypes import DTYPES
+from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
+from hpcattn.jobs.params import apb_params
+from hpcattn.jobs.prefill import star_anchor
+from hpcattn.jobs.validate import validate
+from hpcattn.kernels import select_kernel
+from hpcattn.methods.apb import (RetainingHeads, apb_prefill, local_rows, pool_scores, score_query_aware, score_random,
+                                 select_passing)
+from hpcattn.methods.ring import fill_kv, kv_buffer, ring_prefill
+from hpcattn.methods.sharding import zigzag_indices
+from hpcattn.methods.star import star_blocks, star_phase1
+from hpcattn.results.hdf5 import PROJECTION_KIND
 from hpcattn.timing import timed_runs
 
 
@@ -42,9 +60,6 @@ class _Ctx:
 
 def ring_hosts(q, k, v, P: int, *, kernel, scale, device, repeats=3):
     """Per host (zigzag ring, causal): (out, lse, times). q, k, v: (B, n, H, d) full sequence."""
-    from hpcattn.methods.ring import fill_kv, kv_buffer, ring_prefill
-    from hpcattn.methods.sharding import zigzag_indices
-
     n = q.shape[1]
     idx = [zigzag_indices(n, P, r).to(q.device) for r in range(P)]
     blocks = []
@@ -64,8 +79,6 @@ def ring_hosts(q, k, v, P: int, *, kernel, scale, device, repeats=3):
 
 
 def star_hosts(q, k, v, P: int, *, block: int, anchor: int, kernel, scale, device, repeats=3):
-    from hpcattn.methods.star import star_blocks, star_phase1
-
     res = []
     for r, blocks in enumerate(star_blocks(q.shape[1], block, P)):
         (o, l), ts = timed_runs(lambda: star_phase1(q, k, v, blocks=blocks, anchor=anchor, kernel=kernel, scale=scale),
@@ -78,8 +91,6 @@ def star_hosts(q, k, v, P: int, *, block: int, anchor: int, kernel, scale, devic
 def apb_hosts(q, k, v, qq, kq, vq, P: int, prm, *, compressor, kernel, scale, device, repeats=3):
     """Two passes: every host's selection (to know what the all-gather delivers), then every host's
     whole APB prefill timed with the all-gather answered from pass 1."""
-    from hpcattn.methods.apb import apb_prefill, local_rows, pool_scores, select_passing
-
     lb = q.shape[1] // P
     sends = []
     for r in range(P):
@@ -117,17 +128,6 @@ PAPER = {"apb_vs_local": 9.2, "apb_vs_ring": 4.2, "apb_vs_star": 1.6}   # APB ab
 def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str | None, log=print) -> list[dict]:
     """``hpcattn project``: every sweep point of a prefill config, each method's P-host work run on
     this one device; returns the rows (and writes an HDF5 record when ``output`` is set)."""
-    import numpy as np
-
-    from hpcattn import config as config_mod
-    from hpcattn.dtypes import DTYPES
-    from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
-    from hpcattn.jobs.params import apb_params
-    from hpcattn.jobs.prefill import star_anchor
-    from hpcattn.jobs.validate import validate
-    from hpcattn.kernels import select_kernel
-    from hpcattn.methods.apb import RetainingHeads, score_query_aware, score_random
-
     bw, lat = bw_gbps * 1e9, lat_us * 1e-6
     device = torch.device(config_mod.resolve_device(cfg, torch.cuda.is_available()))
     rows = []
@@ -199,14 +199,6 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
             log(f"N={r['context']}: APB projected " + ", ".join(
                 f"{r[k]:.2f}x vs {k[7:]} (paper {PAPER[k]}x at 8 hosts)" for k in PAPER if k in r))
     if output:
-        import json
-        import os
-        from pathlib import Path
-
-        import h5py
-
-        from hpcattn.results.hdf5 import PROJECTION_KIND
-
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{output}.tmp"                     # written whole, then renamed: never half a file
         with h5py.File(tmp, "w") as f:

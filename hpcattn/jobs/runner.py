@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -18,11 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import hpcattn
 from hpcattn import watchdog
 from hpcattn.config import Config
 from hpcattn.config import expand_cases as expand_points
+from hpcattn.errors import ConfigError
 from hpcattn.jobs import decode, generate, lamina, prefill
+from hpcattn.jobs.check import verdict
 from hpcattn.jobs.measure import peak_memory, summarize, time_case
+from hpcattn.jobs.params import apb_params
+from hpcattn.jobs.prefill import star_anchor
 from hpcattn.timing import PHASES
 
 
@@ -57,7 +64,6 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
         if cfg.generate.prefill == "star":
             parts.append(f"block{cfg.star.block or 'auto'}-anchor{cfg.star.anchor or 'block'}")
         if cfg.generate.prefill == "apb":
-            from hpcattn.jobs.params import apb_params
             prm = apb_params(cfg, p, cfg.shape.context - cfg.generate.query_len)
             parts.append(f"la{prm.la}-lp{prm.lp}-{cfg.apb.compressor}")
         if cfg.generate.decode == "tree" and p > 1:
@@ -69,11 +75,9 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
         fused = cfg.tree.fused_merge and cfg.tree.reduction == "allgather" and cfg.tree.topology == "flat"
         return f"{cfg.tree.reduction}/{cfg.tree.topology}" + ("/fused" if fused else "")   # same variant = one case
     if cfg.job == "prefill" and method == "star":
-        from hpcattn.jobs.prefill import star_anchor
         return f"block{cfg.star.block or cfg.shape.context // p}/anchor{star_anchor(cfg, p)}" + \
             ("/quirk" if cfg.star.compat_remote_causal_quirk else "")
     if cfg.job == "prefill" and method == "apb":
-        from hpcattn.jobs.params import apb_params
         prm = apb_params(cfg, p)
         flags = "" if cfg.apb.query_in_anchor or not prm.la else "/noquery"
         return f"la{prm.la}/lp{prm.lp}/{cfg.apb.compressor}{flags}"
@@ -137,8 +141,6 @@ def check_memory(cases: list[Case], p: int, device: torch.device, ranks_on_host:
     GPU), or its share of the host's available RAM (``ranks_on_host`` ranks share it; a cgroup
     limit, e.g. Slurm's --mem, counts). Cases with ``run.memory_check`` false, or a host whose
     available memory is unknown, are not checked."""
-    from hpcattn.errors import ConfigError
-
     have, what = available_memory(device, ranks_on_host, ranks_on_device)
     if have is None:
         return
@@ -298,7 +300,6 @@ def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=
     if extras:                 # approximate methods: the check is on the exact query pass
         attrs |= extras
     if errs:
-        from hpcattn.jobs.check import verdict
         attrs |= verdict(attrs)                     # check_passed, check_reason
     datasets = {"time_s": (times, {"units": "s", "warmup_excluded": case.cfg.run.warmup}),
                 "phase_s": (phases, {"units": "s", "phases": list(PHASES)}),
@@ -313,13 +314,9 @@ def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=
 
 def run_metadata(cfg: Config, ctx, kernel_name: str) -> dict:
     """Root attributes of the record: versions, launcher view, transport."""
-    import subprocess
-
     import h5py
     import mpi4py
     from mpi4py import MPI
-
-    import hpcattn
 
     def git(*args):
         try:
@@ -356,8 +353,6 @@ def run_metadata(cfg: Config, ctx, kernel_name: str) -> dict:
 
 def host_info(ctx) -> dict:
     """This rank's row of /meta/hosts (gathered to rank 0)."""
-    import socket
-
     gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else ""
     env_rank = next((os.environ[v] for v in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
                      if v in os.environ), "")

@@ -74,6 +74,7 @@ import math
 import os
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -529,7 +530,6 @@ def interpreter_shim() -> None:
     if _SHIM_DONE:
         return
     _SHIM_DONE = True
-    import numpy as np
     try:
         int(np.zeros(1, dtype=np.int32))
         return                                        # numpy < 2.4: nothing to fix

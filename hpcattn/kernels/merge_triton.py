@@ -12,6 +12,8 @@ caller's dtype.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -65,5 +67,4 @@ def merge_gathered(buf: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Ten
 
 def available(t: torch.Tensor) -> bool:
     """True where the fused kernel can run: CUDA tensors (or Triton's CPU interpreter)."""
-    import os
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

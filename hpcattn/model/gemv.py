@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hpcattn.kernels.lean import interpreter_shim
+
 MAX_ROWS = 16           # token rows per call (one tl.dot tile); larger batches use cuBLAS
 PROLOGUES = ("none", "rmsnorm", "silu_mul")
 
@@ -149,7 +151,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if residual is not None and (residual.shape != (M, N) or not residual.is_contiguous()):
         raise ValueError(f"gemv: residual {tuple(residual.shape)} is not a contiguous ({M}, {N})")
     if x.device.type != "cuda":
-        from hpcattn.kernels.lean import interpreter_shim
         interpreter_shim()                             # Triton's CPU interpreter (tests)
     y = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     c = dict(config(M, N, K), **(cfg or {}))

@@ -28,6 +28,7 @@ import torch
 
 from hpcattn.kernels import Kernel
 from hpcattn.model.kv_cache import ShardedKVCache
+from hpcattn.model.lamina import fold_new_token
 
 
 def exchange_buffers(n_layers: int, B: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype,
@@ -100,8 +101,6 @@ class AttentionRole:
 
     def layer(self, i: int) -> None:
         """Attend q[i] to the prefix, fold in the new token kv[i], write o[i], append kv[i]."""
-        from hpcattn.model.lamina import fold_new_token
-
         kc, vc = self.cache.view(i, self.cache.capacity)         # klen says what is valid
         o, lse = self.kernel(self.q[i], kc, vc, scale=self.scale, k_lengths=self.klen)
         self.o[i].copy_(fold_new_token(self.q[i], self.kv[i].transpose(2, 3), o, lse, self.scale, self.G))

@@ -35,8 +35,11 @@ CPU runs stay eager, and :meth:`ModelRunner.graph_attrs` says which mode ran and
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from hpcattn import graph
 from hpcattn.kernels import Kernel
 from hpcattn.methods import ring_decode, ring_prefill, tree_decode
 from hpcattn.methods.sharding import contiguous_bounds, gather_in_order, layout_indices
@@ -223,8 +226,6 @@ class ModelRunner:
 
     # -- CUDA-graph decode ------------------------------------------------------------------------
     def _graph_decision(self) -> tuple[bool, str]:
-        from hpcattn import graph
-
         dev = self.model.tok_embeddings.weight.device
         ctx = self.ctx
         reason = graph.blocker(device=dev.type, method="local" if self.p == 1 else self.decode_method,
@@ -281,7 +282,6 @@ class ModelRunner:
 
     def _static_step(self, B: int, local: bool, mine: bool) -> dict:
         """Capture (or fetch from ``graph_cache``) the decode step over this runner's cache."""
-        from hpcattn.graph import StepGraph
         from hpcattn.model.fused_decode import decode_forward
 
         key = ("step", B, id(self.cache), local, mine, self.decode_method, self.reduction, self.topology,
@@ -318,7 +318,7 @@ class ModelRunner:
             return logits
 
         saved = {k: st[k].clone() for k in ("pos", "at", "klen")}
-        st["graph"] = StepGraph(step, warmup=1, counters=self.ctx.counters if self.ctx is not None else None)
+        st["graph"] = graph.StepGraph(step, warmup=1, counters=self.ctx.counters if self.ctx is not None else None)
         for k, v in saved.items():                       # undo the warm-up's advance
             st[k].copy_(v)
         self.graph_cache[key] = st
@@ -337,8 +337,6 @@ class ModelRunner:
         float32: the logits each generated token was chosen from).
 
         ``timer(phase)`` (optional) is a context manager wrapping ``prefill`` and each ``decode``."""
-        import contextlib
-
         timer = timer or (lambda name: contextlib.nullcontext())
         with timer("prefill"):
             logits = self.prefill(tokens, new_tokens)

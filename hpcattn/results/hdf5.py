@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -214,9 +216,6 @@ def _os_reason(e: OSError) -> str:
 
 def take_lock(tmp: Path) -> Path:
     """Create ``NAME.tmp.lock`` exclusively, or raise InputError naming its owner."""
-    import socket
-    import time
-
     lock = lock_path(tmp)
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -241,8 +240,6 @@ def _lock_owner(lock: Path) -> dict:
 
 def _owner_state(info: dict) -> str:
     """"alive", "dead" or "unknown" (another host, or an unreadable lock)."""
-    import socket
-
     if not info or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
         return "unknown"
     try:
@@ -262,8 +259,6 @@ def _owner_state(info: dict) -> str:
 def _leftover_message(tmp: Path, owner: dict | None) -> str:
     """Why a run cannot write ``NAME``: a live writer, a dead one's unfinished record, or one
     whose state cannot be told. ``owner``: the lock's content (None: no lock, only ``NAME.tmp``)."""
-    import socket
-
     name = tmp.with_suffix("")
     lock = lock_path(tmp)
     who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started_utc')}" if owner else ""
