@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcattn import cli, watchdog
+from hpcattn import cli, collective, watchdog
 from hpcattn.results.hdf5 import RecordWriter, lock_path, read_cases, recover
 from tests.mpirun import ROOT, mpiexec, run_ranks
 
@@ -193,11 +193,11 @@ class _FakeWorld:
 
 
 def test_collective_check_turns_any_exception_into_one_message():
-    with pytest.raises(cli._Collective, match=r"kernel self-tests: unexpected ZeroDivisionError"):
-        cli._collective_check(_FakeWorld([None]), lambda: 1 / 0, "kernel self-tests")
-    with pytest.raises(cli._Collective, match="rank 1 says no"):        # another rank's error, here too
-        cli._collective_check(_FakeWorld(["rank 1 says no"]), lambda: 7)
-    assert cli._collective_check(_FakeWorld([None]), lambda: 7) == 7
+    with pytest.raises(collective.Collective, match=r"kernel self-tests: unexpected ZeroDivisionError"):
+        collective.collective_check(_FakeWorld([None]), lambda: 1 / 0, "kernel self-tests")
+    with pytest.raises(collective.Collective, match="rank 1 says no"):        # another rank's error, here too
+        collective.collective_check(_FakeWorld(["rank 1 says no"]), lambda: 7)
+    assert collective.collective_check(_FakeWorld([None]), lambda: 7) == 7
 
 
 def test_case_too_big_for_memory_is_refused_before_allocating(tmp_path, capfd, monkeypatch):
