@@ -177,3 +177,29 @@ def test_project_cli_generate(tmp_path):
     for r in rows:
         assert r["prefill_s"] > 0 and r["tok_s"] > 0 and r["hosts"] == (1 if r["method"] == "local" else 3)
         assert r["apb_speedup"] > 0 and set(r["block_ms"]) == set(PARTS)
+
+
+@pytest.mark.mpi
+def test_attention_level_says_what_it_times(tmp_path, capsys):
+    """job: prefill with star/apb records and reports that it times the block rows only; the
+    attention-level projection says its level."""
+    import h5py
+
+    from hpcattn.cli import main
+    from hpcattn.results.report import format_table, rows_from_files
+
+    small = ["--set", "shape.heads_q=4", "--set", "shape.heads_kv=2", "--set", "shape.head_dim=16",
+             "--set", "context=256", "--set", "shape.query_len=8", "--set", "shape.dtype=float32",
+             "--set", "run.repeats=1", "--set", "run.warmup=0", "--set", "inputs.needles=0"]
+    rec = tmp_path / "a.h5"
+    r = run_ranks(2, ["-m", "hpcattn", "run", "configs/prefill_apb.yaml", *small, "-o", str(rec)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = rows_from_files([str(rec)])
+    work = {r["method"]: r["timed_work"] for r in rows}
+    assert work["local"] == work["ring"] == "" and "anchor rows" in work["star"] and "anchor rows" in work["apb"]
+    assert "note: apb, star prefill times are attention level" in format_table(rows)
+    proj = tmp_path / "p.h5"
+    assert main(["project", "configs/prefill_apb.yaml", *small, "--hosts", "2", "-o", str(proj)]) == 0
+    assert "attention-level projection" in capsys.readouterr().out
+    with h5py.File(proj) as f:
+        assert f.attrs["level"] == "attention"

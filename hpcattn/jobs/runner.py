@@ -304,6 +304,9 @@ def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=
              "repeats": case.cfg.run.repeats, "sweep_point": case.point, "group": case.group,
              "bytes_per_step": int(bytes_.sum(axis=1).max()), "peak_mem_bytes": int(mem.max())}
     attrs |= summarize(times, phases)
+    if case.cfg.job == "prefill":
+        from hpcattn.jobs.prefill import timed_work
+        attrs["timed_work"] = timed_work(case.method)
     errs = [e for e in err_all if e is not None]
     if errs:
         attrs |= {k: max(x[k] for x in errs) for k in errs[0]}
