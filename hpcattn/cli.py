@@ -66,13 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cc.add_argument("--gpu-aware-mpi", default="auto", choices=("auto", "true", "false"))
     cc.add_argument("--repeats", type=int, default=50)
-    pj = sub.add_parser("project", help="project a P-host ring/Star/APB prefill from one device "
-                                        "(runs every host's work here; one process)")
-    pj.add_argument("config", help="prefill job config")
+    pj = sub.add_parser("project", help="project a P-host ring/Star/APB run from one device (runs every "
+                                        "host's work here; one process): a generate config projects the "
+                                        "whole model (prefill, query pass, decode), a prefill config the "
+                                        "attention level")
+    pj.add_argument("config", help="generate job config (model level) or prefill job config (attention level)")
     pj.add_argument("--hosts", type=int, default=8)
     pj.add_argument("--link-gbps", type=float, default=150.0,
                     help="link bandwidth for the comm model, GB/s (measure with check-comm)")
     pj.add_argument("--latency-us", type=float, default=30.0, help="per-collective latency for the comm model")
+    pj.add_argument("--more-link-gbps", type=float, action="append", default=[], metavar="GBPS",
+                    help="generate configs: also project the same measurements over this link (repeatable)")
     pj.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pj.add_argument("-o", "--output", help="write the projection to this HDF5 file")
     lamina_cost.add_parser(sub)
@@ -109,11 +113,19 @@ def _check_comm(args) -> int:
 
 @command("project")
 def _project(args) -> int:
+    from hpcattn.jobs.model_projection import run_model_projection
     from hpcattn.jobs.projection import run_projection
     cfg = config.load(args.config, args.set)
-    if cfg.job != "prefill":
-        raise HpcattnError(f"{args.config}: hpcattn project needs a prefill job config")
-    run_projection(cfg, args.hosts, args.link_gbps, args.latency_us, args.output)
+    if cfg.job not in ("prefill", "generate"):
+        raise HpcattnError(f"{args.config}: hpcattn project needs a generate job config (model level) "
+                           f"or a prefill job config (attention level), got job: {cfg.job}")
+    if cfg.job == "generate":
+        run_model_projection(cfg, args.hosts, args.link_gbps, args.latency_us, args.output,
+                             more_links=tuple(args.more_link_gbps))
+    elif args.more_link_gbps:
+        raise HpcattnError("--more-link-gbps: only for generate configs (model-level projection)")
+    else:
+        run_projection(cfg, args.hosts, args.link_gbps, args.latency_us, args.output)
     return 0
 
 

@@ -77,3 +77,52 @@ def timed_runs(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple
         sync()
         ts.append(time.perf_counter() - t0)
     return out, ts
+
+
+class SegmentClock:
+    """Splits a span of work into labelled segments that tile it: :meth:`switch` ends the running
+    segment and starts one with a new label; ``with clock(label):`` runs a nested segment and then
+    resumes the enclosing label. CUDA events on GPUs (recorded only; :meth:`collect` synchronises
+    once), ``perf_counter`` on CPU. The segments' seconds sum to the span's, by construction.
+
+    Used by the model-level projection to split a host's prefill into the APB paper's per-block
+    parts (qkv, scoring, attention, o_proj, ffn, others) through hooks on the model.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.label: str | None = None
+        self._marks: list[tuple[str | None, object]] = []
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def switch(self, label: str | None) -> None:
+        """End the running segment; the next one carries ``label`` (None: stop timing)."""
+        self._marks.append((self.label, self._now()))
+        self.label = label
+
+    @contextlib.contextmanager
+    def __call__(self, label: str):
+        outer = self.label
+        self.switch(label)
+        try:
+            yield
+        finally:
+            self.switch(outer)
+
+    def collect(self) -> dict[str, float]:
+        """Seconds per label since the clock started (or the last collect); resets the clock."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = defaultdict(float)
+        for (_, a), (label, b) in zip(self._marks, self._marks[1:]):
+            if label is not None:
+                out[label] += (a.elapsed_time(b) / 1e3) if self.cuda else (b - a)
+        self._marks.clear()
+        self.label = None
+        return dict(out)

@@ -240,6 +240,22 @@ class PrefillJob:
         return res
 
 
+TIMED_WORK = {
+    "star": "attention level: the block rows over [anchor | block] only; in a model the anchor rows' own causal "
+            "attention and the anchor tokens' projections and MLP are also computed (hpcattn project of a "
+            "generate config charges them)",
+    "apb": "attention level: the block rows (passing | anchor | block) and the scoring/selection only; in a model "
+           "the anchor rows' own causal attention and the anchor tokens' projections and MLP are also computed "
+           "(hpcattn project of a generate config charges them)",
+}
+
+
+def timed_work(method: str) -> str:
+    """What a prefill case's time covers (record attribute ``timed_work``): "" for the exact methods
+    (all rows), a plain statement of the rows left out for the approximate ones."""
+    return TIMED_WORK.get(method, "")
+
+
 def star_anchor(cfg, p: int) -> int:
     block = cfg.star.block or cfg.shape.context // p
     return cfg.star.anchor if cfg.star.anchor is not None else block

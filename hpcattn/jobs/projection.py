@@ -188,6 +188,8 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
             for other in ("local", "ring", "star"):
                 if other in by:
                     rows[-len(results) + list(results).index("apb")][f"apb_vs_{other}"] = by[other] / by["apb"]
+    log("attention-level projection (one layer's attention; star/apb: block rows only, the anchor rows' own "
+        "attention and every projection/MLP are not charged; for the model level give a generate config)")
     log(f"{'method':6} {'variant':16} {'hosts':>5} {'N':>8} {'max host ms':>12} {'comm ms':>9} "
         f"{'projected ms':>13} {'vs local':>9}")
     for r in rows:
@@ -203,6 +205,7 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
         tmp = f"{output}.tmp"                     # written whole, then renamed: never half a file
         with h5py.File(tmp, "w") as f:
             f.attrs["kind"] = PROJECTION_KIND      # how hpcattn report tells it from a run record
+            f.attrs["level"] = "attention"
             f.attrs["hosts"] = hosts
             f.attrs["link_gbps"] = bw_gbps
             f.attrs["latency_us"] = lat_us

@@ -29,7 +29,7 @@ from hpcattn.jobs import decode, generate, lamina, prefill
 from hpcattn.jobs.check import verdict
 from hpcattn.jobs.measure import peak_memory, summarize, time_case
 from hpcattn.jobs.params import apb_params
-from hpcattn.jobs.prefill import star_anchor
+from hpcattn.jobs.prefill import star_anchor, timed_work
 from hpcattn.timing import PHASES
 
 
@@ -294,6 +294,8 @@ def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=
              "repeats": case.cfg.run.repeats, "sweep_point": case.point, "group": case.group,
              "bytes_per_step": int(bytes_.sum(axis=1).max()), "peak_mem_bytes": int(mem.max())}
     attrs |= summarize(times, phases)
+    if case.cfg.job == "prefill":
+        attrs["timed_work"] = timed_work(case.method)
     errs = [e for e in err_all if e is not None]
     if errs:
         attrs |= {k: max(x[k] for x in errs) for k in errs[0]}

@@ -95,17 +95,23 @@ def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> i
         run.cache.write(layer, k[:, la:], v[:, la:], 0)
         pk = pv = k[:, :0]
         if prm.lp and p > 1:
+            tm = run.phase_timer
             if run.compressor == "query_aware":
                 qq = qp[:, qrow].contiguous() if r == 1 else \
                     torch.empty(B, ql, a.n_heads, a.head_dim, dtype=qp.dtype, device=dev)
-                run.ctx.world.broadcast(qq, root=1)                 # rank 1's anchor holds the query
-                score = score_query_aware(kp, qq)
-            elif run.compressor == "random":
-                score = score_random(kp.shape[:3], run.apb_seed, r, dev, layer)
-            else:
-                score = run.compressor.score(layer, qp, kp, vp)      # RetainingHeads
-            send, _ = select_passing(pool_scores(score, prm.pool), k, v, prm.lp, prm.la)
-            pk, pv = passing_from(run.ctx.world.allgather(send), r)  # all-gather (p, B, lp, Hkv, 2d)
+                with tm("comm"):
+                    run.ctx.world.broadcast(qq, root=1)             # rank 1's anchor holds the query
+            with tm("scoring"):
+                if run.compressor == "query_aware":
+                    score = score_query_aware(kp, qq)
+                elif run.compressor == "random":
+                    score = score_random(kp.shape[:3], run.apb_seed, r, dev, layer)
+                else:
+                    score = run.compressor.score(layer, qp, kp, vp)  # RetainingHeads
+                send, _ = select_passing(pool_scores(score, prm.pool), k, v, prm.lp, prm.la)
+            with tm("comm"):
+                recv = run.ctx.world.allgather(send)                 # all-gather (p, B, lp, Hkv, 2d)
+            pk, pv = passing_from(recv, r)
         if r == 0:
             return run.kernel(q, k, v, scale=run.scale, causal="square")[0]
         out_b, _ = apb_attention(q, k, v, pk, pv, la, kernel=run.kernel, scale=run.scale)

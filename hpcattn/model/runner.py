@@ -46,6 +46,7 @@ from hpcattn.methods.sharding import contiguous_bounds, gather_in_order, layout_
 from hpcattn.model.approx_prefill import approx_prefill
 from hpcattn.model.kv_cache import ShardedKVCache
 from hpcattn.model.llama import Transformer
+from hpcattn.timing import NullTimer
 
 
 class ModelRunner:
@@ -92,6 +93,9 @@ class ModelRunner:
         self.graph_cache = graph_cache if graph_cache is not None else {}
         self._graph_on, self._graph_why = self._graph_decision()
         self._static = None               # the captured decode step of this runner (graph mode)
+        # ``with phase_timer(label):`` around the approximate prefills' scoring and exchange (the
+        # model-level projection's per-block breakdown sets a SegmentClock here)
+        self.phase_timer = NullTimer()
 
     # -- prefill -------------------------------------------------------------------------------
     def _prefill_index(self, n: int) -> tuple[torch.Tensor, slice]:

@@ -121,6 +121,11 @@ def format_table(rows: list[dict]) -> str:
         lines.append("  ".join((c.rjust(w) if i > 3 else c.ljust(w))
                                for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS))))
     lines += [_lamina_line(r) for r in rows if r.get("lamina_model_ranks") is not None]
+    partial = sorted({r["method"] for r in rows if r.get("timed_work")})
+    if partial:
+        lines.append(f"note: {', '.join(partial)} prefill times are attention level: block rows only (the anchor "
+                     f"rows a model also computes are not charged; record attribute timed_work); "
+                     f"model level: hpcattn project CONFIG with job: generate")
     return "\n".join(lines)
 
 
