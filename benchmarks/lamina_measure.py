@@ -8,7 +8,7 @@ Every timing is taken twice (random weights; median of --reps after a warm-up, d
 * **eager**: the ops as hpcattn's Lamina path runs them today (:mod:`hpcattn.model.lamina`, one
   host launch per op; on a GPU these times are host-launch bound);
 * **graph**: the same role's work between two exchanges captured in one CUDA graph and replayed
-  (:mod:`hpcattn.model.lamina_steps`: the fused decode forward of :mod:`hpcattn.model.fused_decode`,
+  (:mod:`hpcattn.model.lamina.steps`: the fused decode forward of :mod:`hpcattn.model.fused_decode`,
   Lean with device lengths): what a graph-captured Lamina would get. CUDA only; on CPU (--smoke)
   skipped with a note.
 

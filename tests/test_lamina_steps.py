@@ -1,4 +1,4 @@
-"""The per-role Lamina step callables (hpcattn.model.lamina_steps, the graph variant of
+"""The per-role Lamina step callables (hpcattn.model.lamina.steps, the graph variant of
 benchmarks/lamina_measure.py) run eagerly on CPU through Triton's CPU interpreter: the model role
 and the attention role, interleaved on shared exchange buffers, reproduce the colocated runner's
 decode logits and tokens; the model role alone, fed the attention role's outputs, recomputes the
@@ -35,7 +35,7 @@ def _setup(B=2, N=13, new=4):
 def test_split_roles_equal_the_colocated_decode(products):
     """Both product paths of the fused forward (cuBLAS-style F.linear / addmm, and the Triton
     gemv with RMSNorm / SiLU prologues and the residual epilogue) reproduce the plain model."""
-    from hpcattn.model.lamina_steps import AttentionRole, ModelRole, split_step
+    from hpcattn.model.lamina import AttentionRole, ModelRole, split_step
 
     model, lean, runner, tokens, ref_toks, ref_logits = _setup()
     B, N = tokens.shape
@@ -67,7 +67,7 @@ def test_attention_role_alone_is_the_attention_of_the_prefix_and_new_token():
     """The attention role's step (what the benchmark captures for ATIME): o = attention of q over
     the prefix plus the new token (float64 reference), k, v appended at slot ``at``."""
     from hpcattn.kernels import Kernel, attn_reference
-    from hpcattn.model.lamina_steps import AttentionRole
+    from hpcattn.model.lamina import AttentionRole
     from hpcattn.model.kv_cache import ShardedKVCache
 
     g = torch.Generator().manual_seed(2)

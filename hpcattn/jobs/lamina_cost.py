@@ -38,7 +38,7 @@ kv_seq), tp floor((D * mem - W) / kv_seq).
 The measurement functions below time one device two ways: eager (:func:`measure_mtime`,
 :func:`measure_atime`: the ops as hpcattn's Lamina path runs them, one host launch each) and with
 each role's step captured in a CUDA graph (:func:`measure_mtime_graph`, :func:`measure_atime_graph`,
-over :mod:`hpcattn.model.lamina_steps`; CUDA only); :func:`measure_colocated` times the model
+over :mod:`hpcattn.model.lamina.steps`; CUDA only); :func:`measure_colocated` times the model
 runner's colocated step either way, for the comparison measured the same way.
 
 What it leaves out: activation memory, TP communication volume, kernel-launch and scheduling
@@ -347,14 +347,14 @@ def graph_blocker(device, dtype, head_dim: int) -> str | None:
 def measure_mtime_graph(model, B: int, repeats: int = 5, n_layers: int | None = None,
                         stat: str = "median") -> float:
     """MTIME(B) with the model rank's step captured in one CUDA graph (CUDA only): seconds of one
-    replay of :meth:`hpcattn.model.lamina_steps.ModelRole.step` - embedding, every layer's fused
+    replay of :meth:`hpcattn.model.lamina.steps.ModelRole.step` - embedding, every layer's fused
     pre-attention (norm, q/k/v, RoPE, into send buffers) and post-attention (o proj + residual,
     norm, FFN, from the receive buffer), final norm, head, argmax; no attention. Layers beyond the
     model's are scaled as in :func:`measure_mtime` (the head timed alone, also captured)."""
     import torch
 
     from hpcattn.graph import StepGraph
-    from hpcattn.model.lamina_steps import ModelRole
+    from hpcattn.model.lamina import ModelRole
 
     a = model.args
     dev = model.tok_embeddings.weight.device
@@ -375,13 +375,13 @@ def measure_atime_graph(kernel, B: int, l: int, n_heads: int, n_kv_heads: int, h
     """ATIME(B, l) with the attention rank's step captured in one CUDA graph (CUDA only;
     ``kernel``: Lean, device lengths): per layer the kernel over an l-token head-major cache, the
     new token's LSE fold and the append of its k, v
-    (:meth:`hpcattn.model.lamina_steps.AttentionRole.step`). As many layers as make ``min_bytes``
+    (:meth:`hpcattn.model.lamina.steps.AttentionRole.step`). As many layers as make ``min_bytes``
     of KV (at most ``n_layers``; a repeated small cache would be read from L2) are captured and
     the replay scaled to ``n_layers``."""
     import torch
 
     from hpcattn.graph import StepGraph
-    from hpcattn.model.lamina_steps import AttentionRole
+    from hpcattn.model.lamina import AttentionRole
     from hpcattn.model.kv_cache import ShardedKVCache
 
     per_layer = 2 * B * l * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()

@@ -87,7 +87,7 @@ if ctx.rank == 0:
 # -- paced: sleeps proportional to the micro-batch ----------------------------------------------------
 import time  # noqa: E402
 
-import hpcattn.model.lamina as lamina_mod  # noqa: E402
+import hpcattn.model.lamina.decoder as lamina_mod  # noqa: E402
 
 ALPHA, BETA = 8e-3, 4e-3
 real_finish, real_fold = lamina_mod.finish_layer, lamina_mod.fold_new_token

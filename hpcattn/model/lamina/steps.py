@@ -28,7 +28,7 @@ import torch
 
 from hpcattn.kernels import Kernel
 from hpcattn.model.kv_cache import ShardedKVCache
-from hpcattn.model.lamina import fold_new_token
+from hpcattn.model.lamina.decoder import fold_new_token
 
 
 def exchange_buffers(n_layers: int, B: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype,

@@ -47,7 +47,7 @@ their first attention of layer l needs them (decode step 0).
 **Eager**: every op of a slice or an attention item is its own host launch (no CUDA graph, no
 fused forward; ``run.cuda_graphs: true`` is a config error for Lamina). What the two roles' work
 would take with their launches captured is measured by ``benchmarks/lamina_measure.py`` over
-:mod:`hpcattn.model.lamina_steps`.
+:mod:`hpcattn.model.lamina.steps`.
 
 Shapes (hpcattn convention): tokens (B, N) int64; q (B_j, 1, Hq, d), k, v (B_j, 1, Hkv, d);
 logits (B_j, vocab) float32.

@@ -1,0 +1,20 @@
+"""Lamina (arXiv 2405.01814, spec lamina.md): model-attention disaggregated greedy decoding, a plan
+applied to a finished model from outside (the model, :mod:`hpcattn.model.llama`, never imports it).
+
+The one door to the package:
+
+* :mod:`~hpcattn.model.lamina.decoder` - the roles (:class:`Layout`), the schedule and the
+  per-layer exchange of :class:`LaminaDecoder`, the per-slice ops (:func:`project_q`,
+  :func:`project_kv`, :func:`finish_layer`, :func:`fold_new_token`, :func:`append_new_token`) and the
+  one-process reference (:func:`reference_generate`);
+* :mod:`~hpcattn.model.lamina.steps` - each role's decode step as one static callable (the graph
+  variant the cost model measures: :class:`ModelRole`, :class:`AttentionRole`).
+
+The Lamina case of the generate job (config, record, estimate) is :mod:`hpcattn.jobs.lamina`; the
+cost model and the ``lamina-cost`` command :mod:`hpcattn.jobs.lamina_cost`. Reads no config.
+"""
+
+from hpcattn.model.lamina.decoder import (BYTE_PHASES, DECODE_PHASES, MODEL, LaminaDecoder, Layout,  # noqa: F401
+                                          RankResult, append_new_token, finish_layer, fold_new_token,
+                                          kept_indices, project_kv, project_q, reference_generate)
+from hpcattn.model.lamina.steps import AttentionRole, ModelRole, exchange_buffers, split_step  # noqa: F401
