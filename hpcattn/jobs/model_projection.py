@@ -56,7 +56,7 @@ from hpcattn.config import from_dict, to_dict
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError
 from hpcattn.jobs.generate import GenerateJob, model_args, resolve_shape
-from hpcattn.jobs.params import apb_params
+from hpcattn.jobs.params import apb_params, star_geometry
 from hpcattn.jobs.validate import validate
 from hpcattn.kernels import select_kernel
 from hpcattn.model.weights import random_model_on_device
@@ -395,7 +395,7 @@ def variants(c, P: int) -> list[tuple[str, str, object]]:
     if m == "ring":
         return [("ring", c.ring.layout, with_())]
     if m == "star":
-        block = c.star.block or ctx_len // P
+        block = star_geometry(c, P, ctx_len)[0]
         if c.star.anchor is not None:
             return [("star", f"anchor={c.star.anchor}", with_())]
         la = apb_params(c, P, ctx_len).la

@@ -7,6 +7,15 @@ from hpcattn.config import Config
 from hpcattn.methods.apb import APBParams, preset
 
 
+def star_geometry(cfg: Config, world_size: int, context: int | None = None) -> tuple[int, int]:
+    """(block, anchor) of Star: ``star.block`` (default ``context // world_size``) tokens per block,
+    the first ``star.anchor`` of them (default the whole block) as every host's anchor. ``context``
+    is the context length (default shape.context)."""
+    block = cfg.star.block or (context if context is not None else cfg.shape.context) // world_size
+    anchor = cfg.star.anchor if cfg.star.anchor is not None else block
+    return block, anchor
+
+
 def apb_params(cfg: Config, world_size: int, context: int | None = None):
     """APBParams of a concrete config (presets filled in, ablation switches applied); ``context``
     is the context length (default shape.context; the generate job passes prompt - query)."""

@@ -18,7 +18,7 @@ import torch
 from hpcattn.dtypes import DTYPES
 from hpcattn.jobs.check import count_nonfinite, max_err, reference_state, reference_state_bytes
 from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
-from hpcattn.jobs.params import apb_params
+from hpcattn.jobs.params import apb_params, star_geometry
 from hpcattn.methods import local_attention, ring_prefill
 from hpcattn.methods.apb import RetainingHeads, apb_prefill, score_query_aware, score_random
 from hpcattn.methods.sharding import gather_in_order, layout_indices
@@ -87,7 +87,7 @@ class PrefillJob:
         if case.method == "star":
             q, k, v = self.full
             blocks = self.star_blocks(case)
-            anchor = star_anchor(case.cfg, self.p)
+            anchor = star_geometry(case.cfg, self.p)[1]
             return lambda tm: star_phase1(q, k, v, blocks=blocks, anchor=anchor, kernel=kern, scale=sc, tm=tm)
         if case.method == "apb":
             q, k, v = self.full
@@ -103,7 +103,7 @@ class PrefillJob:
         raise ValueError(case.method)
 
     def star_blocks(self, case):
-        return star_blocks(self.n, case.cfg.star.block or self.n // self.p, self.p)[self.r]
+        return star_blocks(self.n, star_geometry(case.cfg, self.p)[0], self.p)[self.r]
 
     def compressor(self, case):
         """compressor(q_loc, k_loc, v_loc, rank) -> scores (B, S, Hkv) for APB."""
@@ -188,7 +188,7 @@ class PrefillJob:
         if case.method == "star":
             blocks = self.star_blocks(case)
             sel = torch.cat([torch.arange(a, b) for a, b in blocks] or [torch.zeros(0, dtype=torch.long)])
-            every = star_blocks(self.n, case.cfg.star.block or self.n // self.p, self.p)
+            every = star_blocks(self.n, star_geometry(case.cfg, self.p)[0], self.p)
             last = max(i for i in range(self.p) if every[i])        # the query host
         else:
             lb = self.n // self.p
@@ -254,11 +254,6 @@ def timed_work(method: str) -> str:
     """What a prefill case's time covers (record attribute ``timed_work``): "" for the exact methods
     (all rows), a plain statement of the rows left out for the approximate ones."""
     return TIMED_WORK.get(method, "")
-
-
-def star_anchor(cfg, p: int) -> int:
-    block = cfg.star.block or cfg.shape.context // p
-    return cfg.star.anchor if cfg.star.anchor is not None else block
 
 
 def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:

@@ -31,8 +31,7 @@ from hpcattn.comm.base import Counters
 from hpcattn.comm.emulated import EmulatedComm
 from hpcattn.dtypes import DTYPES
 from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
-from hpcattn.jobs.params import apb_params
-from hpcattn.jobs.prefill import star_anchor
+from hpcattn.jobs.params import apb_params, star_geometry
 from hpcattn.jobs.validate import validate
 from hpcattn.kernels import select_kernel
 from hpcattn.methods.apb import (RetainingHeads, apb_prefill, local_rows, pool_scores, score_query_aware, score_random,
@@ -155,8 +154,8 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
             comm = ring_exposed_comm(float(np.median(t.max(1))), hosts, block, bw, lat)
             results["ring"] = ("zigzag", t, comm)
         if "star" in c.methods:
-            blk = c.star.block or s.context // hosts
-            hs = star_hosts(q, k, v, hosts, block=blk, anchor=star_anchor(c, hosts), kernel=kernel, scale=scale,
+            blk, anchor = star_geometry(c, hosts)
+            hs = star_hosts(q, k, v, hosts, block=blk, anchor=anchor, kernel=kernel, scale=scale,
                             device=device, repeats=reps)
             results["star"] = (f"block{blk}", np.asarray([h[3] for h in hs]).T, 0.0)
         if "apb" in c.methods:

@@ -28,8 +28,8 @@ from hpcattn.errors import ConfigError
 from hpcattn.jobs import decode, generate, lamina, prefill
 from hpcattn.jobs.check import verdict
 from hpcattn.jobs.measure import peak_memory, summarize, time_case
-from hpcattn.jobs.params import apb_params
-from hpcattn.jobs.prefill import star_anchor, timed_work
+from hpcattn.jobs.params import apb_params, star_geometry
+from hpcattn.jobs.prefill import timed_work
 from hpcattn.timing import PHASES
 
 
@@ -75,7 +75,7 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
         fused = cfg.tree.fused_merge and cfg.tree.reduction == "allgather" and cfg.tree.topology == "flat"
         return f"{cfg.tree.reduction}/{cfg.tree.topology}" + ("/fused" if fused else "")   # same variant = one case
     if cfg.job == "prefill" and method == "star":
-        return f"block{cfg.star.block or cfg.shape.context // p}/anchor{star_anchor(cfg, p)}" + \
+        return "block{}/anchor{}".format(*star_geometry(cfg, p)) + \
             ("/quirk" if cfg.star.compat_remote_causal_quirk else "")
     if cfg.job == "prefill" and method == "apb":
         prm = apb_params(cfg, p)
