@@ -10,7 +10,7 @@ model runs the way a P-rank ``hpcattn run`` runs it - the same :class:`~hpcattn.
    tokens and logits are those of a real P-rank run (tested against ``mpiexec -n P``).
 2. **Timing**: each host alone (:class:`~hpcattn.comm.threaded.ReplayComm` answers its calls from
    its log; the ring's KV blocks come from the other hosts' caches of pass 1), device-synchronised
-   around the prefill and around each decode step. An instrumented run first splits the host's
+   around the prefill and around each decode step. After a warm-up run, an instrumented run splits the host's
    prefill into the APB paper's per-block parts (:class:`~hpcattn.timing.SegmentClock` through
    hooks on the model: ``qkv`` (RMSNorm, q/k/v products, RoPE), ``scoring`` (APB's compressor and
    top-lp selection), ``attention``, ``o_proj``, ``ffn`` (RMSNorm + MLP), ``others`` (embedding,
@@ -274,11 +274,13 @@ def _ring_source(caches, P: int, n_layers: int):
 
 def time_host(job, case, r: int, P: int, log: CommLog, caches, device, new_tokens: int,
               repeats: int) -> HostTiming:
-    """Pass 2 for host r: the instrumented prefill (per-part split, also the warm-up), then
-    ``repeats`` timed generations."""
+    """Pass 2 for host r: one untimed warm-up generation (kernel selection, cuDNN's per-shape
+    graphs), the instrumented one (per-part split of the prefill), then ``repeats`` timed ones."""
     a = job.model.args
     replay = ReplayComm(r, P, log, Counters(), sendrecv_data=_ring_source(caches, P, a.n_layers) if caches else None)
     ctx = _context(replay, device)
+    job.runner(case, ctx).generate(job.tokens, new_tokens)
+    replay.rewind()
     base_kernel = job.kernel
     counting = CountingKernel(base_kernel)
     job.kernel = counting
@@ -434,7 +436,7 @@ def run_model_projection(cfg, hosts: int, gbps: float, latency_us: float, output
     links = [Link(g, latency_us) for g in (gbps, *more_links)]
     device = torch.device(config_mod.resolve_device(cfg, torch.cuda.is_available()))
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
     one = SimpleNamespace(device=device, rank=0, size=1)
     rows, seen, model, rates = [], set(), None, None
     for point, c in config_mod.expand_cases(cfg):
