@@ -20,7 +20,7 @@ from hpcattn.jobs.check import count_nonfinite, max_err, reference_state, refere
 from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
 from hpcattn.jobs.params import apb_params, star_geometry
 from hpcattn.methods import local_attention, ring_prefill
-from hpcattn.methods.apb import RetainingHeads, apb_prefill, score_query_aware, score_random
+from hpcattn.methods.apb import RetainingHeads, apb_prefill, make_compressor
 from hpcattn.methods.sharding import gather_in_order, layout_indices
 from hpcattn.methods.star import star_blocks, star_phase1, star_query
 from hpcattn.methods.torch_cp import TorchContextParallel
@@ -108,15 +108,13 @@ class PrefillJob:
     def compressor(self, case):
         """compressor(q_loc, k_loc, v_loc, rank) -> scores (B, S, Hkv) for APB."""
         a, s = case.cfg.apb, case.cfg.shape
-        if a.compressor == "query_aware":
-            qq = self.query[0]
-            return lambda ql_, kl, vl, rank: score_query_aware(kl, qq)
-        if a.compressor == "random":
-            return lambda ql_, kl, vl, rank: score_random(kl.shape[:3], a.seed, rank, kl.device)
+        if a.compressor in ("query_aware", "random"):
+            return make_compressor(a.compressor, seed=a.seed,
+                                   query=self.query[0] if a.compressor == "query_aware" else None)
         heads = RetainingHeads(a.retaining_heads_path, a.retaining_heads_regex, s.heads_q, s.heads_kv,
                                s.head_dim, [a.layer])
         self.heads_sha256 = heads.sha256
-        return lambda ql_, kl, vl, rank: heads.score(a.layer, ql_, kl, vl)
+        return make_compressor(a.compressor, heads=heads, layer=a.layer)
 
     def _owned(self, case, result):
         """(global indices, out, lse) of the rows this rank computed for ``case``."""

@@ -34,8 +34,7 @@ from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
 from hpcattn.jobs.params import apb_params, star_geometry
 from hpcattn.jobs.validate import validate
 from hpcattn.kernels import select_kernel
-from hpcattn.methods.apb import (RetainingHeads, apb_prefill, local_rows, pool_scores, score_query_aware, score_random,
-                                 select_passing)
+from hpcattn.methods.apb import RetainingHeads, apb_prefill, local_rows, make_compressor, pool_scores, select_passing
 from hpcattn.methods.ring import fill_kv, kv_buffer, ring_prefill
 from hpcattn.methods.sharding import zigzag_indices
 from hpcattn.methods.star import star_blocks, star_phase1
@@ -161,14 +160,10 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
         if "apb" in c.methods:
             prm = apb_params(c, hosts)
             a = c.apb
-            if a.compressor == "query_aware":
-                comp = lambda ql_, kl, vl, r: score_query_aware(kl, qq)  # noqa: E731
-            elif a.compressor == "random":
-                comp = lambda ql_, kl, vl, r: score_random(kl.shape[:3], a.seed, r, kl.device)  # noqa: E731
-            else:
-                heads = RetainingHeads(a.retaining_heads_path, a.retaining_heads_regex, s.heads_q, s.heads_kv,
-                                       s.head_dim, [a.layer])
-                comp = lambda ql_, kl, vl, r: heads.score(a.layer, ql_, kl, vl)  # noqa: E731
+            heads = None if a.compressor in ("query_aware", "random") else \
+                RetainingHeads(a.retaining_heads_path, a.retaining_heads_regex, s.heads_q, s.heads_kv, s.head_dim,
+                               [a.layer])
+            comp = make_compressor(a.compressor, seed=a.seed, query=qq, heads=heads, layer=a.layer)
             hs, nbytes = apb_hosts(q, k, v, qq, kq, vq, hosts, prm, compressor=comp, kernel=kernel, scale=scale,
                                    device=device, repeats=reps)
             results["apb"] = (f"la{prm.la}/lp{prm.lp}", np.asarray([h[3] for h in hs]).T,

@@ -159,6 +159,19 @@ class RetainingHeads:
         return h @ fc2.to(x.device, acc).T
 
 
+def make_compressor(kind: str, *, seed: int = 0, query: torch.Tensor | None = None,
+                    heads: RetainingHeads | None = None, layer: int = 0):
+    """The APB compressor ``kind`` as :func:`apb_prefill` takes it: ``compressor(q_loc, k_loc, v_loc,
+    rank) -> scores (B, S, Hkv)``. ``query_aware`` scores the local keys against ``query`` (B, ql,
+    Hq, d); ``random`` draws reproducible scores per rank from ``seed``; any other kind
+    (``retaining_heads``) asks ``heads`` for layer ``layer``."""
+    if kind == "query_aware":
+        return lambda ql_, kl, vl, rank: score_query_aware(kl, query)
+    if kind == "random":
+        return lambda ql_, kl, vl, rank: score_random(kl.shape[:3], seed, rank, kl.device)
+    return lambda ql_, kl, vl, rank: heads.score(layer, ql_, kl, vl)
+
+
 def pool_scores(score: torch.Tensor, window: int) -> torch.Tensor:
     """Max-pool (B, S, H) scores along S with an odd window (stride 1, same length)."""
     if window <= 1:
