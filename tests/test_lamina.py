@@ -151,3 +151,15 @@ def test_staged_point_to_point_uses_only_pooled_host_buffers():
     q.wait()
     assert torch.equal(r, sends[2]) and len(comm._pool) == 6              # released slots reused
     assert comm.counters.bytes["other"] == 4 * 6 * 8
+
+
+@pytest.mark.mpi
+def test_lamina_graph_mode_matches_one_process():
+    """Lamina's graph mode (each role's pieces between exchanges over static buffers, run eagerly
+    on CPU with a stand-in for the capture; tests/mpi_progs/check_lamina_graphs.py) on 3 ranks: 2
+    model ranks (rotation, residual migration) + 1 attention rank with ragged prompts and 2
+    micro-batches, graph model ranks with eager attention ranks, and 1 model + 2 attention ranks:
+    same tokens as one process, each generation of a case replaying the first one's pieces."""
+    r = run_ranks(3, ["-m", "mpi4py", "tests/mpi_progs/check_lamina_graphs.py", "gloo", "1,2,5"], timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "check_lamina_graphs: 3 configurations matched one process on 3 ranks" in r.stdout, r.stdout
