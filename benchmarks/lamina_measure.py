@@ -273,6 +273,7 @@ def main(argv=None) -> int:
                    help="after this, remaining graph / colocated timings are skipped (noted)")
     p.add_argument("--mem-gib-model", type=float, default=80.0, help="model device memory (paper: H100 80 GB)")
     p.add_argument("--mem-gib-attention", type=float, default=96.0, help="attention device memory (paper: H20 96 GB)")
+    p.add_argument("--only-8b", action="store_true", help="measure the Llama-3.1-8B shape only (no 70B layer)")
     p.add_argument("-o", "--output", help="JSON file")
     p.add_argument("--md", help="markdown file")
     args = p.parse_args(argv)
@@ -296,6 +297,8 @@ def main(argv=None) -> int:
         kv_budget = 24 * (1 << 30)
         colocated = [(1, 4096), (16, 4096), (64, 4096)]
         projection_contexts = sorted({4096, args.context})
+    if args.only_8b:
+        shapes = shapes[:1]
     try:
         batches = [int(x) for x in args.batches.split(",")] if args.batches else batches
         contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else contexts

@@ -51,6 +51,8 @@ def test_lamina_generate_job_record_and_report(tmp_path):
             assert 0 < row[f"lamina_{role}_util"] <= 1 and 0 <= row[f"lamina_{role}_wait_frac"] <= 1
         assert row["decode_tok_s"] > 0
         assert row["cuda_graphs"] == "eager" and "CPU ranks run eagerly" in row["cuda_graphs_reason"]
+        assert row["lamina_model_cuda_graphs"] == row["lamina_attention_cuda_graphs"] == "eager"
+        assert "CPU ranks run eagerly" in row["lamina_attention_cuda_graphs_reason"]
     with h5py.File(out) as f:
         case = f["cases"][rows[0]["id"]]
         assert case["lamina_busy_s"].shape == (2, n - 1, 3) and case["lamina_wait_s"].shape == (2, n - 1, 3)
@@ -62,6 +64,7 @@ def test_lamina_generate_job_record_and_report(tmp_path):
     rep = subprocess.run([sys.executable, "-m", "hpcattn", "report", str(out)], capture_output=True, text=True,
                          cwd=ROOT)
     assert rep.returncode == 0 and rep.stdout.count("lamina 2 model + 1 attention ranks") == 2, rep.stdout
+    assert rep.stdout.count("steps eager / eager") == 2, rep.stdout
     csv = subprocess.run([sys.executable, "-m", "hpcattn", "report", str(out), "--csv"], capture_output=True,
                          text=True, cwd=ROOT).stdout.splitlines()
     head = csv[0].split(",")

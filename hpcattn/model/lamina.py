@@ -403,8 +403,8 @@ class LaminaDecoder:
             segs, pieces = [], []
             for j in range(self.layout.microbatches):
                 b0, b1 = self.layout.rows(j)
-                seg = ModelSlices(self.model, b1 - b0, self.layout.attention_ranks, self.decode_products)
-                seg.base = torch.tensor(lengths[b0:b1], dtype=torch.int64, device=dev)   # prompt lengths
+                seg = ModelSlices(self.model, b1 - b0, self.layout.attention_ranks, self.decode_products,
+                                  prompt_lengths=lengths[b0:b1])
                 saved = [x.clone() for x in seg.state()]
                 got = {k: StepGraph(lambda k=k, seg=seg: seg.slice(k), warmup=1) for k in range(self.args.n_layers)}
                 got["last"] = StepGraph(seg.last, warmup=1)
@@ -435,10 +435,14 @@ class LaminaDecoder:
             else:
                 torch.add(seg.base, t - 1, out=seg.pos)        # the slice advances it to base + t
                 lg = self._replay(j, 0, pieces[0] if t < n - 1 else pieces["last"])
+            seg.t = t
             out[(j, t)] = (seg.token.clone(), lg.clone() if keep_logits else None)
             if t == n - 1:
                 return
         else:
+            if seg.t != t:                                     # rotation: token t began on another model rank
+                seg.position(t)
+                seg.t = t
             self._replay(j, k, pieces[k])
         M = lay.model_ranks
         reqs = []
@@ -466,6 +470,8 @@ class LaminaDecoder:
         sends: deque = deque((0, r) for r in state["sends"])          # (step, request), waited a step late
         self._rope = (None, None)                        # (j, t) and its (cos, sin): the item in hand (eager)
         segs = self._model_pieces(lengths, n, dev)["segs"] if self.graph_on else None
+        for seg in segs or ():
+            seg.t = None
 
         def post(item):
             s, j = item

@@ -100,15 +100,17 @@ class ModelSlices:
             [a*Hkv/A, (a+1)*Hkv/A).
         products: ``auto`` | ``gemv`` | ``torch`` (:func:`hpcattn.model.fused_decode.decode_forward`).
 
-    Static buffers (qh = Hq/A, h = Hkv/A): token (Bj,) int64, the last sampled token; pos (Bj,)
-    int64, each row's RoPE position (ragged prompts: one per row); cos, sin (Bj, d); x (Bj, dim),
+    Static buffers (qh = Hq/A, h = Hkv/A): token (Bj,) int64, the last sampled token; base (Bj,)
+    int64, the rows' prompt lengths; pos (Bj,) int64, each row's RoPE position (ragged prompts: one
+    per row; token t of the generation is at base + t); cos, sin (Bj, d); x (Bj, dim),
     the residual stream; q (L, Bj, 1, Hq, d) and kv (L, 2, Bj, 1, Hkv, d), what layer k sends;
     q_out[k][a] (Bj, 1, qh, d) and kv_out[k][a] (2, Bj, 1, h, d), the contiguous pieces sent to
     attention rank a (views of q[k], kv[k] when A = 1); o_in (L, A, Bj, 1, qh, d), the pieces of
     layer k's attention output received from each attention rank.
     """
 
-    def __init__(self, model, Bj: int, attention_ranks: int, products: str = "auto"):
+    def __init__(self, model, Bj: int, attention_ranks: int, products: str = "auto",
+                 prompt_lengths: list[int] | None = None):
         from hpcattn.model.fused_decode import step_products
 
         a = model.args
@@ -119,7 +121,9 @@ class ModelSlices:
         self.model, self.Bj, self.A = model, Bj, A
         self.rope_dtype = torch.float64 if dt == torch.float64 else torch.float32
         self.token = torch.zeros(Bj, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(Bj, dtype=torch.int64, device=dev)
+        self.base = torch.tensor(prompt_lengths or [0] * Bj, dtype=torch.int64, device=dev)
+        self.pos = self.base.clone()
+        self.t: int | None = None             # host bookkeeping: the token pos, cos and sin are at
         self.cos = torch.zeros(Bj, d, dtype=self.rope_dtype, device=dev)
         self.sin = torch.zeros(Bj, d, dtype=self.rope_dtype, device=dev)
         self.x = torch.zeros(Bj, a.dim, dtype=dt, device=dev)
@@ -166,11 +170,20 @@ class ModelSlices:
         self.token.copy_(logits.argmax(-1))
         return logits
 
-    def begin(self) -> None:
-        """Embed ``token`` at ``pos`` (RoPE cos/sin per row) and run layer 0's pre-attention."""
+    def _rope(self) -> None:
         cos, sin = self.model.rope(self.pos, self.rope_dtype)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    def position(self, t: int) -> None:
+        """Every row at token t of the generation: pos = base + t and its cos/sin (eager: a model
+        rank that continues a micro-batch another model rank started, rotation)."""
+        torch.add(self.base, t, out=self.pos)
+        self._rope()
+
+    def begin(self) -> None:
+        """Embed ``token`` at ``pos`` (RoPE cos/sin per row) and run layer 0's pre-attention."""
+        self._rope()
         self.x.copy_(torch.nn.functional.embedding(self.token, self.model.tok_embeddings.weight))
         self._pre(0)
 

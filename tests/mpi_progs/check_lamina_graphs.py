@@ -56,7 +56,7 @@ world = MPI.COMM_WORLD
 ctx = comm_mod.setup(world, device_kind="cpu", backend=sys.argv[1])
 P, rank = ctx.size, ctx.rank
 args = ModelArgs.from_preset("tiny")
-B, n = 4, 4
+B, n = 4, 3
 g = torch.Generator().manual_seed(3)
 tokens = torch.randint(0, args.vocab_size, (B, 24), generator=g)
 # (attention ranks, micro-batches, prefill, prompt lengths, dtype, model mode, attention mode)
