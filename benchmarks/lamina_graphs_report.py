@@ -51,7 +51,8 @@ def scaled(meas: Measurements, layers: int) -> Measurements:
     f = layers / meas.n_layers
     return Measurements(layers, meas.dim, meas.n_heads, meas.n_kv_heads, meas.head_dim, meas.elem_bytes,
                         meas.weight_bytes, {b: t * f for b, t in meas.mtime.items()},
-                        [(b, n, t * f) for b, n, t in meas.atime], meas.device, meas.note + f" (scaled to {layers} layers)")
+                        [(b, n, t * f) for b, n, t in meas.atime], meas.device,
+                        meas.note + f" (scaled to {layers} layers)")
 
 
 def main(argv=None) -> int:
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
                              f"(head included)")
             pred = predict_lamina(ms, link, 1, 1, m, B, l)
             r = {"mode": mode, "batch": B, "microbatches": m, "context": l, "layers": L,
-                 "model_graphs": c.get("lamina_model_cuda_graphs"), "attention_graphs": c.get("lamina_attention_cuda_graphs"),
+                 "model_graphs": c.get("lamina_model_cuda_graphs"),
+                 "attention_graphs": c.get("lamina_attention_cuda_graphs"),
                  **role_medians(c), "predicted_step_ms": pred["step_s"] * 1e3, "predicted_bound": pred["bound"],
                  "mtime_ms": ms.mtime_at(B / m) * 1e3, "atime_ms": ms.atime_at(B / m, l) * 1e3,
                  "check_passed": c.get("check_passed")}
@@ -92,18 +94,21 @@ def main(argv=None) -> int:
             r["attention_busy_vs_atime"] = r["attention_busy_ms"] / m / r["atime_ms"]
             rows.append(r)
     rows.sort(key=lambda r: (r["batch"], r["microbatches"], r["mode"] != "graph"))
-    head = ["B", "m", "mode (model/attn)", "step", "predicted", "x", "model step/busy/wait", "MTIME", "busy/MTIME",
-            "attn step/busy/wait", "ATIME", "busy/ATIME", "check"]
-    md = [f"# Lamina, 1 model + 1 attention rank, {lk['transport']} ({lk['device']}); link {link.latency * 1e6:.1f} us, "
-          f"{link.bandwidth / 1e9:.2f} GB/s; times in ms (median over decode steps >= 1)", "",
+    head = ["B", "m", "mode (model/attn)", "step", "predicted", "x", "model step/busy/wait", "MTIME",
+            "busy/MTIME", "attn step/busy/wait", "ATIME", "busy/ATIME", "check"]
+    md = [f"# Lamina, 1 model + 1 attention rank, {lk['transport']} ({lk['device']}); link "
+          f"{link.latency * 1e6:.1f} us, {link.bandwidth / 1e9:.2f} GB/s; times in ms (median over decode steps >= 1)",
+          "",
           "Targets (captured): model busy <= 1.2 x MTIME, attention busy <= 1.2 x ATIME, step <= 1.25 x predicted. "
-          "MTIME / ATIME / predicted from the same mode's timings (graph: captured segments, eager: one launch per op); "
-          "with m micro-batches the busy times cover m items per step and are divided by m.", "",
+          "MTIME / ATIME / predicted from the same mode's timings (graph: captured segments, eager: one launch per "
+          "op); with m micro-batches the busy times cover m items per step and are divided by m.", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        md.append(f"| {r['batch']} | {r['microbatches']} | {r['mode']} ({r['model_graphs']}/{r['attention_graphs']}) | "
-                  f"{r['step_ms']:.2f} | {r['predicted_step_ms']:.2f} ({r['predicted_bound']}) | {r['step_vs_predicted']:.2f} | "
-                  f"{r['model_step_ms']:.2f} / {r['model_busy_ms']:.2f} / {r['model_wait_ms']:.2f} | {r['mtime_ms']:.2f} | "
+        md.append(f"| {r['batch']} | {r['microbatches']} | {r['mode']} ({r['model_graphs']}/{r['attention_graphs']})"
+                  f" | {r['step_ms']:.2f} | {r['predicted_step_ms']:.2f} ({r['predicted_bound']}) | "
+                  f"{r['step_vs_predicted']:.2f} | "
+                  f"{r['model_step_ms']:.2f} / {r['model_busy_ms']:.2f} / {r['model_wait_ms']:.2f} | "
+                  f"{r['mtime_ms']:.2f} | "
                   f"{r['model_busy_vs_mtime']:.2f} | {r['attention_step_ms']:.2f} / {r['attention_busy_ms']:.2f} / "
                   f"{r['attention_wait_ms']:.2f} | {r['atime_ms']:.2f} | {r['attention_busy_vs_atime']:.2f} | "
                   f"{r['check_passed']} |")

@@ -195,8 +195,9 @@ class RunConfig:
     output: typing.Optional[str] = _f(None, doc="HDF5 result file (default runs/<job>-<utc time>.h5)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto: cuda when GPUs are visible")
     cuda_graphs: str = _f("auto", choices=("auto", "true", "false"),
-                          doc="decode steps as one CUDA graph (decode local/tree, generate decode); auto: "
-                              "where capturable, eager on CPU and host-staged MPI; true: error where not")
+                          doc="decode steps as one CUDA graph (decode local/tree, generate decode; lamina: each "
+                              "role's work between two exchanges); auto: where capturable, eager on CPU and "
+                              "host-staged MPI collectives; true: error where not")
     decode_products: str = _f("auto", choices=("auto", "gemv", "torch"),
                               doc="the captured decode step's matrix products: auto: hpcattn's Triton gemv "
                                   "(RMSNorm / SiLU fused in) where it beat cuBLAS on an H200, cuBLAS elsewhere; "

@@ -140,7 +140,8 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
     nbytes = np.asarray([pr["bytes"] for pr in per_rank], dtype=np.int64)   # (ranks, phases)
     B, steps = c.shape.batch, c.generate.new_tokens - 1
     step_max = step.max(axis=2) if steps else np.zeros((step.shape[0], 0))
-    attrs = {**graph_summary(per_rank), "lamina_model_ranks": lay.model_ranks, "lamina_attention_ranks": lay.attention_ranks,
+    attrs = {**graph_summary(per_rank),
+             "lamina_model_ranks": lay.model_ranks, "lamina_attention_ranks": lay.attention_ranks,
              "lamina_microbatches": lay.microbatches, "lamina_roles": roles,
              "lamina_devices": [pr["device"] for pr in per_rank],
              "lamina_attention_kernel": next((pr["kernel"] for pr in per_rank if pr["role"] != MODEL), ""),

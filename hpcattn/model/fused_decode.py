@@ -220,7 +220,8 @@ def step_products(model, x: torch.Tensor, products: str = "auto") -> dict:
     a = model.args
     nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     return {"fused": fuse_projections(model), "qkv": _product("rmsnorm", x, nq + 2 * nkv, products),
-            "w13": _product("rmsnorm", x, 2 * a.ffn_dim, products), "o": _product("residual", x, a.dim, products), "down": _product("silu_mul", x, a.dim, products),
+            "w13": _product("rmsnorm", x, 2 * a.ffn_dim, products), "o": _product("residual", x, a.dim, products),
+            "down": _product("silu_mul", x, a.dim, products),
             "head": _product("rmsnorm", x, a.vocab_size, products)}
 
 
