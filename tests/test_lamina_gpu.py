@@ -21,7 +21,9 @@ def _roles(model, cache, prefix, B, captured: bool):
     a = model.args
     lean, why = lean_for_graphs(torch.device("cuda"), model.tok_embeddings.weight.dtype, a.head_dim)
     assert why is None, why
-    ms = ModelSlices(model, B, 1, prompt_lengths=prefix)
+    # every product on hpcattn's Triton gemv: the same kernels eager and captured (cuBLAS may choose others
+    # while capturing, which would break a bitwise comparison without being an error)
+    ms = ModelSlices(model, B, 1, products="gemv", prompt_lengths=prefix)
     ar = AttentionRole(lean, cache, a.n_heads, prefix=prefix)
     L = a.n_layers
 

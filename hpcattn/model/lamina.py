@@ -280,7 +280,7 @@ class LaminaDecoder:
         t0 = time.perf_counter()
         self._inflight = {}
         if self.graph_on and self.role == MODEL:          # captured before any message is in flight
-            self._model_pieces(lengths, new_tokens, ctx.device)
+            self._model_pieces(lengths, new_tokens)
         if self.role == MODEL:
             state = self._model_prefill(tokens, lengths, new_tokens)
         else:
@@ -392,7 +392,7 @@ class LaminaDecoder:
                 with ctx_phase(self.ctx, "migrate"):
                     step_sends.append(self.ctx.world.isend(x.contiguous(), nxt, TAG_X))
 
-    def _model_pieces(self, lengths: list[int], n: int, dev) -> dict:
+    def _model_pieces(self, lengths: list[int], n: int) -> dict:
         """Graph mode: per micro-batch its :class:`hpcattn.model.lamina_steps.ModelSlices` and the
         captured pieces - one per layer k (the slice ending with layer k's sends) and the last
         slice of a generation - captured once per (lengths, n) and replayed by every generation."""
@@ -406,7 +406,8 @@ class LaminaDecoder:
                 seg = ModelSlices(self.model, b1 - b0, self.layout.attention_ranks, self.decode_products,
                                   prompt_lengths=lengths[b0:b1])
                 saved = [x.clone() for x in seg.state()]
-                got = {k: StepGraph(lambda k=k, seg=seg: seg.slice(k), warmup=1) for k in range(self.args.n_layers)}
+                got = {k: StepGraph(lambda k=k, seg=seg: seg.slice(k), warmup=1)
+                       for k in range(self.args.n_layers)}
                 got["last"] = StepGraph(seg.last, warmup=1)
                 for x, v in zip(seg.state(), saved):               # undo the warm-up calls
                     x.copy_(v)
@@ -469,7 +470,7 @@ class LaminaDecoder:
         out: dict[tuple[int, int], tuple] = {}          # (j, t) -> (tokens, logits) sampled here
         sends: deque = deque((0, r) for r in state["sends"])          # (step, request), waited a step late
         self._rope = (None, None)                        # (j, t) and its (cos, sin): the item in hand (eager)
-        segs = self._model_pieces(lengths, n, dev)["segs"] if self.graph_on else None
+        segs = self._model_pieces(lengths, n)["segs"] if self.graph_on else None
         for seg in segs or ():
             seg.t = None
 
@@ -555,7 +556,8 @@ class LaminaDecoder:
                 role.advance()
 
         def build() -> dict:
-            cache = ShardedKVCache(L, lay.batch, hi - lo, a.head_dim, max(lengths) + n - 1, self.dtype, self.ctx.device)
+            cache = ShardedKVCache(L, lay.batch, hi - lo, a.head_dim, max(lengths) + n - 1, self.dtype,
+                                   self.ctx.device)
             roles, pieces = [], []
             for j in range(lay.microbatches):
                 b0, b1 = lay.rows(j)

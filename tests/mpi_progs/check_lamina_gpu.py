@@ -49,9 +49,9 @@ for dt, lengths, m in (("float32", [600, 257, 411], 1), ("float32", [512] * B, 2
             rt, rl = reference_generate(model, kern, tokens, lengths, n)
             assert torch.equal(tg, rt), f"{dt} m={m}: graph tokens differ from one process"
             assert err < 1e-4, f"{dt} m={m}: logits rel err graph vs eager {err:.2e}"
-        else:
-            agree = float((te == tg).double().mean())
-            assert err < 5e-2 and agree >= 0.5, f"{dt} m={m}: rel err {err:.2e}, token agreement {agree:.2f}"
+        else:                                   # bf16: the first decode step's logits (later ones follow the tokens)
+            err = float((le[1] - lg[1]).abs().max() / le[1].abs().max())
+            assert torch.equal(te[:, 0], tg[:, 0]) and err < 5e-2, f"{dt} m={m}: step-1 rel err {err:.2e}"
         print(f"ok {dt} lengths={lengths} m={m}: graph vs eager logits rel err {err:.1e}", flush=True)
 comm_mod.teardown(ctx)
 if ctx.rank == 0:
