@@ -73,4 +73,4 @@ def test_default_bound_is_documented_value():
     from hpcattn.comm.mpi import MPIComm
 
     comm, _ = make_comm()
-    assert comm.pool_bytes == MPIComm.POOL_BYTES == 1 << 30
+    assert comm.pool_bytes == MPIComm.POOL_BYTES == 4 << 30

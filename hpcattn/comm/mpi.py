@@ -9,7 +9,7 @@
   cache sends a new size every step). Each host buffer carries the CUDA event of the last copy
   that reads it, so that it is never overwritten or freed while an asynchronous copy still uses it.
 * **Bound**: the pooled (pinned) bytes of one communicator never exceed ``pool_bytes``
-  (:attr:`MPIComm.POOL_BYTES`, 1 GiB, unless the constructor says otherwise). A buffer that would
+  (config ``comm.staging_pool_mib``; default :attr:`MPIComm.POOL_BYTES`, 4 GiB). A buffer that would
   pass it first frees idle slots (no message in flight); if that is not enough - many large
   messages in flight at once, such as Lamina's prompt-KV hand-over, which posts every layer - the
   message is staged through a *transient* pageable host buffer of its exact size, dropped when the
@@ -62,7 +62,7 @@ class MPIComm(Comm):
             exercise the staging logic with CPU tensors.
     """
 
-    POOL_BYTES = 1 << 30      # default bound of one communicator's pooled host bytes (module docstring)
+    POOL_BYTES = 4 << 30      # default bound of one communicator's pooled host bytes (module docstring)
 
     def __init__(self, mpi_comm, counters: Counters, *, gpu_aware: bool = False,
                  is_device: Callable[[torch.Tensor], bool] | None = None, pool_bytes: int | None = None):
