@@ -2,7 +2,8 @@
 # Issue 27 on ONE GPU (H100 or H200), one call of about 8 minutes: Lamina with each role's work
 # between two exchanges captured as CUDA graphs, against the eager path and the cost model.
 #   bash jobs/lamina_graphs.sh            (env: OUT=dir for logs/records, default runs/lamina_graphs;
-#                                          LAYERS=8 of the Llama-3.1-8B shape's 32 layers; NEW=12 tokens)
+#                                          LAYERS=8 of the Llama-3.1-8B shape's 32 layers; NEW=12 tokens;
+#                                          BACKEND=mpi, or nccl on a node with 2 GPUs: the same run there)
 # LAYERS: `hpcattn run` draws random weights on the CPU (an 8B model's 32 layers take minutes there);
 # the role times of step 3 are measured on the same LAYERS layers (no scaling), so every ratio holds.
 # Steps (each under `timeout`; a failing step does not stop the next ones, every log stays in $OUT):
@@ -19,16 +20,18 @@
 #   5. benchmarks/lamina_graphs_report.py: per role step / busy / wait, graph vs eager, against the
 #      cost model's prediction with the measured link, and the issue's targets.
 # Not run here: CUDA-aware MPI (scripts/build-cuda-mpi.sh takes longer than this call's budget) and
-# NCCL (two ranks on one GPU: NCCL refuses a duplicate GPU); on two GPUs over NCCL, step 4's command
-# with --set comm.backend=nccl is the same (the multi-GPU issue takes the figure).
+# NCCL (two ranks on one GPU: NCCL refuses a duplicate GPU); on two GPUs, BACKEND=nccl runs steps 2
+# and 4 over NCCL, one rank per GPU (the multi-GPU issue takes the figure).
 # Files back (at most 8): lamina_graphs.log, gpu_tests.log, link.json, measure.json,
 # lamina-graph.h5, lamina-eager.h5, report.md, report.json.
 set -uo pipefail
 OUT=${OUT:-runs/lamina_graphs}; mkdir -p "$OUT"
-LAYERS=${LAYERS:-8}; NEW=${NEW:-12}
+LAYERS=${LAYERS:-8}; NEW=${NEW:-12}; BACKEND=${BACKEND:-mpi}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 OMP_NUM_THREADS=4
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=$(command -v python3)
-MPIRUN="mpirun --allow-run-as-root --oversubscribe -n 2 -x PYTHONPATH -x PYTHONUNBUFFERED -x PYTHONFAULTHANDLER -x OMP_NUM_THREADS"
+MPIRUN="mpirun --allow-run-as-root --oversubscribe -n 2 -x PYTHONPATH -x PYTHONUNBUFFERED -x PYTHONFAULTHANDLER
+        -x OMP_NUM_THREADS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS"
 LOG="$OUT/lamina_graphs.log"
 TMP=$(mktemp -d)
 step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
@@ -45,8 +48,8 @@ timeout 240 $PY -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_lamina_gp
     "tests/test_graph_gpu.py::test_runner_graph_tokens_identical_to_eager_fp32" > "$OUT/gpu_tests.log" 2>&1
 echo "rc=$? ($((SECONDS - T0)) s)" | tee -a "$LOG"; tail -6 "$OUT/gpu_tests.log" >> "$LOG"
 
-step "2. link (host-staged MPI, 2 ranks on this GPU)"
-timeout 90 $MPIRUN $PY benchmarks/lamina_link.py --backend mpi -o "$OUT/link.json" >> "$LOG" 2>&1
+step "2. link (comm.backend=$BACKEND: host-staged MPI unless CUDA-aware; 2 ranks)"
+timeout 90 $MPIRUN $PY benchmarks/lamina_link.py --backend $BACKEND -o "$OUT/link.json" >> "$LOG" 2>&1
 echo "rc=$? ($((SECONDS - T0)) s)" | tee -a "$LOG"
 
 step "3. captured-segment and eager role times (lamina_measure, 8B shape)"
@@ -56,11 +59,11 @@ echo "rc=$? ($((SECONDS - T0)) s)" | tee -a "$LOG"; grep -E "MTIME|ATIME|FAILED|
 
 RUN=(configs/generate.yaml --set generate.decode=lamina --set generate.prefill=local --set model.preset=llama-3.1-8b
      --set model.layers=$LAYERS --set shape.dtype=bfloat16 --set 'shape.batch=[1,16]' --set context=4096
-     --set lamina.microbatches=1 --set generate.new_tokens=$NEW --set comm.backend=mpi
+     --set lamina.microbatches=1 --set generate.new_tokens=$NEW --set comm.backend=$BACKEND
      --set run.warmup=1 --set run.repeats=2 --set run.check=false --set run.case_timeout_s=300)
 for mode in true false; do
   name=$([[ $mode == true ]] && echo graph || echo eager)
-  step "4. Lamina 1+1 on this GPU, host-staged MPI, run.cuda_graphs=$mode"
+  step "4. Lamina 1 model + 1 attention rank, comm.backend=$BACKEND, run.cuda_graphs=$mode"
   timeout 200 $MPIRUN $PY -m hpcattn run "${RUN[@]}" --set run.cuda_graphs=$mode -o "$TMP/lamina-$name.h5" \
       2>&1 | grep -av '^\[rank' | tail -40 >> "$LOG"
   echo "rc=${PIPESTATUS[0]} ($((SECONDS - T0)) s)" | tee -a "$LOG"
