@@ -6,7 +6,8 @@
 #                                          BACKEND=mpi, or nccl on a node with 2 GPUs: the same run there)
 # LAYERS: `hpcattn run` draws random weights on the CPU (an 8B model's 32 layers take minutes there);
 # the role times of step 3 are measured on the same LAYERS layers (no scaling), so every ratio holds.
-# Steps (each under `timeout`; a failing step does not stop the next ones, every log stays in $OUT):
+# Steps (each under `timeout`: 200 + 60 + 120 + 2 x 150 + 60 s at most, about 6 minutes when nothing
+# hangs; a failing step does not stop the next ones, every log stays in $OUT):
 #   1. GPU tests: tests/test_lamina_gpu.py (captured pieces == eager pieces bitwise; 2 ranks on this
 #      GPU over host-staged MPI, float32 tokens identical graph vs eager) and the colocated
 #      runner's graph test (the fused decode forward was split into pieces);
@@ -44,17 +45,17 @@ step "setup"
   timeout 120 $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3; } >> "$LOG" 2>&1
 
 step "1. GPU tests"
-timeout 240 $PY -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_lamina_gpu.py \
+timeout 200 $PY -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_lamina_gpu.py \
     "tests/test_graph_gpu.py::test_runner_graph_tokens_identical_to_eager_fp32" > "$OUT/gpu_tests.log" 2>&1
 echo "rc=$? ($((SECONDS - T0)) s)" | tee -a "$LOG"; tail -6 "$OUT/gpu_tests.log" >> "$LOG"
 
 step "2. link (comm.backend=$BACKEND: host-staged MPI unless CUDA-aware; 2 ranks)"
-timeout 90 $MPIRUN $PY benchmarks/lamina_link.py --backend $BACKEND -o "$OUT/link.json" >> "$LOG" 2>&1
+timeout 60 $MPIRUN $PY benchmarks/lamina_link.py --backend $BACKEND -o "$OUT/link.json" >> "$LOG" 2>&1
 echo "rc=$? ($((SECONDS - T0)) s)" | tee -a "$LOG"
 
 step "3. captured-segment and eager role times (lamina_measure, 8B shape)"
-timeout 150 $PY benchmarks/lamina_measure.py --only-8b --layers $LAYERS --no-scale --no-colocated --batches 1,16 \
-    --contexts 4096 --context 4096 --max-seconds 100 -o "$OUT/measure.json" > "$TMP/measure.out" 2>&1
+timeout 120 $PY benchmarks/lamina_measure.py --only-8b --layers $LAYERS --no-scale --no-colocated --batches 1,16 \
+    --contexts 4096 --context 4096 --max-seconds 80 -o "$OUT/measure.json" > "$TMP/measure.out" 2>&1
 echo "rc=$? ($((SECONDS - T0)) s)" | tee -a "$LOG"; grep -E "MTIME|ATIME|FAILED|skipped|device" "$TMP/measure.out" >> "$LOG"
 
 RUN=(configs/generate.yaml --set generate.decode=lamina --set generate.prefill=local --set model.preset=llama-3.1-8b
@@ -64,7 +65,7 @@ RUN=(configs/generate.yaml --set generate.decode=lamina --set generate.prefill=l
 for mode in true false; do
   name=$([[ $mode == true ]] && echo graph || echo eager)
   step "4. Lamina 1 model + 1 attention rank, comm.backend=$BACKEND, run.cuda_graphs=$mode"
-  timeout 200 $MPIRUN $PY -m hpcattn run "${RUN[@]}" --set run.cuda_graphs=$mode -o "$TMP/lamina-$name.h5" \
+  timeout 150 $MPIRUN $PY -m hpcattn run "${RUN[@]}" --set run.cuda_graphs=$mode -o "$TMP/lamina-$name.h5" \
       2>&1 | grep -av '^\[rank' | tail -40 >> "$LOG"
   echo "rc=${PIPESTATUS[0]} ($((SECONDS - T0)) s)" | tee -a "$LOG"
   [[ -f $TMP/lamina-$name.h5 ]] && cp "$TMP/lamina-$name.h5" "$OUT/"
