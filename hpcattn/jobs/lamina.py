@@ -6,7 +6,8 @@ prefill time (model ranks: prefill + posting the KV hand-over), every decode ste
 how much of it the rank spent computing (busy) or waiting for data (wait); rank 0 writes the usual
 generate datasets plus ``lamina_busy_s`` / ``lamina_wait_s`` (repeats, steps, ranks) and
 ``lamina_bytes`` (ranks, phases), and attributes: roles, per-role utilisation (busy / step time),
-decode bytes per token, decode throughput (B / median step time).
+decode bytes per token, decode throughput (B / median step time), and per role whether its pieces
+between exchanges ran as CUDA graphs and why (:func:`graph_summary`; ``run.cuda_graphs``).
 """
 
 from __future__ import annotations
