@@ -273,6 +273,11 @@ def main(argv=None) -> int:
                    help="after this, remaining graph / colocated timings are skipped (noted)")
     p.add_argument("--mem-gib-model", type=float, default=80.0, help="model device memory (paper: H100 80 GB)")
     p.add_argument("--mem-gib-attention", type=float, default=96.0, help="attention device memory (paper: H20 96 GB)")
+    p.add_argument("--only-8b", action="store_true", help="measure the Llama-3.1-8B shape only (no 70B layer)")
+    p.add_argument("--no-scale", action="store_true",
+                   help="report the --layers built as the model (no scaling to 32): to compare with a run of "
+                        "model.layers=--layers")
+    p.add_argument("--no-colocated", action="store_true", help="skip the colocated step timings")
     p.add_argument("-o", "--output", help="JSON file")
     p.add_argument("--md", help="markdown file")
     args = p.parse_args(argv)
@@ -296,6 +301,12 @@ def main(argv=None) -> int:
         kv_budget = 24 * (1 << 30)
         colocated = [(1, 4096), (16, 4096), (64, 4096)]
         projection_contexts = sorted({4096, args.context})
+    if args.only_8b:
+        shapes = shapes[:1]
+    if args.no_scale:
+        shapes = [(name, a, layers, layers) for name, a, _, layers in shapes]
+    if args.no_colocated:
+        colocated = []
     try:
         batches = [int(x) for x in args.batches.split(",")] if args.batches else batches
         contexts = [int(x) for x in args.contexts.split(",")] if args.contexts else contexts

@@ -73,6 +73,9 @@ class CommConfig:
                             doc="hand device buffers to MPI directly (auto: probe, false when unsure)")
     ranks_per_node: typing.Optional[int] = _f(
         None, doc="emulate nodes of this many ranks (functional tests; timings meaningless)")
+    staging_pool_mib: int = _f(4096, doc="mpi staged through host memory: bound of each communicator's pinned "
+                                         "buffer pool (MiB); messages in flight beyond it go through transient "
+                                         "pageable buffers")
 
 
 @dataclass
@@ -195,8 +198,9 @@ class RunConfig:
     output: typing.Optional[str] = _f(None, doc="HDF5 result file (default runs/<job>-<utc time>.h5)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="auto: cuda when GPUs are visible")
     cuda_graphs: str = _f("auto", choices=("auto", "true", "false"),
-                          doc="decode steps as one CUDA graph (decode local/tree, generate decode); auto: "
-                              "where capturable, eager on CPU and host-staged MPI; true: error where not")
+                          doc="decode steps as one CUDA graph (decode local/tree, generate decode; lamina: each "
+                              "role's work between two exchanges); auto: where capturable, eager on CPU and "
+                              "host-staged MPI collectives; true: error where not")
     decode_products: str = _f("auto", choices=("auto", "gemv", "torch"),
                               doc="the captured decode step's matrix products: auto: hpcattn's Triton gemv "
                                   "(RMSNorm / SiLU fused in) where it beat cuBLAS on an H200, cuBLAS elsewhere; "
@@ -551,6 +555,8 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     if device == "cpu" and cfg.kernel.backend not in cpu_kernels:
         raise ConfigError(f"{source}: kernel.backend={cfg.kernel.backend} needs a GPU; "
                           f"on CPU ranks use one of {', '.join(cpu_kernels)}")
+    if cfg.comm.staging_pool_mib < 0:
+        raise ConfigError(f"{source}: comm.staging_pool_mib must be >= 0, got {cfg.comm.staging_pool_mib}")
     if cfg.comm.ranks_per_node is not None and cfg.comm.ranks_per_node < 1:
         raise ConfigError(f"{source}: comm.ranks_per_node must be >= 1")
     r = cfg.run

@@ -35,10 +35,10 @@ for k_run, k_proj in (("prefill_median_s", "prefill_s"), ("decode_step_median_s"
 PYEOF
       ;;
     short)
-      timeout 560 $PY -m hpcattn project configs/project_llama8b.yaml --set "context=[32768,65536]" $LINKS \
+      timeout ${SHORT_TIMEOUT:-560} $PY -m hpcattn project configs/project_llama8b.yaml --set "context=[32768,65536]" $LINKS \
         -o "$OUT/project-8b-32k-64k.h5" 2>&1 | tee "$OUT/project-short.log" ;;
     long)
-      timeout 560 $PY -m hpcattn project configs/project_llama8b.yaml --set context=131072 $LINKS \
+      timeout ${LONG_TIMEOUT:-560} $PY -m hpcattn project configs/project_llama8b.yaml --set context=131072 $LINKS \
         -o "$OUT/project-8b-128k.h5" 2>&1 | tee "$OUT/project-long.log" ;;
     *) echo "unknown step $what"; exit 2 ;;
   esac

@@ -250,17 +250,33 @@ def test_gemv_prologues_and_epilogue_match_float64(dtype, M):
         gemv(x[:, :-1], w)
 
 
-def test_lamina_decode_is_eager_and_says_why():
-    """Lamina's step is not captured: on CUDA, auto gives the Lamina reason (recorded by
-    hpcattn.jobs.lamina), true is a config error naming the key, false says so."""
+def test_lamina_decode_is_captured_on_cuda_over_any_transport_and_says_why():
+    """Lamina's pieces between exchanges are captured on a CUDA rank whatever the transport (the
+    exchanges stay outside the graphs); a CPU role is eager (true: a config error naming the role's
+    key); the record's per-role modes and reasons (hpcattn.jobs.lamina.graph_summary)."""
+    from hpcattn import config as C
     from hpcattn.errors import ConfigError
     from hpcattn.graph import blocker, decide
+    from hpcattn.jobs.lamina import graph_summary, validate_config
 
-    why = blocker(device="cuda", method="lamina", backend="nccl", world_size=2)
-    assert decide("auto", why) == (False, why) and why.startswith("lamina decode runs eagerly")
-    with pytest.raises(ConfigError, match="run.cuda_graphs=true: lamina decode runs eagerly"):
-        decide("true", why)
-    assert decide("false", why) == (False, "run.cuda_graphs=false")
+    for backend in ("mpi", "nccl"):
+        assert blocker(device="cuda", method="lamina", backend=backend, world_size=2) is None
+    why = blocker(device="cpu", method="lamina", backend="mpi", world_size=2)
+    assert decide("auto", why) == (False, why) and "CUDA device" in why
+    cfg = C.load("configs/generate.yaml", ["generate.decode=lamina", "shape.heads_kv=2", "lamina.model_device=cuda",
+                                           "lamina.attention_device=cpu", "comm.backend=mpi", "run.cuda_graphs=true"])
+    with pytest.raises(ConfigError, match=r"run.cuda_graphs \(lamina.attention_device=cpu\)=true: CUDA graphs"):
+        validate_config(cfg, 2, True, "g.yaml")
+    cfg.run.cuda_graphs = "auto"
+    validate_config(cfg, 2, True, "g.yaml")                # auto: the CPU role runs eagerly
+    g = "each role's work between two exchanges captured"
+    per_rank = [{"role": "model", "cuda_graphs": "graph", "cuda_graphs_reason": g},
+                {"role": "attention", "cuda_graphs": "eager", "cuda_graphs_reason": why}]
+    s = graph_summary(per_rank)
+    assert s["lamina_model_cuda_graphs"] == "graph" and s["lamina_attention_cuda_graphs"] == "eager"
+    assert s["cuda_graphs"] == "mixed" and s["cuda_graphs_reason"] == f"model ranks: {g}; attention ranks: {why}"
+    s = graph_summary([dict(r, cuda_graphs="graph", cuda_graphs_reason=g) for r in per_rank])
+    assert s["cuda_graphs"] == "graph" and s["cuda_graphs_reason"] == g
 
 
 @pytest.mark.parametrize("M", [1, 3])

@@ -52,6 +52,8 @@ def test_lamina_generate_job_record_and_report(tmp_path):
             assert 0 < row[f"lamina_{role}_util"] <= 1 and 0 <= row[f"lamina_{role}_wait_frac"] <= 1
         assert row["decode_tok_s"] > 0
         assert row["cuda_graphs"] == "eager" and "CPU ranks run eagerly" in row["cuda_graphs_reason"]
+        assert row["lamina_model_cuda_graphs"] == row["lamina_attention_cuda_graphs"] == "eager"
+        assert "CPU ranks run eagerly" in row["lamina_attention_cuda_graphs_reason"]
     with h5py.File(out) as f:
         case = f["cases"][rows[0]["id"]]
         assert case["lamina_busy_s"].shape == (2, n - 1, 3) and case["lamina_wait_s"].shape == (2, n - 1, 3)
@@ -63,6 +65,7 @@ def test_lamina_generate_job_record_and_report(tmp_path):
     rep = subprocess.run([sys.executable, "-m", "hpcattn", "report", str(out)], capture_output=True, text=True,
                          cwd=ROOT)
     assert rep.returncode == 0 and rep.stdout.count("lamina 2 model + 1 attention ranks") == 2, rep.stdout
+    assert rep.stdout.count("steps eager / eager") == 2, rep.stdout
     csv = subprocess.run([sys.executable, "-m", "hpcattn", "report", str(out), "--csv"], capture_output=True,
                          text=True, cwd=ROOT).stdout.splitlines()
     head = csv[0].split(",")
@@ -152,3 +155,15 @@ def test_staged_point_to_point_uses_only_pooled_host_buffers():
     q.wait()
     assert torch.equal(r, sends[2]) and len(comm._pool) == 6              # released slots reused
     assert comm.counters.bytes["other"] == 4 * 6 * 8
+
+
+@pytest.mark.mpi
+def test_lamina_graph_mode_matches_one_process():
+    """Lamina's graph mode (each role's pieces between exchanges over static buffers, run eagerly
+    on CPU with a stand-in for the capture; tests/mpi_progs/check_lamina_graphs.py) on 3 ranks: 2
+    model ranks (rotation, residual migration) + 1 attention rank with ragged prompts and 2
+    micro-batches, graph model ranks with eager attention ranks, and 1 model + 2 attention ranks:
+    same tokens as one process, each generation of a case replaying the first one's pieces."""
+    r = run_ranks(3, ["-m", "mpi4py", "tests/mpi_progs/check_lamina_graphs.py", "gloo", "1,2,5"], timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "check_lamina_graphs: 3 configurations matched one process on 3 ranks" in r.stdout, r.stdout

@@ -163,3 +163,59 @@ def test_prediction_against_measured_cpu_runs():
             return
     pytest.fail("\n".join(f"{k}: off in every attempt:\n  " + "\n  ".join(v) for k, v in fails.items()
                           if k not in ok))
+
+
+class _Enqueued:
+    """A fake NCCL-like context for measure_link: isend / irecv / wait only enqueue (return at
+    once), the transfer happens on the 'device' and takes ``delay`` seconds per message, paid at
+    ``sync()`` - so a timer that stopped before the sync would see almost nothing."""
+
+    def __init__(self, rank: int, delay: float):
+        import torch
+
+        from hpcattn.comm.base import Request
+
+        self.rank, self.device, self.delay, self.pending, self.sent = rank, torch.device("cpu"), delay, 0, []
+        outer = self
+
+        class World:
+            def isend(self, t, dest, tag):
+                outer.pending += 1
+                return Request(lambda: None)
+
+            irecv = isend
+
+            def barrier(self):
+                pass
+
+            class mpi:                       # noqa: N801 - the control plane: the result goes to the peer
+                @staticmethod
+                def send(obj, dest, tag):
+                    outer.sent.append((obj, dest))
+
+                @staticmethod
+                def recv(source, tag):
+                    return {"from": source}
+
+        self.world = World()
+
+    def sync(self):
+        import time
+
+        time.sleep(self.delay * self.pending)
+        self.pending = 0
+
+
+def test_measure_link_times_the_transfer_not_the_enqueue():
+    """measure_link's round trip includes the device-side transfer (the sync after the waits):
+    with enqueue-only requests and 2 ms per message on the device, a one-way time of >= 2 ms; the
+    lower rank times it and hands the figures to its peer, which returns them."""
+    from hpcattn.jobs.lamina_cost import link_from_pingpong, measure_link
+
+    ctx = _Enqueued(rank=0, delay=2e-3)
+    got = measure_link(ctx, 1, [8, 1 << 20], repeats=3)
+    assert set(got) == {8, 1 << 20} and all(2e-3 <= t < 0.05 for t in got.values()), got
+    assert ctx.sent == [(got, 1)]
+    assert measure_link(_Enqueued(rank=1, delay=0.0), 0, [8], repeats=1) == {"from": 0}
+    link = link_from_pingpong({8: 10e-6, 1 << 20: 10e-6 + (1 << 20) / 20e9})
+    assert link.latency == 10e-6 and link.bandwidth == pytest.approx(20e9, rel=1e-4)

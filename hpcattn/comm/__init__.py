@@ -78,8 +78,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def setup(world_mpi, *, device_kind: str, backend: str = "auto", gpu_aware_setting: str = "auto",
-          ranks_per_node: int | None = None) -> CommContext:
-    """Build the communication context of this rank (collective over ``world_mpi``)."""
+          ranks_per_node: int | None = None, staging_pool_bytes: int | None = None) -> CommContext:
+    """Build the communication context of this rank (collective over ``world_mpi``).
+    ``staging_pool_bytes``: the bound of each staged communicator's pinned pool (``comm.staging_pool_mib``;
+    default :attr:`hpcattn.comm.mpi.MPIComm.POOL_BYTES`)."""
     rank = world_mpi.Get_rank()
     local_real = real_local_rank(world_mpi)
     if device_kind == "cuda":
@@ -108,7 +110,7 @@ def setup(world_mpi, *, device_kind: str, backend: str = "auto", gpu_aware_setti
         if device.type == "cpu":
             make = lambda c: MPIHostComm(c, counters)  # noqa: E731
         else:
-            make = lambda c: MPIComm(c, counters, gpu_aware=aware)  # noqa: E731
+            make = lambda c: MPIComm(c, counters, gpu_aware=aware, pool_bytes=staging_pool_bytes)  # noqa: E731
         world, node = make(world_mpi), make(node_mpi)
         leaders = make(leaders_mpi) if leaders_mpi != MPI.COMM_NULL else None
     else:
@@ -147,7 +149,7 @@ def _split(ctx: CommContext, colors: list[int]) -> CommContext:
     if isinstance(ctx.world, MPIComm):
         cls = type(ctx.world)
         make = (lambda c: cls(c, ctx.counters)) if cls is MPIHostComm else \
-            (lambda c: MPIComm(c, ctx.counters, gpu_aware=ctx.gpu_aware))  # noqa: E731
+            (lambda c: MPIComm(c, ctx.counters, gpu_aware=ctx.gpu_aware, pool_bytes=ctx.world.pool_bytes))  # noqa: E731
         world = make(sub_mpi)
     else:
         import torch.distributed as dist

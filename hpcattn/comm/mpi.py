@@ -5,10 +5,18 @@
   the stream is synchronised first, because mpi4py cannot synchronise it.
 * Otherwise device data is staged through pinned host buffers, one per slot (a call site, or a
   point-to-point message in flight), reused for any size up to its capacity and regrown by at
-  least 1.5x when a message is larger (``mpi_staged``): pinned memory stays bounded by the largest
-  message per slot, however many sizes a run sends (a growing cache sends a new size every step).
-  Each host buffer carries the CUDA event of the last copy that reads it, so that it is never
-  overwritten or freed while an asynchronous copy still uses it.
+  least 1.5x when a message is larger (``mpi_staged``), however many sizes a run sends (a growing
+  cache sends a new size every step). Each host buffer carries the CUDA event of the last copy
+  that reads it, so that it is never overwritten or freed while an asynchronous copy still uses it.
+* **Bound**: the pooled (pinned) bytes of one communicator never exceed ``pool_bytes``
+  (config ``comm.staging_pool_mib``; default :attr:`MPIComm.POOL_BYTES`, 4 GiB). A buffer that would
+  pass it first frees idle slots (no message in flight); if that is not enough - many large
+  messages in flight at once, such as Lamina's prompt-KV hand-over, which posts every layer - the
+  message is staged through a *transient* pageable host buffer of its exact size, dropped when the
+  message completes (or, for a collective's slot, at its next use). Nothing waits, so no ordering
+  of sends and receives can deadlock on the pool; the copies of a transient buffer are slower
+  (pageable). ``staging_stats`` counts them (``transient``, ``transient_bytes``, ``evicted``) and
+  the first one per communicator warns once.
 
 Every buffer handed to MPI passes :meth:`MPIComm._mpi_buf`, which refuses a device buffer when
 MPI is not CUDA-aware: that would segfault, uncatchably, on every rank.
@@ -16,6 +24,7 @@ MPI is not CUDA-aware: that would segfault, uncatchably, on every rank.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -27,10 +36,11 @@ _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
 
 class _HostBuffer:
-    def __init__(self, nbytes: int, pinned: bool):
+    def __init__(self, nbytes: int, pinned: bool, transient: bool = False):
         self.nbytes = nbytes
         self.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         self.event = None                 # CUDA event after the last async copy that reads it
+        self.transient = transient        # over the pool's bound: pageable, dropped after its message
 
     def ready(self) -> None:
         if self.event is not None:
@@ -53,13 +63,17 @@ class MPIComm(Comm):
             exercise the staging logic with CPU tensors.
     """
 
+    POOL_BYTES = 4 << 30      # default bound of one communicator's pooled host bytes (module docstring)
+
     def __init__(self, mpi_comm, counters: Counters, *, gpu_aware: bool = False,
-                 is_device: Callable[[torch.Tensor], bool] | None = None):
+                 is_device: Callable[[torch.Tensor], bool] | None = None, pool_bytes: int | None = None):
         super().__init__(mpi_comm, counters)
         self.gpu_aware = gpu_aware
         self.is_device = is_device or (lambda t: t.device.type != "cpu")
         self._pool: dict[str, _HostBuffer] = {}
         self._inflight: set[str] = set()                 # slots of point-to-point messages in flight
+        self.pool_bytes = self.POOL_BYTES if pool_bytes is None else pool_bytes
+        self.staging_stats = {"transient": 0, "transient_bytes": 0, "evicted": 0}
         self.transport = "mpi_device" if gpu_aware else "mpi_staged"
 
     # -- buffers -------------------------------------------------------------------------------
@@ -91,16 +105,59 @@ class MPIComm(Comm):
         return reqs
 
     def _host(self, slot: str, like: torch.Tensor) -> _HostBuffer:
-        """The slot's host buffer, at least ``like``'s size, with no copy pending on it."""
+        """The slot's host buffer, at least ``like``'s size, with no copy pending on it; within the
+        pool's bound, or else transient (module docstring)."""
         nbytes = like.numel() * like.element_size()
         buf = self._pool.get(slot)
         if buf is not None:
             buf.ready()
+            if buf.transient:
+                del self._pool[slot]
+                buf = None
         if buf is None or buf.nbytes < nbytes:
             grown = nbytes if buf is None else max(nbytes, buf.nbytes * 3 // 2)
-            buf = _HostBuffer(grown, pinned=torch.cuda.is_available() and like.device.type == "cuda")
+            pinned = torch.cuda.is_available() and like.device.type == "cuda"
+            if not self._make_room(grown - (buf.nbytes if buf is not None else 0), slot):
+                if buf is not None:                      # the slot's small buffer goes too
+                    del self._pool[slot]
+                self._pool[slot] = buf = _HostBuffer(nbytes, pinned=False, transient=True)
+                self._transient(nbytes)
+                return buf
+            buf = _HostBuffer(grown, pinned=pinned)
             self._pool[slot] = buf
         return buf
+
+    def _pooled(self) -> int:
+        return sum(b.nbytes for b in self._pool.values() if not b.transient)
+
+    def _make_room(self, extra: int, slot: str) -> bool:
+        """Can ``extra`` more pooled bytes fit the bound? Frees idle slots (not ``slot``, no message
+        in flight) until they do; False if they cannot."""
+        if self._pooled() + extra <= self.pool_bytes:
+            return True
+        for key in [k for k, b in self._pool.items() if k != slot and k not in self._inflight and not b.transient]:
+            self._pool.pop(key).ready()
+            self.staging_stats["evicted"] += 1
+            if self._pooled() + extra <= self.pool_bytes:
+                return True
+        return False
+
+    def _transient(self, nbytes: int) -> None:
+        st = self.staging_stats
+        if not st["transient"]:
+            warnings.warn(f"staged MPI: the pinned host pool's bound ({self.pool_bytes} bytes) is reached with "
+                          f"messages in flight: a {nbytes}-byte message goes through a pageable host buffer "
+                          f"(slower copies; counted in staging_stats)", RuntimeWarning, stacklevel=3)
+        st["transient"] += 1
+        st["transient_bytes"] += nbytes
+
+    def _release(self, key: str) -> None:
+        """A point-to-point message's slot is free again (a transient buffer is dropped)."""
+        self._inflight.discard(key)
+        buf = self._pool.get(key)
+        if buf is not None and buf.transient:
+            buf.ready()
+            del self._pool[key]
 
     def _staged(self, t: torch.Tensor) -> bool:
         return self.is_device(t) and not self.gpu_aware
@@ -237,7 +294,7 @@ class MPIComm(Comm):
         def wait():
             MPI.Request.Waitall(reqs)
             if key is not None:
-                self._inflight.discard(key)
+                self._release(key)
         return Request(wait)
 
     def irecv(self, t, source, tag):
@@ -248,7 +305,7 @@ class MPIComm(Comm):
             def wait():
                 MPI.Request.Waitall(reqs)
                 self._from_host(h, t, key)
-                self._inflight.discard(key)
+                self._release(key)
             return Request(wait)
         reqs = [self.mpi.Irecv(piece, source=source, tag=mtag) for piece, mtag in self._pieces(t, tag)]
         return Request(lambda: MPI.Request.Waitall(reqs))

@@ -8,7 +8,8 @@ prefill time (model ranks: prefill + posting the KV hand-over), every decode ste
 how much of it the rank spent computing (busy) or waiting for data (wait); rank 0 writes the usual
 generate datasets plus ``lamina_busy_s`` / ``lamina_wait_s`` (repeats, steps, ranks) and
 ``lamina_bytes`` (ranks, phases), and attributes: roles, per-role utilisation (busy / step time),
-decode bytes per token, decode throughput (B / median step time).
+decode bytes per token, decode throughput (B / median step time), and per role whether its pieces
+between exchanges ran as CUDA graphs and why (:func:`graph_summary`; ``run.cuda_graphs``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def validate_config(cfg, world_size: int, cuda_available: bool, source: str) -> 
     if model_dev != attn_dev and cfg.comm.backend != "mpi":
         raise ConfigError(f"{source}: a mixed pool (model ranks on {model_dev}, attention ranks on {attn_dev}) "
                           f"needs comm.backend=mpi (nccl/gloo serve one device kind), got {cfg.comm.backend}")
+    if cfg.run.cuda_graphs == "true":
+        for key, dev in (("lamina.model_device", model_dev), ("lamina.attention_device", attn_dev)):
+            graph.decide("true", graph.blocker(device=dev, method="lamina", backend=cfg.comm.backend,
+                                               world_size=world_size),
+                         where=f"{source}: run.cuda_graphs ({key}={dev})")
     if cfg.comm.backend == "nccl" and "cpu" in (model_dev, attn_dev):
         raise ConfigError(f"{source}: comm.backend=nccl needs every Lamina role on cuda")
     if cfg.comm.backend == "gloo" and "cuda" in (model_dev, attn_dev):
@@ -156,7 +162,8 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     dec = LaminaDecoder(lay, ctx, role_ctx, model_args(c), kernel, DTYPES[c.shape.dtype], model,
-                        prefill=c.generate.prefill, ring_layout=c.ring.layout)
+                        prefill=c.generate.prefill, ring_layout=c.ring.layout, cuda_graphs=c.run.cuda_graphs,
+                        decode_products=c.run.decode_products)
     runs = []
     res = None
     for i in range(c.run.warmup + c.run.repeats):
@@ -169,7 +176,7 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
             "busy": np.asarray([r.busy_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "wait": np.asarray([r.wait_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "bytes": [res.bytes[ph] for ph in BYTE_PHASES], "role": role, "kernel": kernel.name,
-            "device": str(ctx.device), "mem": peak_memory(ctx.device)}
+            "device": str(ctx.device), "mem": peak_memory(ctx.device), **dec.graph_attrs()}
     per_rank = ctx.world.mpi.gather(mine, root=0)
     if ctx.rank != 0:
         return None, model
@@ -218,9 +225,7 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
     nbytes = np.asarray([pr["bytes"] for pr in per_rank], dtype=np.int64)   # (ranks, phases)
     B, steps = c.shape.batch, c.generate.new_tokens - 1
     step_max = step.max(axis=2) if steps else np.zeros((step.shape[0], 0))
-    why = graph.decide(c.run.cuda_graphs, graph.blocker(device=per_rank[0]["device"].split(":")[0], method="lamina",
-                                                        backend="", world_size=len(per_rank)))[1]
-    attrs = {"cuda_graphs": "eager", "cuda_graphs_reason": why,
+    attrs = {**graph_summary(per_rank),
              "lamina_model_ranks": lay.model_ranks, "lamina_attention_ranks": lay.attention_ranks,
              "lamina_microbatches": lay.microbatches, "lamina_roles": roles,
              "lamina_devices": [pr["device"] for pr in per_rank],
@@ -242,6 +247,27 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
             "lamina_bytes": (nbytes, {"units": "bytes", "phases": list(BYTE_PHASES), "roles": roles,
                                       "note": "payload sent per generation, warm-up excluded"})}
     return attrs, sets
+
+
+def graph_summary(per_rank: list[dict]) -> dict:
+    """Record attributes of the ranks' CUDA-graph modes ({"role", "cuda_graphs", "cuda_graphs_reason"}
+    per rank): per role ``lamina_<role>_cuda_graphs`` (``graph`` | ``eager``, or ``mixed`` when its
+    ranks differ) and ``lamina_<role>_cuda_graphs_reason``; ``cuda_graphs`` for the case (``graph``
+    when every rank captured, ``eager`` when none did, else ``mixed``) and ``cuda_graphs_reason``
+    (each role's reason)."""
+    attrs, reasons = {}, []
+    for role in (MODEL, "attention"):
+        mine = [pr for pr in per_rank if pr["role"] == role]
+        modes = sorted({pr["cuda_graphs"] for pr in mine})
+        why = "; ".join(sorted({pr["cuda_graphs_reason"] for pr in mine}))
+        attrs[f"lamina_{role}_cuda_graphs"] = modes[0] if len(modes) == 1 else "mixed"
+        attrs[f"lamina_{role}_cuda_graphs_reason"] = why
+        reasons.append(f"{role} ranks: {why}")
+    modes = {pr["cuda_graphs"] for pr in per_rank}
+    attrs["cuda_graphs"] = modes.pop() if len(modes) == 1 else "mixed"
+    same = attrs[f"lamina_{MODEL}_cuda_graphs_reason"] == attrs["lamina_attention_cuda_graphs_reason"]
+    attrs["cuda_graphs_reason"] = attrs["lamina_attention_cuda_graphs_reason"] if same else "; ".join(reasons)
+    return attrs
 
 
 class _Augment:

@@ -517,16 +517,23 @@ def add_parser(sub) -> None:
 
 def measure_link(ctx, peer: int, sizes: list[int], repeats: int = 20) -> dict[int, float]:
     """Ping-pong between this rank and ``peer`` through ``ctx.world`` isend/irecv (call on both):
-    {bytes: one-way seconds (half the median round trip)}. Each round trip ends with a device sync
-    (``ctx.sync``): NCCL's ``wait`` only orders the stream, so without it the host would time the
-    enqueue, not the transfer."""
+    {bytes: one-way seconds}, half the median round trip timed on the lower of the two ranks and
+    handed to the other, so both return the same figures.
+
+    The timer of a round trip stops only after ``ctx.sync()``: over NCCL, ``isend`` / ``irecv`` and
+    their ``wait()`` only enqueue the transfer and order the current stream after it, and the bytes
+    move later on the device; the device sync waits for them (host-staged MPI's ``wait`` already
+    blocks until the message is in place). The two ranks start each size together (a barrier)
+    and discard two warm-up round trips (NCCL sets up a rank pair's channels on first use)."""
     import torch
 
     out = {}
+    first = ctx.rank < peer
     for n in sizes:
         buf = torch.zeros(max(n // 4, 1), dtype=torch.float32, device=ctx.device)
         rbuf = torch.empty_like(buf)
-        first = ctx.rank < peer
+        ctx.sync()
+        ctx.world.barrier()
         ts = []
         for i in range(repeats + 2):
             t0 = time.perf_counter()
@@ -536,11 +543,14 @@ def measure_link(ctx, peer: int, sizes: list[int], repeats: int = 20) -> dict[in
             else:
                 ctx.world.irecv(rbuf, peer, 0).wait()
                 ctx.world.isend(buf, peer, 0).wait()
-            ctx.sync()
+            ctx.sync()                       # the transfer itself, not its enqueue
             if i >= 2:
                 ts.append(time.perf_counter() - t0)
         out[n] = float(np.median(ts)) / 2
-    return out
+    if first:
+        ctx.world.mpi.send(out, dest=peer, tag=77)
+        return out
+    return ctx.world.mpi.recv(source=peer, tag=77)
 
 
 def link_from_pingpong(times: dict[int, float]) -> Link:

@@ -172,7 +172,8 @@ def _run(cfg, world, args) -> int:
     # prints its one line and aborts the job (abort_on_error)
     with reading(f"communicator set-up (comm.backend={cfg.comm.backend}, device {device_kind})"):
         ctx = comm_mod.setup(world, device_kind=device_kind, backend=cfg.comm.backend,
-                             gpu_aware_setting=cfg.comm.gpu_aware_mpi, ranks_per_node=cfg.comm.ranks_per_node)
+                             gpu_aware_setting=cfg.comm.gpu_aware_mpi, ranks_per_node=cfg.comm.ranks_per_node,
+                             staging_pool_bytes=cfg.comm.staging_pool_mib << 20)
     cases = plan_cases(cfg, ctx.size)
     where = world.allgather((socket.gethostname(), str(ctx.device)))
     ranks_here = [h for h, _ in where].count(socket.gethostname())

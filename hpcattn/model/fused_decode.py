@@ -73,15 +73,16 @@ def _rotate(P, dd, m, HALF: tl.constexpr, cos, sin):
 
 @triton.jit
 def _rope_cache(Q, K, V, COS, SIN, QO, KB, VB, AT, sqb, sqh, skb, skh, svb, svh, sob, soh,
-                scb, sch, scs, Hq, D: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                scb, sch, scs, srb, Hq, D: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (b, j): j < Hq rotates q head j into QO; j >= Hq rotates k head j-Hq and stores it
-    and v's head into cache slot AT[0] of KB / VB (B, Hkv, cap, d)."""
+    and v's head into cache slot AT[0] of KB / VB (B, Hkv, cap, d). Row b's cos/sin start at
+    COS + b * srb (srb = 0: one position for every row)."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     dd = tl.arange(0, BLOCK_D)
     m = dd < D
-    cos = tl.load(COS + dd, mask=m, other=0.0)
-    sin = tl.load(SIN + dd, mask=m, other=0.0)
+    cos = tl.load(COS + b * srb + dd, mask=m, other=0.0)
+    sin = tl.load(SIN + b * srb + dd, mask=m, other=0.0)
     if j < Hq:
         y = _rotate(Q + b * sqb + j * sqh, dd, m, HALF, cos, sin)
         tl.store(QO + b * sob + j * soh + dd, y.to(QO.dtype.element_ty), mask=m)
@@ -95,19 +96,24 @@ def _rope_cache(Q, K, V, COS, SIN, QO, KB, VB, AT, sqb, sqh, skb, skh, svb, svh,
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   slot: tuple[torch.Tensor, torch.Tensor] | None, at: torch.Tensor) -> torch.Tensor:
-    """q (B, Hq, d), k, v (B, Hkv, d) (last dim contiguous); cos, sin (d,); slot = (k_buf, v_buf)
+                   slot: tuple[torch.Tensor, torch.Tensor] | None, at: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Hq, d), k, v (B, Hkv, d) (last dim contiguous); cos, sin (d,) (one position for every
+    row) or (B, d) contiguous (a position per row: Lamina's ragged prompts); slot = (k_buf, v_buf)
     (B, Hkv, cap, d) with unit last stride, or None (this rank stores nothing); at (1,) int64.
-    Returns rotated q (B, 1, Hq, d); stores rotated k and v at token slot ``at`` of the buffers."""
+    Returns rotated q (B, 1, Hq, d), in ``out`` when given (unit last stride); stores rotated k and v
+    at token slot ``at`` of the buffers."""
     B, Hq, d = q.shape
     Hkv = k.shape[1]
-    qo = torch.empty(B, 1, Hq, d, dtype=q.dtype, device=q.device)
+    qo = torch.empty(B, 1, Hq, d, dtype=q.dtype, device=q.device) if out is None else out
     kb, vb = slot if slot is not None else (k.view(B, Hkv, 1, d), v.view(B, Hkv, 1, d))
     assert kb.stride() == vb.stride() and kb.stride(-1) == 1 and q.stride(-1) == k.stride(-1) == 1
+    assert qo.shape == (B, 1, Hq, d) and qo.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    srb = 0 if cos.dim() == 1 else d
     _rope_cache[(B, Hq + (Hkv if slot is not None else 0))](
         q, k, v, cos, sin, qo, kb, vb, at, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), qo.stride(0), qo.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
-        Hq, D=d, HALF=d // 2, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
+        srb, Hq, D=d, HALF=d // 2, BLOCK_D=triton.next_power_of_2(d), num_warps=1)
     return qo
 
 
@@ -197,26 +203,57 @@ def decode_forward(model, token: torch.Tensor, pos: torch.Tensor, *,
         float32 logits (B, vocab).
     """
     a = model.args
-    B = token.shape[0]
-    nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    fused = fuse_projections(model)
     x = F.embedding(token, model.tok_embeddings.weight)                        # (B, dim)
     cos, sin = model.rope(pos, torch.float64 if x.dtype == torch.float64 else torch.float32)
     cos, sin = cos.view(-1), sin.view(-1)
-    qkv_p, w13_p = _product("rmsnorm", x, nq + 2 * nkv, products), _product("rmsnorm", x, 2 * a.ffn_dim, products)
-    o_p, down_p = _product("residual", x, a.dim, products), _product("silu_mul", x, a.dim, products)
-    head_p = _product("rmsnorm", x, a.vocab_size, products)
-    for i, (layer, f) in enumerate(zip(model.layers, fused)):
-        att, ffn = layer.attention, layer.feed_forward
-        qkv = _normed_product(x, layer.attention_norm, *f["qkv"], qkv_p)            # (B, nq + 2 nkv)
-        q = qkv[:, :nq].view(B, a.n_heads, a.head_dim)
-        k = qkv[:, nq:nq + nkv].view(B, a.n_kv_heads, a.head_dim)
-        v = qkv[:, nq + nkv:].view(B, a.n_kv_heads, a.head_dim)
-        o = attend(i, rope_and_cache(q, k, v, cos, sin, slot(i), at)).reshape(B, nq)
-        x = _residual_product(x, o, att.wo, o_p)
-        ab = _normed_product(x, layer.ffn_norm, *f["w13"], w13_p)                   # (B, 2 ffn) = [gate | up]
-        x = _residual_product(x, ab, ffn.w2, down_p, silu=True)
-    return _normed_product(x, model.norm, model.output.weight, model.output.bias, head_p, torch.float32)
+    prods = step_products(model, x, products)
+    for i in range(a.n_layers):
+        q = pre_attention(model, i, x, cos, sin, slot(i), at, prods)
+        x = post_attention(model, i, x, attend(i, q), prods)
+    return head(model, x, prods)
+
+
+def step_products(model, x: torch.Tensor, products: str = "auto") -> dict:
+    """The launch parameters of every product of a decode step of the token rows x (B, dim)
+    (:func:`_product`): keys qkv, w13, o, down, head; one dict serves every layer. Key ``fused``:
+    the layers' fused weights (:func:`fuse_projections`)."""
+    a = model.args
+    nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    return {"fused": fuse_projections(model), "qkv": _product("rmsnorm", x, nq + 2 * nkv, products),
+            "w13": _product("rmsnorm", x, 2 * a.ffn_dim, products), "o": _product("residual", x, a.dim, products),
+            "down": _product("silu_mul", x, a.dim, products),
+            "head": _product("rmsnorm", x, a.vocab_size, products)}
+
+
+def pre_attention(model, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  slot: tuple[torch.Tensor, torch.Tensor] | None, at: torch.Tensor, prods: dict,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Layer i before its attention: RMSNorm + the q/k/v product (one), RoPE of q and k, k and v
+    stored at slot ``at`` of ``slot`` (:func:`rope_and_cache`). x (B, dim); cos, sin (d,) or (B, d);
+    prods from :func:`step_products`. Returns the rotated q (B, 1, Hq, d) (in ``out`` if given)."""
+    a = model.args
+    B = x.shape[0]
+    nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    f = prods["fused"][i]
+    qkv = _normed_product(x, model.layers[i].attention_norm, *f["qkv"], prods["qkv"])   # (B, nq + 2 nkv)
+    q = qkv[:, :nq].view(B, a.n_heads, a.head_dim)
+    k = qkv[:, nq:nq + nkv].view(B, a.n_kv_heads, a.head_dim)
+    v = qkv[:, nq + nkv:].view(B, a.n_kv_heads, a.head_dim)
+    return rope_and_cache(q, k, v, cos, sin, slot, at, out=out)
+
+
+def post_attention(model, i: int, x: torch.Tensor, o: torch.Tensor, prods: dict) -> torch.Tensor:
+    """Layer i after its attention: x + wo(o) (one product), then x + w2(silu(w1 h) * w3 h) with
+    h = RMSNorm(x) (two products). x (B, dim), o (B, 1, Hq, d) or (B, Hq*d) -> x (B, dim)."""
+    layer, f = model.layers[i], prods["fused"][i]
+    x = _residual_product(x, o.reshape(x.shape[0], -1), layer.attention.wo, prods["o"])
+    ab = _normed_product(x, layer.ffn_norm, *f["w13"], prods["w13"])                   # (B, 2 ffn) = [gate | up]
+    return _residual_product(x, ab, layer.feed_forward.w2, prods["down"], silu=True)
+
+
+def head(model, x: torch.Tensor, prods: dict) -> torch.Tensor:
+    """Final RMSNorm and the vocabulary product: x (B, dim) -> float32 logits (B, vocab)."""
+    return _normed_product(x, model.norm, model.output.weight, model.output.bias, prods["head"], torch.float32)
 
 
 def _normed_product(x: torch.Tensor, norm, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict | None,

@@ -101,7 +101,8 @@ def _cells(r: dict) -> list[str]:
 
 LAMINA_KEYS = ["lamina_model_ranks", "lamina_attention_ranks", "lamina_microbatches", "decode_tok_s",
                "bytes_per_token", "handover_bytes", "lamina_model_util", "lamina_attention_util",
-               "lamina_model_wait_frac", "lamina_attention_wait_frac"]
+               "lamina_model_wait_frac", "lamina_attention_wait_frac", "lamina_model_cuda_graphs",
+               "lamina_attention_cuda_graphs"]
 
 
 def _lamina_line(r: dict) -> str:
@@ -111,7 +112,8 @@ def _lamina_line(r: dict) -> str:
             f"{r['lamina_microbatches']} micro-batches: busy model {pct('lamina_model_util')} / attention "
             f"{pct('lamina_attention_util')}, waiting {pct('lamina_model_wait_frac')} / "
             f"{pct('lamina_attention_wait_frac')}; {r.get('bytes_per_token', 0):.0f} B/token; "
-            f"decode {r.get('decode_tok_s', 0):.4g} tok/s")
+            f"decode {r.get('decode_tok_s', 0):.4g} tok/s; steps {r.get('lamina_model_cuda_graphs', 'eager')} / "
+            f"{r.get('lamina_attention_cuda_graphs', 'eager')}")
 
 
 def format_table(rows: list[dict]) -> str:

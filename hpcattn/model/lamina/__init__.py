@@ -4,17 +4,20 @@ applied to a finished model from outside (the model, :mod:`hpcattn.model.llama`,
 The one door to the package:
 
 * :mod:`~hpcattn.model.lamina.decoder` - the roles (:class:`Layout`), the schedule and the
-  per-layer exchange of :class:`LaminaDecoder`, the per-slice ops (:func:`project_q`,
-  :func:`project_kv`, :func:`finish_layer`, :func:`fold_new_token`, :func:`append_new_token`) and the
-  one-process reference (:func:`reference_generate`);
-* :mod:`~hpcattn.model.lamina.steps` - each role's decode step as one static callable (the graph
-  variant the cost model measures: :class:`ModelRole`, :class:`AttentionRole`).
+  per-layer exchange of :class:`LaminaDecoder`, and the one-process reference
+  (:func:`reference_generate`);
+* :mod:`~hpcattn.model.lamina.ops` - the per-slice ops (:func:`project_q`, :func:`project_kv`,
+  :func:`finish_layer`, :func:`fold_new_token`, :func:`append_new_token`);
+* :mod:`~hpcattn.model.lamina.steps` - each role's work between exchanges as static callables
+  (graph mode, and what the cost model measures: :class:`ModelSlices`, :class:`ModelRole`,
+  :class:`AttentionRole`).
 
 The Lamina case of the generate job (config, record, estimate) is :mod:`hpcattn.jobs.lamina`; the
 cost model and the ``lamina-cost`` command :mod:`hpcattn.jobs.lamina_cost`. Reads no config.
 """
 
 from hpcattn.model.lamina.decoder import (BYTE_PHASES, DECODE_PHASES, MODEL, LaminaDecoder, Layout,  # noqa: F401
-                                          RankResult, append_new_token, finish_layer, fold_new_token,
-                                          kept_indices, project_kv, project_q, reference_generate)
-from hpcattn.model.lamina.steps import AttentionRole, ModelRole, exchange_buffers, split_step  # noqa: F401
+                                          RankResult, kept_indices, reference_generate)
+from hpcattn.model.lamina.ops import (append_new_token, finish_layer, fold_new_token, project_kv,  # noqa: F401
+                                      project_q)
+from hpcattn.model.lamina.steps import AttentionRole, ModelRole, ModelSlices, exchange_buffers, split_step  # noqa: F401

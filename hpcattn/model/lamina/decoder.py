@@ -44,10 +44,22 @@ non-blocking send per attention rank of its heads of their prompt-KV shard, so t
 layer l overlaps the prefill of layers > l; attention ranks wait for layer l's pieces only when
 their first attention of layer l needs them (decode step 0).
 
-**Eager**: every op of a slice or an attention item is its own host launch (no CUDA graph, no
-fused forward; ``run.cuda_graphs: true`` is a config error for Lamina). What the two roles' work
-would take with their launches captured is measured by ``benchmarks/lamina_measure.py`` over
-:mod:`hpcattn.model.lamina.steps`.
+**CUDA graphs** (``cuda_graphs``: ``run.cuda_graphs``, :mod:`hpcattn.graph`): on a CUDA rank
+(``auto``), each role's work between two exchanges is captured once and replayed every step, over
+static buffers; the exchanges (isend / irecv of the static buffers) stay outside the graphs, so this
+works over every transport (host-staged MPI, CUDA-aware MPI, NCCL). A model rank captures, per
+micro-batch, one piece per layer k - layer k-1's post-attention (o product + residual, norm, FFN)
+and layer k's pre-attention (norm, fused q/k/v product, RoPE per row), for k = 0 the last layer's
+post-attention, the head, the greedy token, the next position and its embedding in front - and the
+last slice of a generation (:class:`hpcattn.model.lamina.steps.ModelSlices`, the ops of the captured
+colocated step, :mod:`hpcattn.model.fused_decode`); an attention rank captures, per micro-batch,
+one piece per layer: Lean over the prefix with device lengths, the new token's fold and its append
+at device slots (:class:`hpcattn.model.lamina.steps.AttentionRole`). The pieces are captured before
+the prefill of the first generation of a (prompt lengths, tokens) shape, so that no message is in
+flight, and reused by the following generations. A static send buffer is rewritten only after its
+previous send completed. CPU ranks and ``false`` run eagerly: every op of a slice or an attention
+item is its own host launch (the plain model, the configured kernel). Each rank's mode and why:
+:meth:`LaminaDecoder.graph_attrs` (the record's per-role ``lamina_*_cuda_graphs``).
 
 Shapes (hpcattn convention): tokens (B, N) int64; q (B_j, 1, Hq, d), k, v (B_j, 1, Hkv, d);
 logits (B_j, vocab) float32.
@@ -62,10 +74,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hpcattn.kernels import Kernel, merge_pair
+from hpcattn import graph
+from hpcattn.kernels import Kernel
 from hpcattn.methods.sharding import contiguous_bounds, layout_indices
-from hpcattn.model.llama import ModelArgs, apply_rope
 from hpcattn.model.kv_cache import ShardedKVCache
+from hpcattn.model.lamina.ops import append_new_token, finish_layer, fold_new_token, project_kv, project_q
+from hpcattn.model.lamina.steps import AttentionRole, ModelSlices
+from hpcattn.model.llama import ModelArgs
 from hpcattn.model.runner import ModelRunner
 
 MODEL, ATTENTION = "model", "attention"
@@ -186,6 +201,12 @@ class _Clock:
         return out
 
 
+# Lamina's captured pieces are tested on CPU (capture stood in by plain calls) but have not yet run on
+# a GPU: under run.cuda_graphs=auto Lamina stays eager until they have; run.cuda_graphs=true runs them.
+UNVALIDATED = ("lamina's captured pieces have not been validated on a GPU yet (issue 27): eager under "
+               "run.cuda_graphs=auto; run.cuda_graphs=true captures them")
+
+
 class LaminaDecoder:
     """One rank's part of a Lamina generation (collective over ``ctx.world``).
 
@@ -198,7 +219,8 @@ class LaminaDecoder:
     """
 
     def __init__(self, layout: Layout, ctx, role_ctx, args: ModelArgs, kernel: Kernel, dtype: torch.dtype,
-                 model=None, prefill: str = "ring", ring_layout: str = "zigzag"):
+                 model=None, prefill: str = "ring", ring_layout: str = "zigzag", cuda_graphs: str = "false",
+                 decode_products: str = "auto"):
         self.layout, self.ctx, self.role_ctx = layout, ctx, role_ctx
         self.args, self.kernel, self.dtype, self.model = args, kernel, dtype, model
         self.prefill_method, self.ring_layout = prefill, ring_layout
@@ -207,6 +229,45 @@ class LaminaDecoder:
         self.scale = args.head_dim ** -0.5
         if self.role == MODEL and model is None:
             raise ValueError("a model rank needs the model")
+        self.cuda_graphs, self.decode_products = cuda_graphs, decode_products
+        self.graph_on, self.graph_why = self._graph_decision()
+        self._graphs: dict = {}           # graph mode: the captured pieces, buffers and cache of one (lengths, n)
+        self._inflight: dict = {}         # graph mode: (micro-batch, layer) -> sends still reading its buffers
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    def _graph_decision(self) -> tuple[bool, str]:
+        """(capture this rank's pieces?, why) from ``cuda_graphs`` (:func:`hpcattn.graph.decide`):
+        a CUDA rank captures (the exchange stays outside the graphs, so any transport works); the
+        attention role also needs the Lean kernel (device lengths)."""
+        reason = graph.blocker(device=self.ctx.device.type, method="lamina", backend=self.ctx.backend,
+                               world_size=self.ctx.size)
+        if reason is None and self.cuda_graphs == "auto":
+            reason = UNVALIDATED
+        if reason is None and self.role != MODEL:
+            self._lean, reason = graph.lean_for_graphs(self.ctx.device, self.dtype, self.args.head_dim)
+        on, why = graph.decide(self.cuda_graphs, reason)
+        if on:
+            why = ("each role's work between two exchanges captured once per shape (per layer and micro-batch) "
+                   "and replayed every step; the exchanges run outside the graphs")
+        return on, why
+
+    def graph_attrs(self) -> dict:
+        """This rank's mode: {"cuda_graphs": "graph" | "eager", "cuda_graphs_reason": why}."""
+        return {"cuda_graphs": "graph" if self.graph_on else "eager", "cuda_graphs_reason": self.graph_why}
+
+    def _captured(self, lengths: list[int], n: int, build) -> dict:
+        """The captured pieces of this (lengths, n), built by ``build()`` -> dict on first use (the
+        capture's warm-up calls run for real: ``build`` restores what they change)."""
+        key = (tuple(lengths), n)
+        if self._graphs.get("key") != key:
+            self._graphs = {"key": key, **build()}
+        return self._graphs
+
+    def _replay(self, j: int, k, piece):
+        """Replay ``piece`` after the sends of its buffers' previous contents are done."""
+        for r in self._inflight.pop((j, k), ()):
+            r.wait()
+        return piece()
 
     # -- schedule ------------------------------------------------------------------------------
     def _slices(self, n: int) -> int:
@@ -226,6 +287,9 @@ class LaminaDecoder:
         ctx = self.ctx
         ctx.counters.reset()
         t0 = time.perf_counter()
+        self._inflight = {}
+        if self.graph_on and self.role == MODEL:          # captured before any message is in flight
+            self._model_pieces(lengths, new_tokens)
         if self.role == MODEL:
             state = self._model_prefill(tokens, lengths, new_tokens)
         else:
@@ -305,6 +369,101 @@ class LaminaDecoder:
     def _post(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         return finish_layer(self.model, layer, x, o)
 
+    def _eager_item(self, s: int, j: int, t: int, k: int, n: int, lengths: list[int], state: dict, xs: dict,
+                    o, out: dict, keep_logits: bool, step_sends: list) -> None:
+        """Slice s of micro-batch j, one host launch per op: the previous layer's post-attention
+        with its output o (B_j, 1, Hq, d) (k = 0: the last layer's, the head and the token), then
+        layer k's pre-attention and its sends (and the residual's migration)."""
+        lay, L = self.layout, self.args.n_layers
+        b0, b1 = lay.rows(j)
+        dev = state["logits"].device
+        if k == 0:
+            if s == 0:
+                lg = state["logits"][b0:b1]
+            else:
+                x = self._post(L - 1, xs[j], o)
+                lg = self.model.logits(x)[:, -1]
+            tok = lg.argmax(dim=-1)
+            out[(j, t)] = (tok, lg if keep_logits else None)      # to the host after the loop
+            x = self.model.tok_embeddings(tok[:, None]) if t < n - 1 else None   # t = n-1: done
+        else:
+            x = self._post(k - 1, xs[j], o)
+        if x is not None:
+            if self._rope[0] != (j, t):                  # once per micro-batch and token, not per layer
+                pos = torch.tensor([lengths[b] + t for b in range(b0, b1)], device=dev)
+                cos, sin = self.model.rope(pos, torch.float64 if self.dtype == torch.float64 else torch.float32)
+                self._rope = (j, t), (cos[:, None, :], sin[:, None, :])   # (B_j, 1, d): per-row
+            self._pre(k, x, *self._rope[1], step_sends)
+            nxt = lay.model_rank(j, s + 1)
+            if nxt == self.rank:
+                xs[j] = x
+            else:
+                with ctx_phase(self.ctx, "migrate"):
+                    step_sends.append(self.ctx.world.isend(x.contiguous(), nxt, TAG_X))
+
+    def _model_pieces(self, lengths: list[int], n: int) -> dict:
+        """Graph mode: per micro-batch its :class:`hpcattn.model.lamina.steps.ModelSlices` and the
+        captured pieces - one per layer k (the slice ending with layer k's sends) and the last
+        slice of a generation - captured once per (lengths, n) and replayed by every generation."""
+        def build() -> dict:
+            segs, pieces = [], []
+            for j in range(self.layout.microbatches):
+                b0, b1 = self.layout.rows(j)
+                seg = ModelSlices(self.model, b1 - b0, self.layout.attention_ranks, self.decode_products,
+                                  prompt_lengths=lengths[b0:b1])
+                saved = [x.clone() for x in seg.state()]
+                got = {k: graph.StepGraph(lambda k=k, seg=seg: seg.slice(k), warmup=1)
+                       for k in range(self.args.n_layers)}
+                got["last"] = graph.StepGraph(seg.last, warmup=1)
+                for x, v in zip(seg.state(), saved):               # undo the warm-up calls
+                    x.copy_(v)
+                segs.append(seg)
+                pieces.append(got)
+            return {"segs": segs, "pieces": pieces}
+
+        return self._captured(lengths, n, build)
+
+    def _model_item(self, seg, s: int, j: int, t: int, k: int, n: int, lengths: list[int], state: dict,
+                    x_in, out: dict, keep_logits: bool, step_sends: list) -> None:
+        """Graph mode: slice s of micro-batch j as one replay of its captured piece (s = 0: the
+        same slice eagerly, from the prefill's logits), then its sends from the static buffers.
+        ``x_in``: the residual stream (B_j, 1, dim) migrated from another model rank, or None."""
+        lay, L = self.layout, self.args.n_layers
+        b0, b1 = lay.rows(j)
+        pieces = self._graphs["pieces"][j]
+        if x_in is not None:
+            seg.x.copy_(x_in.view_as(seg.x))
+        if k == 0:
+            if s == 0:
+                lg = state["logits"][b0:b1]
+                seg.token.copy_(lg.argmax(dim=-1))
+                seg.pos.copy_(seg.base)
+                self._replay(j, 0, seg.begin)                  # eager: once per generation
+            else:
+                torch.add(seg.base, t - 1, out=seg.pos)        # the slice advances it to base + t
+                lg = self._replay(j, 0, pieces[0] if t < n - 1 else pieces["last"])
+            seg.t = t
+            out[(j, t)] = (seg.token.clone(), lg.clone() if keep_logits else None)
+            if t == n - 1:
+                return
+        else:
+            if seg.t != t:                                     # rotation: token t began on another model rank
+                seg.position(t)
+                seg.t = t
+            self._replay(j, k, pieces[k])
+        M = lay.model_ranks
+        reqs = []
+        with ctx_phase(self.ctx, "q"):
+            reqs += [self.ctx.world.isend(seg.q_out[k][ai], M + ai, TAG_Q) for ai in range(lay.attention_ranks)]
+        with ctx_phase(self.ctx, "kv"):
+            reqs += [self.ctx.world.isend(seg.kv_out[k][ai], M + ai, TAG_KV) for ai in range(lay.attention_ranks)]
+        self._inflight[(j, k)] = reqs
+        step_sends.extend(reqs)
+        nxt = lay.model_rank(j, s + 1)
+        if nxt != self.rank:
+            with ctx_phase(self.ctx, "migrate"):
+                step_sends.append(self.ctx.world.isend(seg.x.clone().view(b1 - b0, 1, -1), nxt, TAG_X))
+
     def _model_decode(self, state: dict, lengths: list[int], n: int, clock: _Clock, keep_logits: bool) -> dict:
         lay, a = self.layout, self.args
         L, M, A = a.n_layers, lay.model_ranks, lay.attention_ranks
@@ -316,15 +475,18 @@ class LaminaDecoder:
         xs: dict[int, torch.Tensor] = {}
         out: dict[tuple[int, int], tuple] = {}          # (j, t) -> (tokens, logits) sampled here
         sends: deque = deque((0, r) for r in state["sends"])          # (step, request), waited a step late
-        rope_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        rope_key, rope_cs = None, None                   # (j, t) and its (cos, sin): the item in hand
+        self._rope = (None, None)                        # (j, t) and its (cos, sin): the item in hand (eager)
+        segs = self._model_pieces(lengths, n)["segs"] if self.graph_on else None
+        for seg in segs or ():
+            seg.t = None
 
         def post(item):
             s, j = item
             if item in posted or s == 0:
                 return
             b0, b1 = lay.rows(j)
-            o = torch.empty(A, b1 - b0, 1, g_size, a.head_dim, dtype=self.dtype, device=dev)
+            o = (segs[j].o_in[(s - 1) % L] if segs is not None else
+                 torch.empty(A, b1 - b0, 1, g_size, a.head_dim, dtype=self.dtype, device=dev))
             reqs = [self.ctx.world.irecv(o[ai], M + ai, TAG_OUT) for ai in range(A)]
             x = None
             if M > 1:                            # the residual stream migrates with the slice
@@ -340,34 +502,17 @@ class LaminaDecoder:
             if s > 0:
                 o, x_in, reqs = posted.pop((s, j))
                 clock.waited(step, reqs)
-                o = o.permute(1, 2, 0, 3, 4).reshape(b1 - b0, 1, a.n_heads, a.head_dim)
+                if segs is None:
+                    o = o.permute(1, 2, 0, 3, 4).reshape(b1 - b0, 1, a.n_heads, a.head_dim)
                 if x_in is not None:
                     xs[j] = x_in
             c0 = time.perf_counter()
             step_sends: list = []
-            if k == 0:
-                if s == 0:
-                    lg = state["logits"][b0:b1]
-                else:
-                    x = self._post(L - 1, xs[j], o)
-                    lg = self.model.logits(x)[:, -1]
-                tok = lg.argmax(dim=-1)
-                out[(j, t)] = (tok, lg if keep_logits else None)      # to the host after the loop
-                x = self.model.tok_embeddings(tok[:, None]) if t < n - 1 else None   # t = n-1: done
+            if segs is not None:
+                self._model_item(segs[j], s, j, t, k, n, lengths, state, xs.pop(j, None), out, keep_logits,
+                                 step_sends)
             else:
-                x = self._post(k - 1, xs[j], o)
-            if x is not None:
-                if rope_key != (j, t):                  # once per micro-batch and token, not per layer
-                    pos = torch.tensor([lengths[b] + t for b in range(b0, b1)], device=dev)
-                    cos, sin = self.model.rope(pos, rope_dtype)
-                    rope_key, rope_cs = (j, t), (cos[:, None, :], sin[:, None, :])   # (B_j, 1, d): per-row
-                self._pre(k, x, *rope_cs, step_sends)
-                nxt = lay.model_rank(j, s + 1)
-                if nxt == self.rank:
-                    xs[j] = x
-                else:
-                    with ctx_phase(self.ctx, "migrate"):
-                        step_sends.append(self.ctx.world.isend(x.contiguous(), nxt, TAG_X))
+                self._eager_item(s, j, t, k, n, lengths, state, xs, o, out, keep_logits, step_sends)
             clock.computed(step, c0)
             clock.finished(step)
             sends.extend((step, r) for r in step_sends)
@@ -385,7 +530,8 @@ class LaminaDecoder:
         lo, hi = lay.kv_heads(ai)
         h = hi - lo
         dev = self.ctx.device
-        cache = ShardedKVCache(a.n_layers, lay.batch, h, a.head_dim, max(lengths) + n - 1, self.dtype, dev)
+        cache = (self._attention_pieces(lengths, n)["cache"] if self.graph_on else
+                 ShardedKVCache(a.n_layers, lay.batch, h, a.head_dim, max(lengths) + n - 1, self.dtype, dev))
         pending = [[] for _ in range(a.n_layers)]     # per layer: (buffer, request, rows, token indices)
         for plen, rows in _length_groups(lengths):
             for r in range(lay.model_ranks):
@@ -394,6 +540,37 @@ class LaminaDecoder:
                     buf = torch.empty(2, len(rows), h, len(idx), a.head_dim, dtype=self.dtype, device=dev)
                     pending[layer].append((buf, self.ctx.world.irecv(buf, r, TAG_PROMPT_KV), rows, idx))
         return {"cache": cache, "pending": pending}
+
+    def _attention_pieces(self, lengths: list[int], n: int) -> dict:
+        """Graph mode: the head-split cache (static: the pieces read it by address), per
+        micro-batch its :class:`hpcattn.model.lamina.steps.AttentionRole` (rows of the micro-batch,
+        device lengths and slots) and one captured piece per layer (Lean over the prefix, the new
+        token's fold, its append; the last layer's also advances the lengths), captured once per
+        (lengths, n) and replayed by every generation."""
+        lay, a = self.layout, self.args
+        ai = self.rank - lay.model_ranks
+        lo, hi = lay.kv_heads(ai)
+        qlo, qhi = lay.q_heads(ai)
+        L = a.n_layers
+
+        def piece(role, k: int) -> None:
+            role.layer(k)
+            if k == L - 1:
+                role.advance()
+
+        def build() -> dict:
+            cache = ShardedKVCache(L, lay.batch, hi - lo, a.head_dim, max(lengths) + n - 1, self.dtype,
+                                   self.ctx.device)
+            roles, pieces = [], []
+            for j in range(lay.microbatches):
+                b0, b1 = lay.rows(j)
+                role = AttentionRole(self._lean, cache, qhi - qlo, rows=(b0, b1), prefix=lengths[b0:b1])
+                pieces.append({k: graph.StepGraph(lambda k=k, role=role: piece(role, k), warmup=1) for k in range(L)})
+                role.set_prefix(lengths[b0:b1])                   # undo the warm-up calls' advance
+                roles.append(role)
+            return {"cache": cache, "roles": roles, "pieces": pieces}
+
+        return self._captured(lengths, n, build)
 
     def _attention_decode(self, state: dict, lengths: list[int], n: int, clock: _Clock) -> None:
         lay, a = self.layout, self.args
@@ -409,14 +586,22 @@ class LaminaDecoder:
         sends: deque = deque()
         ragged = len(set(lengths)) > 1
 
+        roles = self._graphs["roles"] if self.graph_on else None
+        if roles is not None:
+            for j, role in enumerate(roles):
+                role.set_prefix(lengths[role.b0:role.b1])
+
         def post(item):
             if item in posted:
                 return
             s, j = item
             b0, b1 = lay.rows(j)
             src = lay.model_rank(j, s)
-            q = torch.empty(b1 - b0, 1, qhi - qlo, a.head_dim, dtype=self.dtype, device=dev)
-            kv = torch.empty(2, b1 - b0, 1, h, a.head_dim, dtype=self.dtype, device=dev)
+            if roles is not None:                   # graph mode: the static buffers of its piece
+                q, kv = roles[j].q[s % L], roles[j].kv[s % L]
+            else:
+                q = torch.empty(b1 - b0, 1, qhi - qlo, a.head_dim, dtype=self.dtype, device=dev)
+                kv = torch.empty(2, b1 - b0, 1, h, a.head_dim, dtype=self.dtype, device=dev)
             posted[item] = (q, kv, self.ctx.world.irecv(q, src, TAG_Q), self.ctx.world.irecv(kv, src, TAG_KV))
 
         for s, j in _posting_ahead(items, post):
@@ -432,6 +617,19 @@ class LaminaDecoder:
                 clock.computed(step, c0)
             q, kv, rq, rkv = posted.pop((s, j))
             b0, b1 = lay.rows(j)
+            if roles is not None:
+                clock.waited(step, [rq, rkv])
+                c0 = time.perf_counter()
+                self._replay(j, k, self._graphs["pieces"][j][k])
+                with ctx_phase(self.ctx, "out"):
+                    req = self.ctx.world.isend(roles[j].o[k], lay.model_rank(j, s + 1), TAG_OUT)
+                self._inflight[(j, k)] = [req]
+                clock.computed(step, c0)
+                clock.finished(step)
+                sends.append((step, req))
+                while sends and sends[0][0] < step - 1:
+                    sends.popleft()[1].wait()
+                continue
             prefix = [lengths[b] + t for b in range(b0, b1)]
             clock.waited(step, [rq])
             c0 = time.perf_counter()
@@ -454,7 +652,6 @@ class LaminaDecoder:
             r.wait()
 
 
-
 def _posting_ahead(items: list[tuple[int, int]], post) -> Iterator[tuple[int, int]]:
     """Yield the (slice, micro-batch) ``items`` in order, posting each one's receives (``post``)
     one item ahead, as "When receives are posted" in the module docstring says: before the current
@@ -473,49 +670,6 @@ def _posting_ahead(items: list[tuple[int, int]], post) -> Iterator[tuple[int, in
 
 
 # -- the compute pieces (also timed by the cost model's measurements) ---------------------------------
-
-def project_q(model, layer: int, h: torch.Tensor, cos, sin) -> torch.Tensor:
-    """Post-RoPE q (B, 1, Hq, d) of the normed hidden h (B, 1, dim); cos/sin (S, d) or (B, 1, d)."""
-    a = model.args
-    return apply_rope(model.layers[layer].attention.wq(h).view(h.shape[0], 1, a.n_heads, a.head_dim), cos, sin)
-
-
-def project_kv(model, layer: int, h: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-RoPE k and v (B, 1, Hkv, d) of the normed hidden h (B, 1, dim)."""
-    a, att = model.args, model.layers[layer].attention
-    B = h.shape[0]
-    return (apply_rope(att.wk(h).view(B, 1, a.n_kv_heads, a.head_dim), cos, sin),
-            att.wv(h).view(B, 1, a.n_kv_heads, a.head_dim))
-
-
-def finish_layer(model, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """Output projection, residual and FFN of ``layer`` (as :class:`hpcattn.model.llama.Block`):
-    x (B, 1, dim), o (B, 1, Hq, d) -> x (B, 1, dim)."""
-    blk = model.layers[layer]
-    x = x + blk.attention.wo(o.reshape(x.shape[0], 1, -1))
-    return x + blk.feed_forward(blk.ffn_norm(x))
-
-
-def fold_new_token(q, kv, o_prev, lse_prev, scale: float, G: int) -> torch.Tensor:
-    """Merge the cached prefix's state with the new token's own state (out = v_new, lse = scale
-    q.k_new; spec section 5.3, in LSE form): q (B, 1, h*G, d), kv (2, B, 1, h, d), o_prev
-    (B, 1, h*G, d), lse_prev (B, h*G, 1) -> out (B, 1, h*G, d) in q's dtype."""
-    acc = lse_prev.dtype
-    k_new = kv[0].repeat_interleave(G, dim=2).to(acc)             # (B, 1, h*G, d)
-    v_new = kv[1].repeat_interleave(G, dim=2)
-    s_new = (q.to(acc) * k_new).sum(-1).transpose(1, 2) * scale   # (B, h*G, 1)
-    out, _ = merge_pair(o_prev, lse_prev, v_new, s_new)
-    return out.to(q.dtype).contiguous()
-
-
-def append_new_token(buf: torch.Tensor, kv: torch.Tensor, rows, slots: list[int]) -> None:
-    """Store the new token's k, v (2, Bj, 1, h, d) in one layer's head-major cache buf
-    (2, B, h, cap, d): sequence rows[i] (a range of B) at token slot slots[i]."""
-    dev = buf.device
-    r = torch.arange(rows.start, rows.stop, device=dev)
-    at = torch.tensor(slots, device=dev)
-    buf[0, r, :, at] = kv[0, :, 0]
-    buf[1, r, :, at] = kv[1, :, 0]
 
 
 def ctx_phase(ctx, name: str):
