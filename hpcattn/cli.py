@@ -166,7 +166,8 @@ def _resolve(args, world_size: int):
     if not cfg.run.output:
         cfg.run.output = f"runs/{cfg.job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.h5"
     if not args.dry_run:
-        from hpcattn.results.hdf5 import check_output_path
+        from hpcattn.results.hdf5 import check_output_collision, check_output_path
+        check_output_collision(cfg.run.output, *_files_read(args.config, cfg))
         check_output_path(cfg.run.output)
     if cfg.job != "generate" and not cfg.methods:
         raise HpcattnError(f"{args.config}: methods must list at least one method "
@@ -194,6 +195,27 @@ def _resolve(args, world_size: int):
         raise HpcattnError(f"{args.config}: comm.ranks_per_node={cfg.comm.ranks_per_node} does not divide "
                            f"the {p} ranks")
     return config.to_dict(cfg), p
+
+
+def _files_read(config_path: str, cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The files a run of ``cfg`` reads, which -o must never name: ([(what, path)], [(what, folder
+    whose files it reads)]). (Path keys are not sweep axes.)"""
+    from hpcattn.model.llama import _preset_dirs
+
+    files, dirs = [("the config file", config_path)], []
+    if cfg.inputs.source == "file" and cfg.inputs.path:
+        files.append(("inputs.path", cfg.inputs.path))
+    if cfg.apb.retaining_heads_path:
+        files.append(("apb.retaining_heads_path", cfg.apb.retaining_heads_path))
+    if cfg.job == "generate":
+        if cfg.generate.prompt_ids:
+            files.append(("generate.prompt_ids", cfg.generate.prompt_ids))
+        if cfg.model.path:
+            dirs.append(("model.path", cfg.model.path))
+        else:
+            files += [("model.preset", str(d / f"{cfg.model.preset}.yaml")) for d in _preset_dirs()]
+            files.append(("model.preset", cfg.model.preset))
+    return files, dirs
 
 
 def _print_plan(cfg, p: int) -> None:

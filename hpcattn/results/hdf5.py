@@ -201,6 +201,58 @@ def check_output_path(path: str) -> None:
         raise InputError(_leftover_message(tmp, None))
 
 
+# names of the files a run writes beside NAME (and recover/merge): an output named like one of them
+# would be written over by another run's NAME, or write over it
+WORK_SUFFIXES = (".tmp", ".tmp.d", ".lock", ".merging", ".unmerged")
+
+
+def check_output_collision(path: str, reads: list[tuple[str, str]],
+                           read_dirs: list[tuple[str, str]] = ()) -> None:
+    """Raise InputError (one line naming both paths) when the record ``path`` or a file the run
+    writes beside it (``NAME.tmp``, ``NAME.tmp.lock``) is a file the run reads, or when ``path`` is
+    named like another record's work file.
+
+    ``reads`` lists (what the file is, e.g. ``"inputs.path"``, its path); ``read_dirs`` lists
+    (key, directory whose files the run reads: ``model.path``, any file in it).
+    Nothing is written: call it before anything touches the file system."""
+    p = Path(path)
+    for suffix in WORK_SUFFIXES:
+        if p.name.endswith(suffix) and len(p.name) > len(suffix):
+            owner = p.name[: -len(suffix)]
+            if suffix == ".lock" and owner.endswith(".tmp"):
+                owner = owner[: -len(".tmp")]
+            raise InputError(f"output {path}: a name ending in {suffix} is what a run writing "
+                             f"{p.with_name(owner)} uses for its own work files; give another name "
+                             f"(names ending in {', '.join(WORK_SUFFIXES)} are refused)")
+    tmp = p.with_name(p.name + ".tmp")
+    written = {"the record": p, "its work file": tmp, "its lock": lock_path(tmp)}
+
+    def same(a: Path, b: Path) -> bool:
+        try:
+            if a.exists() and b.exists():
+                return os.path.samefile(a, b)
+        except OSError:
+            pass
+        return os.path.abspath(a) == os.path.abspath(b)
+
+    for what, read in reads:
+        if not read or not Path(read).is_file():       # (a missing input is reported on its own)
+            continue
+        for role, w in written.items():
+            if same(w, Path(read)):
+                where = "" if role == "the record" else f" ({role} {w})"
+                raise InputError(f"output {path}{where} is {what} {read}, which this run reads; "
+                                 f"give -o another file (nothing was written)")
+    for what, folder in read_dirs:
+        if not folder or not Path(folder).is_dir():
+            continue
+        for role, w in written.items():
+            if w.is_file() and same(w.parent, Path(folder)):
+                where = "" if role == "the record" else f" ({role} {w})"
+                raise InputError(f"output {path}{where} is a file of {what} {folder}, which this run reads; "
+                                 f"give -o a file outside it (nothing was written)")
+
+
 def _read_only(folder: Path) -> bool:
     try:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)

@@ -1,0 +1,71 @@
+"""Issue 28's hostile-but-fair inputs: a run never writes over a file it reads (or another run's work
+files), never waits silently before the watchdog, refuses huge sweeps early, and says one line for
+misused inputs, directories given as records, a full disk and paths that are not UTF-8."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.mpirun import run_ranks
+from tests.test_bad_inputs import DECODE, inputs_file, one_error_line, run_inprocess, write
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# -- -o never names a file the run reads, nor another record's work file ------------------------------
+
+def _collisions(tmp_path):
+    cfg = write(tmp_path, "d.yaml", "# my comments\n" + DECODE)
+    inp = inputs_file(tmp_path / "in.h5")
+    fcfg = write(tmp_path, "f.yaml", f"job: decode\nmethods: [local]\ninputs: {{source: file, path: {inp}}}\n"
+                                     "run: {warmup: 0, repeats: 1}\n")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("1 2 3 4 5 6 7 8\n")
+    gcfg = write(tmp_path, "g.yaml", f"job: generate\ngenerate: {{prompt_ids: {ids}, new_tokens: 1}}\n")
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    mcfg = write(tmp_path, "m.yaml", f"job: generate\nmodel: {{path: {model}}}\n")
+    return {  # name: (argv, the file that must survive, what the line must say)
+        "config file": (["run", cfg, "-o", cfg], cfg, [f"output {cfg} is the config file {cfg}"]),
+        "inputs.path": (["run", fcfg, "-o", inp], inp, [f"output {inp} is inputs.path {inp}"]),
+        "prompt_ids": (["run", gcfg, "-o", str(ids)], str(ids), [f"is generate.prompt_ids {ids}"]),
+        "model.path file": (["run", mcfg, "-o", str(model / "config.json")], str(model / "config.json"),
+                            [f"is a file of model.path {model}"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["config file", "inputs.path", "prompt_ids", "model.path file"])
+def test_output_naming_a_file_the_run_reads_is_refused(tmp_path, capfd, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    argv, keep, expect = _collisions(tmp_path)[name]
+    before = _digest(keep)
+    code, out, err = run_inprocess(capfd, argv)
+    line = one_error_line(err)
+    assert code == 2 and all(x in line for x in expect), line
+    assert _digest(keep) == before and not list(tmp_path.glob("**/*.tmp*"))
+
+
+@pytest.mark.parametrize("suffix", [".tmp", ".tmp.d", ".tmp.lock", ".lock", ".merging", ".unmerged"])
+def test_output_named_like_a_work_file_is_refused(tmp_path, capfd, monkeypatch, suffix):
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, "d.yaml", DECODE)
+    out = tmp_path / f"x.h5{suffix}"
+    code, _, err = run_inprocess(capfd, ["run", cfg, "-o", str(out)])
+    line = one_error_line(err)
+    assert code == 2 and f"output {out}: a name ending in" in line and f"writing {tmp_path / 'x.h5'} " in line, line
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["d.yaml"]
+
+
+@pytest.mark.mpi
+def test_4_ranks_output_naming_the_config_is_refused(tmp_path):
+    cfg = write(tmp_path, "d.yaml", "# my comments\n" + DECODE)
+    before = _digest(cfg)
+    r = run_ranks(4, ["-m", "hpcattn", "run", cfg, "-o", cfg], timeout=90)
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2 and f"output {cfg} is the config file {cfg}" in line, r.stderr
+    assert _digest(cfg) == before and sorted(x.name for x in tmp_path.iterdir()) == ["d.yaml"]
