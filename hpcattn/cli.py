@@ -325,12 +325,21 @@ def cmd_run(args) -> int:
         import hpcattn.kernels  # noqa: F401
         import hpcattn.results.report  # noqa: F401
     try:
+        try:            # the watchdog covers the first collective: rank 0 may hang reading an input
+            watchdog.start(watchdog.setup_timeout(), rank, key=watchdog.SETUP_ENV)
+        except ValueError as e:       # the same environment on every rank: all return here
+            if rank == 0:
+                watchdog.say(f"hpcattn: error: {e}")
+            return 2
+        watchdog.arm(f"resolving the config on rank 0 ({args.config} and the files it names)")
         try:
             cfg_dict, p = _root_check(world, lambda: _resolve(args, size), f"config {args.config}", args.debug)
         except _Collective as e:
             if rank == 0:
                 watchdog.say(f"hpcattn: error: {e}")
             return 2
+        finally:
+            watchdog.disarm()
         from hpcattn import config
 
         cfg = config.from_dict(cfg_dict)
@@ -344,6 +353,7 @@ def cmd_run(args) -> int:
             return 0
         return _abort_on_error(lambda: _run(cfg, world, args))
     finally:
+        watchdog.disarm()
         watchdog.release_interrupt()
         _RUNNING.clear()
 

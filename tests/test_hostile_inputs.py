@@ -5,6 +5,8 @@ misused inputs, directories given as records, a full disk and paths that are not
 from __future__ import annotations
 
 import hashlib
+import textwrap
+import time
 
 import pytest
 
@@ -69,3 +71,40 @@ def test_4_ranks_output_naming_the_config_is_refused(tmp_path):
     line = one_error_line(r.stderr)
     assert r.returncode == 2 and f"output {cfg} is the config file {cfg}" in line, r.stderr
     assert _digest(cfg) == before and sorted(x.name for x in tmp_path.iterdir()) == ["d.yaml"]
+
+
+# -- the watchdog covers the first collective ----------------------------------------------------------
+
+HANG_READING = textwrap.dedent("""
+    import sys, time
+    import hpcattn.jobs.inputs as inputs
+    def stuck(cfg, path):          # rank 0 stuck on a hung file system while it reads inputs.path
+        time.sleep(600)
+    inputs.apply_file_shape = stuck
+    from hpcattn.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_rank_0_stuck_reading_an_input_ends_every_rank_with_exit_4(tmp_path, ranks):
+    """Ranks 1..N-1 wait in the config broadcast while rank 0 reads; the watchdog, armed before
+    that first collective with $HPCATTN_SETUP_TIMEOUT_S, ends every rank with the exit-4 line."""
+    path = inputs_file(tmp_path / "in.h5")
+    cfg = write(tmp_path, "f.yaml", f"job: decode\nmethods: [local]\ninputs: {{source: file, path: {path}}}\n")
+    start = time.time()
+    r = run_ranks(ranks, ["-c", HANG_READING, "run", cfg, "-o", str(tmp_path / "x.h5")], timeout=120,
+                  env={"HPCATTN_SETUP_TIMEOUT_S": "3", "HPCATTN_ABORT_GRACE_S": "0.5"})
+    assert r.returncode == 4, (r.returncode, r.stderr)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("hpcattn: error")]
+    assert lines and all("resolving the config on rank 0" in x and "HPCATTN_SETUP_TIMEOUT_S = 3 s" in x
+                         for x in lines), r.stderr
+    assert time.time() - start < 60 and not list(tmp_path.glob("x.h5*"))
+
+
+def test_bad_setup_timeout_is_one_line(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HPCATTN_SETUP_TIMEOUT_S", "soon")
+    code, _, err = run_inprocess(capfd, ["run", write(tmp_path, "d.yaml", DECODE), "-o", "x.h5"])
+    assert code == 2 and "HPCATTN_SETUP_TIMEOUT_S='soon': expected a number of seconds > 0" in one_error_line(err)
