@@ -188,6 +188,7 @@ def _resolve(args, world_size: int):
     if args.dry_run and (cfg.run.device == "cuda" or cfg.comm.backend == "nccl"):
         cuda = True            # planning a GPU job on a CPU login node
     p = args.ranks if args.ranks else world_size
+    _check_sweep_size(cfg, args.config)
     cases = plan_cases(cfg, p)
     for c in cases:
         config.validate(c.cfg, p, cuda, source=args.config)
@@ -195,6 +196,32 @@ def _resolve(args, world_size: int):
         raise HpcattnError(f"{args.config}: comm.ranks_per_node={cfg.comm.ranks_per_node} does not divide "
                            f"the {p} ranks")
     return config.to_dict(cfg), p
+
+
+SWEEP_SAY = 1000           # a sweep of more cases than this says how many before planning them
+
+
+def _check_sweep_size(cfg, source: str) -> None:
+    """Rank 0, before planning: say how many cases a big sweep has, and refuse more than
+    ``run.max_cases`` (ConfigError naming the axes)."""
+    import math
+
+    from hpcattn import config
+    from hpcattn.errors import ConfigError
+
+    axes = config.sweep_axes(cfg)
+    points = math.prod(len(v) for v in axes.values())
+    methods = 1 if cfg.job == "generate" else max(len(cfg.methods), 1)
+    total = points * methods
+    sizes = " x ".join(f"{k} ({len(v)})" for k, v in axes.items())
+    if total > SWEEP_SAY:
+        log.info(f"hpcattn: planning {total} cases ({points} points: {sizes}; x {methods} method(s))")
+        for h in log.handlers:
+            h.flush()
+    if total > cfg.run.max_cases:
+        raise ConfigError(f"{source}: the sweep has {total} cases ({points} points: {sizes}; x {methods} method(s)), "
+                          f"more than run.max_cases = {cfg.run.max_cases}; narrow the sweep, or --set "
+                          f"run.max_cases={total} to plan it (about {max(total // 2000, 1)} s on rank 0)")
 
 
 def _files_read(config_path: str, cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

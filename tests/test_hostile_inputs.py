@@ -108,3 +108,39 @@ def test_bad_setup_timeout_is_one_line(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("HPCATTN_SETUP_TIMEOUT_S", "soon")
     code, _, err = run_inprocess(capfd, ["run", write(tmp_path, "d.yaml", DECODE), "-o", "x.h5"])
     assert code == 2 and "HPCATTN_SETUP_TIMEOUT_S='soon': expected a number of seconds > 0" in one_error_line(err)
+
+
+# -- huge sweeps: the count first, a limit before planning ---------------------------------------------
+
+HUGE = "job: decode\nmethods: [local, tree]\nshape: {batch: %s, context: %s, heads_q: 2, heads_kv: 1, head_dim: 8}\n" % (
+    list(range(1, 101)), list(range(1, 201)))
+
+
+def test_huge_sweep_is_refused_before_planning(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start = time.time()
+    code, out, err = run_inprocess(capfd, ["run", write(tmp_path, "h.yaml", HUGE), "-o", "x.h5"])
+    line = one_error_line(err)
+    assert code == 2 and "the sweep has 40000 cases (20000 points: shape.batch (100) x shape.context (200); " \
+                         "x 2 method(s)), more than run.max_cases = 10000" in line and "run.max_cases=40000" in line
+    assert time.time() - start < 5 and not list(tmp_path.glob("x.h5*"))
+
+
+def test_big_sweep_says_its_case_count_before_planning(tmp_path, capfd, monkeypatch):
+    """The count comes out before planning starts (here: the limit then refuses it, so nothing is
+    planned; a sweep under the limit goes on to plan after the same line)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, "b.yaml", "job: decode\nmethods: [local]\nshape: {batch: [1, 2, 3], context: %s}\n"
+                % list(range(1, 401)))
+    code, out, err = run_inprocess(capfd, ["run", cfg, "--dry-run", "--set", "run.max_cases=1000"])
+    assert code == 2 and "more than run.max_cases = 1000" in one_error_line(err)
+    assert out.splitlines() == ["hpcattn: planning 1200 cases (1200 points: shape.batch (3) x shape.context "
+                                "(400); x 1 method(s))"]
+
+
+@pytest.mark.mpi
+def test_4_ranks_huge_sweep_is_one_line(tmp_path):
+    r = run_ranks(4, ["-m", "hpcattn", "run", write(tmp_path, "h.yaml", HUGE), "-o", str(tmp_path / "x.h5")],
+                  timeout=90)
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2 and "more than run.max_cases = 10000" in line and not list(tmp_path.glob("x.h5*"))
