@@ -144,3 +144,27 @@ def test_4_ranks_huge_sweep_is_one_line(tmp_path):
                   timeout=90)
     line = one_error_line(r.stderr)
     assert r.returncode == 2 and "more than run.max_cases = 10000" in line and not list(tmp_path.glob("x.h5*"))
+
+
+# -- dtype_original only on uint16 -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["f4", "f2", "f8"])
+def test_dtype_original_on_float_data_is_one_line(tmp_path, capfd, monkeypatch, dtype):
+    """A float dataset carrying dtype_original=bfloat16 was reinterpreted as bf16 bits (false
+    NaN errors, tracebacks, or a check at twice the head_dim)."""
+    import h5py
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    path = inputs_file(tmp_path / "in.h5")
+    with h5py.File(path, "a") as f:
+        del f["k"]
+        f["k"] = np.ones((1, 8, 2, 16), dtype)
+        f["k"].attrs["dtype_original"] = "bfloat16"
+    cfg = write(tmp_path, "f.yaml", f"job: decode\nmethods: [local]\ninputs: {{source: file, path: {path}}}\n"
+                                    "run: {warmup: 0, repeats: 1}\n")
+    code, _, err = run_inprocess(capfd, ["run", cfg, "-o", "x.h5"])
+    line = one_error_line(err)
+    assert code == 2 and f"{path}:/k holds {np.dtype(dtype).name} values but carries attribute " \
+                         "dtype_original=bfloat16" in line, line
+    assert not list(tmp_path.glob("x.h5*"))
