@@ -168,3 +168,15 @@ def test_dtype_original_on_float_data_is_one_line(tmp_path, capfd, monkeypatch, 
     assert code == 2 and f"{path}:/k holds {np.dtype(dtype).name} values but carries attribute " \
                          "dtype_original=bfloat16" in line, line
     assert not list(tmp_path.glob("x.h5*"))
+
+
+# -- report / compare / plot: one line for a directory ------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["report", "runs"], ["compare", "runs", "runs"], ["plot", "runs", "-o", "p.png"]])
+def test_a_directory_given_as_a_record_is_one_line(tmp_path, capfd, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    code, out, err = run_inprocess(capfd, argv)
+    assert code == 2 and one_error_line(err) == "hpcattn: error: runs: is a directory; give record files " \
+                                                "(e.g. runs/*.h5)", err
+    assert not (tmp_path / "p.png").exists()

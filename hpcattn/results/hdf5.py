@@ -422,10 +422,14 @@ def read_cases(path: str, datasets: tuple[str, ...] = (), warn: bool = True) -> 
     cannot be read is skipped with a warning naming it on stderr (``warn``), and listed in
     ``meta["unreadable_case_files"]``: the other finished cases of a crashed run stay readable.
     """
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a directory; give record files (e.g. {Path(path) / '*.h5'})")
+    if not Path(path).exists():
+        raise InputError(f"{path}: cannot open: no such file")
     try:
         f = h5py.File(path, "r", locking=False)   # readers never lock (crashed writers, Lustre)
-    except (OSError, FileNotFoundError) as e:
-        raise InputError(f"{path}: cannot open as HDF5 ({e})") from None
+    except (OSError, FileNotFoundError) as e:     # (HDF5's message spans lines: one line here)
+        raise InputError(f"{path}: cannot open as HDF5 ({' '.join(str(e).split())})") from None
     try:
         with f:
             if "cases" not in f and _decode(f.attrs.get("kind", "")) == PROJECTION_KIND:
