@@ -180,3 +180,66 @@ def test_a_directory_given_as_a_record_is_one_line(tmp_path, capfd, monkeypatch,
     assert code == 2 and one_error_line(err) == "hpcattn: error: runs: is a directory; give record files " \
                                                 "(e.g. runs/*.h5)", err
     assert not (tmp_path / "p.png").exists()
+
+
+# -- a disk that fills during a case ------------------------------------------------------------------
+
+DISK_FULL = textwrap.dedent("""
+    import errno, sys
+    import h5py
+    import hpcattn.results.hdf5 as hdf5
+
+    class FullDisk:                       # h5py, except that the third case file hits a full disk
+        def __getattr__(self, name):
+            return getattr(h5py, name)
+
+        @staticmethod
+        def File(name, *args, **kw):
+            f = h5py.File(name, *args, **kw)
+            if str(name).endswith(".partial") and "/00002-" in str(name):
+                f.close()
+                raise OSError(errno.ENOSPC, "Unable to synchronously write (No space left on device)")
+            return f
+    hdf5.h5py = FullDisk()
+    from hpcattn.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_disk_full_during_a_case_is_one_line_and_keeps_finished_cases(tmp_path, ranks):
+    from hpcattn.results.hdf5 import read_cases
+
+    cfg = write(tmp_path, "d.yaml", DECODE)
+    out = tmp_path / "x.h5"
+    r = run_ranks(ranks, ["-c", DISK_FULL, "run", cfg, "-o", str(out)], timeout=120)
+    ours = [x for x in r.stderr.splitlines() if x.startswith("hpcattn")]
+    assert r.returncode == 2 and len(ours) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert f"output {out}: the file system at /" in ours[0] and "is full (no space left) while writing case " \
+           "c0002" in ours[0] and "bytes free; the 2 finished case(s) are kept: free space, then hpcattn " \
+           f"recover {out}.tmp" in ours[0], ours[0]
+    assert len(read_cases(f"{out}.tmp")[1]) == 2 and not list(tmp_path.glob("x.h5.tmp.d/*.partial"))
+
+
+def test_disk_full_at_the_merge_is_one_message_and_recover_still_works(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    import hpcattn.results.hdf5 as hdf5
+    from hpcattn.errors import InputError
+
+    w = hdf5.RecordWriter(str(tmp_path / "r.h5"), {"world_size": 1}, "job: decode", [{"rank": 0}], {})
+    w.write_case("c000", {"method": "local"}, {"time_s": (np.ones((2, 1)), {})})
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(hdf5.shutil, "copyfile", full)
+    with pytest.raises(InputError, match=r"is full \(no space left\) while writing the merge into .*r\.h5: it "
+                                         r"needs about \d+ bytes, \d+ bytes free; the 1 finished case"):
+        w.close()
+    monkeypatch.undo()
+    assert not (tmp_path / "r.h5.merging").exists()
+    hdf5.recover(str(w.tmp))
+    assert len(hdf5.read_cases(str(tmp_path / "r.h5"))[1]) == 1

@@ -27,6 +27,7 @@ Layout::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -135,32 +136,78 @@ class RecordWriter:
         self.parts.mkdir()
 
     def write_case(self, case_id: str, attrs: dict, datasets: dict[str, tuple[np.ndarray, dict]]) -> None:
-        """Write one finished case to its own file, atomically. ``datasets``: name -> (array, attrs)."""
+        """Write one finished case to its own file, atomically. ``datasets``: name -> (array, attrs).
+        A full file system (or quota) is an InputError naming it and the bytes needed; the
+        half-written file is removed, the finished cases stay."""
         final = self.parts / f"{self.written:05d}-{case_id}.h5"
         partial = final.with_name(final.name + ".partial")
-        with h5py.File(partial, "w", track_order=True) as f:
-            g = f.create_group("case", track_order=True)
-            for k, v in attrs.items():
-                g.attrs[k] = _attr(v)
-            for name, (arr, dattrs) in datasets.items():
-                arr = np.asarray(arr)
-                kw = {}
-                if arr.dtype.kind == "f" and arr.size > 4096:
-                    kw = {"compression": "gzip", "shuffle": True, "chunks": True}
-                ds = g.create_dataset(name, data=arr, **kw)
-                for k, v in dattrs.items():
-                    ds.attrs[k] = _attr(v)
-        with open(partial, "rb") as fh:                      # on disk before it counts as finished
-            os.fsync(fh.fileno())
-        os.replace(partial, final)
+        try:
+            with h5py.File(partial, "w", track_order=True) as f:
+                g = f.create_group("case", track_order=True)
+                for k, v in attrs.items():
+                    g.attrs[k] = _attr(v)
+                for name, (arr, dattrs) in datasets.items():
+                    arr = np.asarray(arr)
+                    kw = {}
+                    if arr.dtype.kind == "f" and arr.size > 4096:
+                        kw = {"compression": "gzip", "shuffle": True, "chunks": True}
+                    ds = g.create_dataset(name, data=arr, **kw)
+                    for k, v in dattrs.items():
+                        ds.attrs[k] = _attr(v)
+            with open(partial, "rb") as fh:                      # on disk before it counts as finished
+                os.fsync(fh.fileno())
+            os.replace(partial, final)
+        except BaseException as e:
+            partial.unlink(missing_ok=True)
+            if _no_space(e):
+                need = sum(np.asarray(a).nbytes for a, _ in datasets.values()) + (64 << 10)
+                raise InputError(self._full(e, f"case {case_id}", need)) from None
+            raise
         self.written += 1
 
     def close(self, status: str = "complete") -> Path:
         """Merge the case files, mark the record finished, atomically rename it to its name and
-        release the lock."""
-        path = _finish(self.tmp, self.path, status)
+        release the lock. A full file system is an InputError (the case files stay: recover)."""
+        try:
+            path = _finish(self.tmp, self.path, status)
+        except OSError as e:
+            if _no_space(e):
+                need = self.tmp.stat().st_size + sum(p.stat().st_size for _, p in _part_files(self.tmp))
+                raise InputError(self._full(e, f"the merge into {self.path}", need)) from None
+            raise
         self.lock.unlink(missing_ok=True)
         return path
+
+    def _full(self, e: OSError, what: str, need: int) -> str:
+        """The one line for a full file system while writing ``what`` (about ``need`` bytes)."""
+        folder = self.parts if self.parts.exists() else self.path.parent
+        try:
+            st = os.statvfs(folder)
+            free = f", {st.f_bavail * st.f_frsize} bytes free"
+        except OSError:
+            free = ""
+        quota = "quota exceeded" if getattr(e, "errno", None) == errno.EDQUOT or "quota" in str(e).lower() \
+            else "no space left"
+        return (f"output {self.path}: the file system at {_mount_point(folder)} is full ({quota}) while writing "
+                f"{what}: it needs about {need} bytes{free}; the {self.written} finished case(s) are kept: "
+                f"free space, then hpcattn recover {self.tmp}")
+
+
+def _no_space(e: BaseException) -> bool:
+    """A full file system or quota (h5py words it in its message, the errno may be missing)."""
+    if not isinstance(e, OSError):
+        return False
+    text = str(e).lower()
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "no space left on device" in text \
+        or "disk quota exceeded" in text
+
+
+def _mount_point(folder: Path) -> Path:
+    """The mount point of the file system holding ``folder``."""
+    p = Path(os.path.abspath(folder))
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
 
 
 # -- the record lock ---------------------------------------------------------------------------
