@@ -165,6 +165,13 @@ def _resolve(args, world_size: int):
         cfg.run.output = args.output
     if not cfg.run.output:
         cfg.run.output = f"runs/{cfg.job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.h5"
+    from hpcattn.errors import check_utf8_path
+    for what, path in (("output", cfg.run.output), ("inputs.path", cfg.inputs.path),
+                       ("model.path", cfg.model.path), ("model.preset", cfg.model.preset),
+                       ("generate.prompt_ids", cfg.generate.prompt_ids),
+                       ("apb.retaining_heads_path", cfg.apb.retaining_heads_path)):
+        if path:
+            check_utf8_path(what, path)
     if not args.dry_run:
         from hpcattn.results.hdf5 import check_output_collision, check_output_path
         check_output_collision(cfg.run.output, *_files_read(args.config, cfg))

@@ -243,3 +243,39 @@ def test_disk_full_at_the_merge_is_one_message_and_recover_still_works(tmp_path,
     assert not (tmp_path / "r.h5.merging").exists()
     hdf5.recover(str(w.tmp))
     assert len(hdf5.read_cases(str(tmp_path / "r.h5"))[1]) == 1
+
+
+# -- paths that are not UTF-8 --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["-o", "inputs.path"])
+def test_a_path_that_is_not_utf8_is_one_line_naming_the_cause(tmp_path, capfd, monkeypatch, key):
+    monkeypatch.chdir(tmp_path)
+    bad = str(tmp_path / "r\udcff.h5")              # the byte 0xff, as Python keeps it from argv
+    cfg = write(tmp_path, "d.yaml", DECODE)
+    if key == "inputs.path":
+        inputs_file(bad)
+        argv = ["run", cfg, "--set", "inputs.source=file", "--set", f"inputs.path={bad}", "-o", "x.h5"]
+    else:
+        argv = ["run", cfg, "-o", bad]
+    code, _, err = run_inprocess(capfd, argv)
+    line = one_error_line(err)
+    assert code == 2 and f"{'output' if key == '-o' else key} {tmp_path}/r\\xff.h5: the path is not valid UTF-8 " \
+                         "(byte \\xff at position" in line, line
+    assert not list(tmp_path.glob("x.h5*"))
+
+
+def test_a_config_whose_name_is_not_utf8_runs_and_the_record_shows_the_byte(tmp_path):
+    """(Its name went into the record's argv attribute: 'unexpected UnicodeEncodeError'.)"""
+    import os
+    import subprocess
+    import sys
+
+    from hpcattn.results.hdf5 import read_cases
+    from tests.mpirun import ROOT
+
+    cfg = write(tmp_path, "d\udcfe.yaml", DECODE)
+    r = subprocess.run([sys.executable, "-m", "hpcattn", "run", os.fsencode(cfg), "--set", "methods=[local]",
+                        "--set", "shape.context=64", "-o", "x.h5"], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "d\\xfe.yaml" in read_cases(str(tmp_path / "x.h5"))[0]["argv"]

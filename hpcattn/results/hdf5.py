@@ -37,7 +37,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcattn.errors import InputError
+from hpcattn.errors import InputError, shown
 
 SCHEMA_VERSION = 1
 # what h5py raises for a truncated or corrupt file (found by truncating and overwriting records)
@@ -63,7 +63,8 @@ def _attr(v):
     if isinstance(v, str):
         # plain str (h5py cannot store str subclasses such as torch.__version__), without the NUL
         # bytes some MPI libraries put in their version strings (HDF5 strings cannot hold them)
-        return str(v).replace("\x00", "")
+        # bytes that are not UTF-8 (a file name in sys.argv) as \xNN escapes: HDF5 text is UTF-8
+        return shown(str(v).replace("\x00", ""))
     return v
 
 
@@ -121,14 +122,14 @@ class RecordWriter:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["status"] = "running"
             meta = f.create_group("meta", track_order=True)
-            meta.create_dataset("config_yaml", data=config_yaml, dtype=h5py.string_dtype())
+            meta.create_dataset("config_yaml", data=shown(config_yaml), dtype=h5py.string_dtype())
             hg = meta.create_group("hosts", track_order=True)
             for key in hosts[0]:
                 vals = [h[key] for h in hosts]
                 if all(isinstance(x, (int, np.integer)) for x in vals):
                     hg.create_dataset(key, data=np.asarray(vals, dtype=np.int64))
                 else:
-                    hg.create_dataset(key, data=[str(x) for x in vals], dtype=h5py.string_dtype())
+                    hg.create_dataset(key, data=[shown(str(x)) for x in vals], dtype=h5py.string_dtype())
             kg = meta.create_group("kernel")
             for k, v in kernel_info.items():
                 kg.attrs[k] = _attr(v)
