@@ -279,3 +279,38 @@ def test_a_config_whose_name_is_not_utf8_runs_and_the_record_shows_the_byte(tmp_
                        env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "d\\xfe.yaml" in read_cases(str(tmp_path / "x.h5"))[0]["argv"]
+
+
+# -- ranks that wait while one rank works alone sleep ---------------------------------------------------
+
+IDLE = textwrap.dedent("""
+    import time
+    from mpi4py import MPI
+    from hpcattn import comm as comm_mod
+    from hpcattn.jobs.runner import time_case
+
+    ctx = comm_mod.setup(MPI.COMM_WORLD, device_kind="cpu")
+
+    def alone(tm):                 # the local baseline: rank 0 computes 0.4 CPU-s, the others nothing
+        end = time.process_time() + 0.4
+        while ctx.rank == 0 and time.process_time() < end:
+            pass
+    ctx.barrier()
+    c0 = time.process_time()
+    time_case(alone, ctx, warmup=0, repeats=3, solo=True)
+    ctx.idle_barrier()
+    cpu = MPI.COMM_WORLD.gather(time.process_time() - c0)
+    if ctx.rank == 0:
+        print("idle cpu", max(cpu[1:]), cpu[0])
+""")
+
+
+@pytest.mark.mpi
+def test_4_ranks_waiting_for_a_solo_baseline_sleep():
+    """While rank 0 times the single-rank baseline (1.2 s of work here), ranks 1..3 sleep in a polled
+    MPI_Ibarrier instead of busy-polling in MPI_Barrier (which took rank 0's cores: local at 16K
+    went from 48.9 ms alone to 131 ms in a 4-rank run on 2 cores)."""
+    r = run_ranks(4, ["-c", IDLE], timeout=120)
+    assert r.returncode == 0, r.stderr
+    idle, busy = map(float, r.stdout.split("idle cpu")[1].split())
+    assert idle < 0.25 * busy, f"an idle rank used {idle:.2f} s of CPU while rank 0 used {busy:.2f} s"
