@@ -264,20 +264,18 @@ def test_a_path_that_is_not_utf8_is_one_line_naming_the_cause(tmp_path, capfd, m
     assert not list(tmp_path.glob("x.h5*"))
 
 
-def test_a_config_whose_name_is_not_utf8_runs_and_the_record_shows_the_byte(tmp_path):
+def test_a_config_whose_name_is_not_utf8_runs_and_the_record_shows_the_byte(tmp_path, capfd, monkeypatch):
     """(Its name went into the record's argv attribute: 'unexpected UnicodeEncodeError'.)"""
-    import os
-    import subprocess
     import sys
 
     from hpcattn.results.hdf5 import read_cases
-    from tests.mpirun import ROOT
 
+    monkeypatch.chdir(tmp_path)
     cfg = write(tmp_path, "d\udcfe.yaml", DECODE)
-    r = subprocess.run([sys.executable, "-m", "hpcattn", "run", os.fsencode(cfg), "--set", "methods=[local]",
-                        "--set", "shape.context=64", "-o", "x.h5"], capture_output=True, text=True, cwd=tmp_path,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=120)
-    assert r.returncode == 0, r.stderr
+    argv = ["run", cfg, "--set", "methods=[local]", "--set", "shape.context=64", "-o", "x.h5"]
+    monkeypatch.setattr(sys, "argv", ["hpcattn", *argv])       # as Python decodes the byte 0xfe
+    code, out, err = run_inprocess(capfd, argv)
+    assert code == 0, err
     assert "d\\xfe.yaml" in read_cases(str(tmp_path / "x.h5"))[0]["argv"]
 
 
