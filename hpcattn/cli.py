@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_mod.load(args.config, args.set)
             if cfg.job != "prefill":
                 raise HpcattnError(f"{args.config}: hpcattn project needs a prefill job config")
+            if args.output:                 # never over a file it reads (nor a run's work file)
+                from hpcattn.results.hdf5 import check_output_collision
+                check_output_collision(args.output, *_files_read(args.config, cfg))
             run_projection(cfg, args.hosts, args.link_gbps, args.latency_us, args.output)
             return 0
         if args.cmd == "lamina-cost":
@@ -110,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             print(format_csv(rows) if args.csv else format_table(rows), end="\n" if not args.csv else "")
             return 0
         if args.cmd == "recover":
-            from hpcattn.results.hdf5 import recover
+            from hpcattn.results.hdf5 import check_output_collision, recover
+            if args.output:
+                check_output_collision(args.output, [("the record to recover", args.tmp)])
             print(f"wrote {recover(args.tmp, args.output)}")
             return 0
         if args.cmd == "plot":

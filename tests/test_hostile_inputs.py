@@ -312,3 +312,15 @@ def test_4_ranks_waiting_for_a_solo_baseline_sleep():
     assert r.returncode == 0, r.stderr
     idle, busy = map(float, r.stdout.split("idle cpu")[1].split())
     assert idle < 0.25 * busy, f"an idle rank used {idle:.2f} s of CPU while rank 0 used {busy:.2f} s"
+
+
+def test_project_and_recover_outputs_never_name_what_they_read(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, "p.yaml", "job: prefill\nmethods: [local, ring]\n")
+    before = _digest(cfg)
+    code, _, err = run_inprocess(capfd, ["project", cfg, "--hosts", "2", "-o", cfg])
+    assert code == 2 and f"output {cfg} is the config file {cfg}" in one_error_line(err) and _digest(cfg) == before
+    (tmp_path / "r.h5.tmp").write_text("x")
+    code, _, err = run_inprocess(capfd, ["recover", "r.h5.tmp", "-o", "r.h5.tmp"])
+    assert code == 2 and "output r.h5.tmp: a name ending in .tmp" in one_error_line(err)
+    assert (tmp_path / "r.h5.tmp").read_text() == "x"
