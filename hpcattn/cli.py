@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.job not in ("prefill", "generate"):
                 raise HpcattnError(f"{args.config}: hpcattn project needs a generate job config (model level) "
                                    f"or a prefill job config (attention level), got job: {cfg.job}")
+            if args.output:                 # never over a file it reads (nor a run's work file)
+                from hpcattn.results.hdf5 import check_output_collision
+                check_output_collision(args.output, *_files_read(args.config, cfg))
             if cfg.job == "generate":
                 run_model_projection(cfg, args.hosts, args.link_gbps, args.latency_us, args.output,
                                      more_links=tuple(args.more_link_gbps))
@@ -122,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             print(format_csv(rows) if args.csv else format_table(rows), end="\n" if not args.csv else "")
             return 0
         if args.cmd == "recover":
-            from hpcattn.results.hdf5 import recover
+            from hpcattn.results.hdf5 import check_output_collision, recover
+            if args.output:
+                check_output_collision(args.output, [("the record to recover", args.tmp)])
             print(f"wrote {recover(args.tmp, args.output)}")
             return 0
         if args.cmd == "plot":
@@ -177,8 +182,16 @@ def _resolve(args, world_size: int):
         cfg.run.output = args.output
     if not cfg.run.output:
         cfg.run.output = f"runs/{cfg.job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.h5"
+    from hpcattn.errors import check_utf8_path
+    for what, path in (("output", cfg.run.output), ("inputs.path", cfg.inputs.path),
+                       ("model.path", cfg.model.path), ("model.preset", cfg.model.preset),
+                       ("generate.prompt_ids", cfg.generate.prompt_ids),
+                       ("apb.retaining_heads_path", cfg.apb.retaining_heads_path)):
+        if path:
+            check_utf8_path(what, path)
     if not args.dry_run:
-        from hpcattn.results.hdf5 import check_output_path
+        from hpcattn.results.hdf5 import check_output_collision, check_output_path
+        check_output_collision(cfg.run.output, *_files_read(args.config, cfg))
         check_output_path(cfg.run.output)
     if cfg.job != "generate" and not cfg.methods:
         raise HpcattnError(f"{args.config}: methods must list at least one method "
@@ -199,6 +212,7 @@ def _resolve(args, world_size: int):
     if args.dry_run and (cfg.run.device == "cuda" or cfg.comm.backend == "nccl"):
         cuda = True            # planning a GPU job on a CPU login node
     p = args.ranks if args.ranks else world_size
+    _check_sweep_size(cfg, args.config)
     cases = plan_cases(cfg, p)
     for c in cases:
         config.validate(c.cfg, p, cuda, source=args.config)
@@ -206,6 +220,53 @@ def _resolve(args, world_size: int):
         raise HpcattnError(f"{args.config}: comm.ranks_per_node={cfg.comm.ranks_per_node} does not divide "
                            f"the {p} ranks")
     return config.to_dict(cfg), p
+
+
+SWEEP_SAY = 1000           # a sweep of more cases than this says how many before planning them
+
+
+def _check_sweep_size(cfg, source: str) -> None:
+    """Rank 0, before planning: say how many cases a big sweep has, and refuse more than
+    ``run.max_cases`` (ConfigError naming the axes)."""
+    import math
+
+    from hpcattn import config
+    from hpcattn.errors import ConfigError
+
+    axes = config.sweep_axes(cfg)
+    points = math.prod(len(v) for v in axes.values())
+    methods = 1 if cfg.job == "generate" else max(len(cfg.methods), 1)
+    total = points * methods
+    sizes = " x ".join(f"{k} ({len(v)})" for k, v in axes.items())
+    if total > SWEEP_SAY:
+        log.info(f"hpcattn: planning {total} cases ({points} points: {sizes}; x {methods} method(s))")
+        for h in log.handlers:
+            h.flush()
+    if total > cfg.run.max_cases:
+        raise ConfigError(f"{source}: the sweep has {total} cases ({points} points: {sizes}; x {methods} method(s)), "
+                          f"more than run.max_cases = {cfg.run.max_cases}; narrow the sweep, or --set "
+                          f"run.max_cases={total} to plan it (about {max(total // 2000, 1)} s on rank 0)")
+
+
+def _files_read(config_path: str, cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The files a run of ``cfg`` reads, which -o must never name: ([(what, path)], [(what, folder
+    whose files it reads)]). (Path keys are not sweep axes.)"""
+    from hpcattn.model.llama import _preset_dirs
+
+    files, dirs = [("the config file", config_path)], []
+    if cfg.inputs.source == "file" and cfg.inputs.path:
+        files.append(("inputs.path", cfg.inputs.path))
+    if cfg.apb.retaining_heads_path:
+        files.append(("apb.retaining_heads_path", cfg.apb.retaining_heads_path))
+    if cfg.job == "generate":
+        if cfg.generate.prompt_ids:
+            files.append(("generate.prompt_ids", cfg.generate.prompt_ids))
+        if cfg.model.path:
+            dirs.append(("model.path", cfg.model.path))
+        else:
+            files += [("model.preset", str(d / f"{cfg.model.preset}.yaml")) for d in _preset_dirs()]
+            files.append(("model.preset", cfg.model.preset))
+    return files, dirs
 
 
 def _print_plan(cfg, p: int) -> None:
@@ -315,12 +376,21 @@ def cmd_run(args) -> int:
         import hpcattn.kernels  # noqa: F401
         import hpcattn.results.report  # noqa: F401
     try:
+        try:            # the watchdog covers the first collective: rank 0 may hang reading an input
+            watchdog.start(watchdog.setup_timeout(), rank, key=watchdog.SETUP_ENV)
+        except ValueError as e:       # the same environment on every rank: all return here
+            if rank == 0:
+                watchdog.say(f"hpcattn: error: {e}")
+            return 2
+        watchdog.arm(f"resolving the config on rank 0 ({args.config} and the files it names)")
         try:
             cfg_dict, p = _root_check(world, lambda: _resolve(args, size), f"config {args.config}", args.debug)
         except _Collective as e:
             if rank == 0:
                 watchdog.say(f"hpcattn: error: {e}")
             return 2
+        finally:
+            watchdog.disarm()
         from hpcattn import config
 
         cfg = config.from_dict(cfg_dict)
@@ -334,6 +404,7 @@ def cmd_run(args) -> int:
             return 0
         return _abort_on_error(lambda: _run(cfg, world, args))
     finally:
+        watchdog.disarm()
         watchdog.release_interrupt()
         _RUNNING.clear()
 

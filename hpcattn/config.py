@@ -210,6 +210,9 @@ class RunConfig:
     memory_check: bool = _f(True, doc="refuse a case whose --dry-run memory estimate exceeds this rank's share of "
                                       "its GPU's free memory (ranks on one GPU split it) or of host RAM; "
                                       "false: try anyway")
+    max_cases: int = _f(10000, doc="refuse a sweep of more points x methods than this, before planning it "
+                                   "(rank 0 plans about 2000 cases/s while the other ranks wait); raise it "
+                                   "to run a bigger sweep")
 
 
 @dataclass

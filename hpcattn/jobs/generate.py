@@ -323,6 +323,7 @@ def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         job.compute_reference(case)
+        ctx.idle_barrier()              # the other ranks sleep while rank 0 computes the reference
         toks, logits, prefill_s, decode_s = job.run(case)
         from hpcattn.jobs.runner import _peak_memory
 

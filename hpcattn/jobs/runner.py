@@ -191,16 +191,17 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def time_case(fn, ctx, warmup: int, repeats: int):
+def time_case(fn, ctx, warmup: int, repeats: int, solo: bool = False):
     """Run ``fn(tm)`` warmup + repeats times. Returns (last result, times (repeats,),
-    phases (repeats, len(PHASES)), bytes per step {phase: bytes})."""
+    phases (repeats, len(PHASES)), bytes per step {phase: bytes}). ``solo``: one rank computes,
+    the others wait asleep between iterations (:meth:`CommContext.idle_barrier`)."""
     timer = PhaseTimer(ctx.device, ctx.counters)
     ctx.counters.reset()
     times, phases, result = [], [], None
     cuda = ctx.device.type == "cuda"
     for i in range(warmup + repeats):
         result = None
-        ctx.barrier()
+        ctx.idle_barrier() if solo else ctx.barrier()
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -233,6 +234,11 @@ def summarize(times: np.ndarray, phases: np.ndarray) -> dict:
             "comm_fraction": comm / med if med > 0 else 0.0}
 
 
+# the record's ``baseline_ran`` of a ``local`` case: how the single-rank baseline was timed
+BASELINE_ALONE = "alone: a 1-rank run"
+BASELINE_SOLO = "on rank 0; the other ranks asleep (a polled MPI_Ibarrier), not busy-polling"
+
+
 def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, progress) -> list[dict]:
     """Execute ``cases`` on every rank (collective). Rank 0 writes each finished case to ``writer``.
 
@@ -248,13 +254,16 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
         kernel = kernel_for(gcfg)
         job = job_cls(gcfg, ctx, kernel)
         ref = job.reference()
+        ctx.idle_barrier()              # the other ranks sleep while rank 0 computes the reference
         for case in group_cases:
             watchdog.arm(f"case {case.id}")
             _fault_injection(ctx)
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(ctx.device)
             fn = job.method(case)
-            result, times, phases, bytes_step = time_case(fn, ctx, case.cfg.run.warmup, case.cfg.run.repeats)
+            solo = case.method == "local" and ctx.size > 1       # rank 0 alone: the baseline
+            result, times, phases, bytes_step = time_case(fn, ctx, case.cfg.run.warmup, case.cfg.run.repeats,
+                                                          solo=solo)
             errs = job.errors(case, result, ref)
             err_all = ctx.world.mpi.gather(errs, root=0)
             extras = job.approx_extras(case, result, ref) if hasattr(job, "approx_extras") and \
@@ -264,6 +273,8 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
             per_rank = ctx.world.mpi.gather((times, phases, [bytes_step[x] for x in PHASES],
                                              _peak_memory(ctx.device)), root=0)
             if ctx.rank == 0:
+                if case.method == "local":
+                    extras = {**extras, "baseline_ran": BASELINE_ALONE if ctx.size == 1 else BASELINE_SOLO}
                 row = _record(case, kernel, ctx, per_rank, err_all, outputs, writer, extras)
                 rows.append(row)
                 progress(case, row)
