@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import yaml
 
+from hpcattn.checkpoint_paths import has_tokenizer, is_gguf
 from hpcattn.errors import ConfigError
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -146,8 +147,9 @@ class InputConfig:
 @dataclass
 class ModelConfig:
     preset: str = _f("tiny", doc="model shape from configs/models/<preset>.yaml (random weights), or a YAML path")
-    path: typing.Optional[str] = _f(None, doc="Hugging Face checkpoint directory (config.json + *.safetensors; "
-                                              "Llama or Qwen2, docs/methods.md lists what is read); overrides preset")
+    path: typing.Optional[str] = _f(None, doc="Hugging Face checkpoint directory (config.json + *.safetensors) "
+                                              "or a llama.cpp .gguf file (Llama or Qwen2; docs/methods.md lists "
+                                              "what is read and refused); overrides preset")
     seed: int = _f(0, doc="seed of the random weights (identical on every rank)")
     layers: typing.Optional[int] = _f(None, doc="use only this many layers (benchmarks of big shapes)")
 
@@ -648,13 +650,24 @@ def _validate_generate(cfg: Config, world_size: int, source: str) -> None:
                     not (apb_params(cfg, world_size, n).la and cfg.apb.query_in_anchor):
                 raise ConfigError(f"{source}: apb.compressor=query_aware in the model needs the query in the "
                                   f"anchor (apb.anchor and apb.query_in_anchor true)")
-    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
-        raise ConfigError(f"{source}: model.path: not a directory: {cfg.model.path}")
+    validate_model_path(cfg, source)
     if g.prompt_ids is not None and not Path(g.prompt_ids).is_file():
         raise ConfigError(f"{source}: generate.prompt_ids: file not found: {g.prompt_ids}")
-    if g.prompt_text is not None and (cfg.model.path is None or not (Path(cfg.model.path) / "tokenizer.json").is_file()):
-        raise ConfigError(f"{source}: generate.prompt_text needs model.path with a tokenizer.json "
+    if g.prompt_text is not None and not has_tokenizer(cfg.model.path):
+        raise ConfigError(f"{source}: generate.prompt_text needs model.path with a tokenizer.json, or a .gguf file "
                           f"(or give token ids with generate.prompt_ids)")
+
+
+def validate_model_path(cfg: Config, source: str) -> None:
+    """model.path: a checkpoint directory or a .gguf file."""
+    path = cfg.model.path
+    if path is None:
+        return
+    if is_gguf(path):
+        if not Path(path).is_file():
+            raise ConfigError(f"{source}: model.path: GGUF file not found: {path}")
+    elif not Path(path).is_dir():
+        raise ConfigError(f"{source}: model.path: not a directory (a Hugging Face checkpoint) or a .gguf file: {path}")
 
 
 def resolve_device(cfg: Config, cuda_available: bool) -> str:
