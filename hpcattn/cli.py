@@ -168,7 +168,7 @@ def _resolve(args, world_size: int):
     if not args.dry_run:
         from hpcattn.results.hdf5 import check_output_path
         check_output_path(cfg.run.output)
-    if cfg.job != "generate" and not cfg.methods:
+    if cfg.job not in config.MODEL_JOBS and not cfg.methods:
         raise HpcattnError(f"{args.config}: methods must list at least one method "
                            f"(choose from {', '.join(config.METHODS_BY_JOB[cfg.job])})")
     if cfg.inputs.source == "file" and cfg.inputs.path:
@@ -177,6 +177,10 @@ def _resolve(args, world_size: int):
             raise HpcattnError(f"{args.config}: inputs.path: file not found: {cfg.inputs.path}")
         with _reading(f"inputs.path {cfg.inputs.path}"):
             apply_file_shape(cfg, cfg.inputs.path)
+    if cfg.job == "eval":
+        from hpcattn.jobs.eval import resolve_eval_shape
+        with _reading(f"model.path {cfg.model.path}"):
+            resolve_eval_shape(cfg)
     if cfg.job == "generate":
         from hpcattn.jobs.generate import resolve_shape
         model = f"model.path {cfg.model.path}" if cfg.model.path else f"model.preset {cfg.model.preset}"
@@ -407,7 +411,7 @@ def _run(cfg, world, args) -> int:
              f"transport {ctx.transport} (gpu-aware MPI: {ctx.gpu_aware}, by {ctx.gpu_aware_method}), "
              f"kernel {first.name}, {len(cases)} cases")
     model = None
-    if cfg.job == "generate":      # a bad checkpoint is reported once, before any file is written
+    if cfg.job in config.MODEL_JOBS:      # a bad checkpoint is reported once, before any file is written
         from hpcattn.jobs.generate import build_checked_model
         model = _collective_check(world, lambda: None if lamina and rank >= ctx.size - cfg.lamina.attention_ranks
                                   else build_checked_model(cfg, DTYPES[cfg.shape.dtype], ctx.device),
@@ -433,6 +437,9 @@ def _run(cfg, world, args) -> int:
     if cfg.job == "generate":
         from hpcattn.jobs.generate import run_generate_cases
         rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
+    elif cfg.job == "eval":
+        from hpcattn.jobs.eval import run_eval_cases
+        rows = run_eval_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
     else:
         rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)
     watchdog.arm("teardown")

@@ -33,9 +33,11 @@ from hpcattn.checkpoint_paths import has_tokenizer, is_gguf
 from hpcattn.errors import ConfigError
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
-JOBS = ("decode", "prefill", "generate")
+JOBS = ("decode", "prefill", "generate", "eval")
 METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring", "torch_cp", "star", "apb"),
-                  "generate": ("local", "tree", "ring")}
+                  "generate": ("local", "tree", "ring"), "eval": ("local", "tree", "ring")}
+MODEL_JOBS = ("generate", "eval")          # jobs that run the whole model (generate.* settings)
+EVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 KERNEL_BACKENDS = (
     "auto", "torch_ref", "cpu_flash", "aten_cudnn", "aten_flash", "aten_efficient", "fa2", "lean",
 )
@@ -187,6 +189,20 @@ class LaminaConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = _f(list(EVAL_TASKS), doc="job eval: RULER synthetic tasks (" + ", ".join(EVAL_TASKS) + ")")
+    samples: int = _f(10, doc="job eval: prompts per task at each context")
+    seed: int = _f(0, doc="job eval: seed of the prompts (sample i of a task is the same for every method)")
+    depths: typing.Optional[list[float]] = _f(None, doc="job eval: needle depths in percent, cycled over the "
+                                                         "samples; null: RULER's random pick of 40 even depths")
+    max_new_tokens: typing.Optional[int] = _f(None, doc="job eval: cap on RULER's tokens to generate per task "
+                                                        "(niah 128, vt 30, cwe 120, fwe 50); generation stops "
+                                                        "earlier at the tokenizer's end tokens")
+    batch: int = _f(1, doc="job eval: prompts of one task generated together (shape.batch)")
+    chat_template: bool = _f(True, doc="job eval: wrap the task in the model's chat template (when it has one)")
+
+
+@dataclass
 class RunConfig:
     warmup: int = _f(2, doc="untimed iterations per case")
     repeats: int = _f(10, doc="timed iterations per case")
@@ -212,7 +228,8 @@ class RunConfig:
 
 @dataclass
 class Config:
-    job: str = _f("decode", choices=JOBS, doc="decode (one query token), prefill, or generate (whole model)")
+    job: str = _f("decode", choices=JOBS, doc="decode (one query token), prefill, generate (whole model), or eval "
+                                              "(RULER task accuracy of the generate methods, eval.*)")
     methods: list[str] = _f(["local", "tree"], doc="attention jobs: methods run on every sweep point; local is "
                                                    "the baseline (generate uses generate.prefill/decode)")
     shape: ShapeConfig = field(default_factory=ShapeConfig)
@@ -227,6 +244,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     lamina: LaminaConfig = field(default_factory=LaminaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -507,7 +525,9 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     if lamina:
         from hpcattn.model.lamina import validate_config
         validate_config(cfg, world_size, cuda_available, source)
-    if cfg.job == "generate":
+    if cfg.job == "eval":
+        _validate_eval(cfg, source)
+    if cfg.job in MODEL_JOBS:
         _validate_generate(cfg, world_size - cfg.lamina.attention_ranks if lamina else world_size, source)
     if cfg.job == "prefill" and ("star" in cfg.methods or "apb" in cfg.methods):
         _validate_approx(cfg, world_size, source)
@@ -543,13 +563,13 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
                           f"use comm.backend=mpi or gloo on CPU ranks")
     if cfg.comm.backend == "gloo" and device == "cuda":
         raise ConfigError(f"{source}: comm.backend=gloo is the CPU stand-in for nccl; on GPUs use nccl or mpi")
-    if cfg.run.cuda_graphs == "true" and cfg.job in ("decode", "generate"):
+    if cfg.run.cuda_graphs == "true" and cfg.job in ("decode",) + MODEL_JOBS:
         from hpcattn.graph import blocker, decide
         backend = cfg.comm.backend if cfg.comm.backend != "auto" else ("nccl" if device == "cuda" else "mpi")
         methods = cfg.methods if cfg.job == "decode" else [cfg.generate.decode]
         for m in methods:
             decide("true", blocker(device=device, method=m, backend=backend, world_size=world_size,
-                                   placement=cfg.generate.kv_placement if cfg.job == "generate" else "last"),
+                                   placement=cfg.generate.kv_placement if cfg.job in MODEL_JOBS else "last"),
                    where=f"{source}: run.cuda_graphs")
     if device == "cpu" and s.dtype == "float16":
         raise ConfigError(f"{source}: shape.dtype=float16 is not supported on CPU ranks; "
@@ -668,6 +688,27 @@ def validate_model_path(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: model.path: GGUF file not found: {path}")
     elif not Path(path).is_dir():
         raise ConfigError(f"{source}: model.path: not a directory (a Hugging Face checkpoint) or a .gguf file: {path}")
+
+
+def _validate_eval(cfg: Config, source: str) -> None:
+    e = cfg.eval
+    if cfg.generate.decode == "lamina":
+        raise ConfigError(f"{source}: job eval runs generate.decode local, tree or ring (lamina: use job generate)")
+    if not has_tokenizer(cfg.model.path):
+        raise ConfigError(f"{source}: job eval needs model.path with a tokenizer (a checkpoint directory with "
+                          f"tokenizer.json, or a .gguf file)")
+    bad = [t for t in e.tasks if t not in EVAL_TASKS]
+    if bad or not e.tasks:
+        raise ConfigError(f"{source}: eval.tasks: {bad or 'empty'}: choose from {', '.join(EVAL_TASKS)}")
+    if e.samples < 1 or e.batch < 1:
+        raise ConfigError(f"{source}: eval.samples ({e.samples}) and eval.batch ({e.batch}) must be >= 1")
+    if e.max_new_tokens is not None and e.max_new_tokens < 1:
+        raise ConfigError(f"{source}: eval.max_new_tokens must be >= 1 or null, got {e.max_new_tokens}")
+    if e.depths is not None and (not e.depths or any(not 0 <= d <= 100 for d in e.depths)):
+        raise ConfigError(f"{source}: eval.depths must list percentages in [0, 100] (or be null), got {e.depths}")
+    if cfg.generate.prompt_ids or cfg.generate.prompt_text or cfg.generate.prompt_logits:
+        raise ConfigError(f"{source}: job eval makes its own prompts: drop generate.prompt_ids/prompt_text/"
+                          f"prompt_logits")
 
 
 def resolve_device(cfg: Config, cuda_available: bool) -> str:
