@@ -45,10 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("tmp", help="the NAME.tmp a crashed or killed run left")
     rc.add_argument("-o", "--output", help="file to write (default NAME)")
     pl = sub.add_parser("plot", help="plot records to a PNG/PDF/SVG: time vs context (default), phase breakdown, "
-                                     "scaling, decode bandwidth (docs/analysis.md)")
+                                     "scaling, decode bandwidth, eval accuracy (docs/analysis.md)")
     pl.add_argument("files", nargs="+")
     pl.add_argument("-o", "--output", required=True, help="file to write: .png, .pdf or .svg")
-    pl.add_argument("--kind", default="time", help="time (default), breakdown, scaling or bandwidth")
+    pl.add_argument("--kind", default="time", help="time (default), breakdown, scaling, bandwidth or accuracy "
+                                                   "(eval records: vs context and needle depth)")
     pl.add_argument("--ceiling-tbs", type=float, help="with --kind bandwidth: ceiling line, TB/s per device")
     cp = sub.add_parser("compare", help="new/old step time of the cases two records share; exit 1 on a "
                                         "regression beyond noise (docs/analysis.md)")

@@ -121,7 +121,8 @@ class StarConfig:
 
 @dataclass
 class APBConfig:
-    anchor_len: typing.Optional[int] = _f(None, sweep=True, doc="la (default: paper preset, else block/4)")
+    anchor_len: typing.Optional[int] = _f(None, sweep=True, doc="la (default: paper preset, else block/4; at least "
+                                                                "query_offset + the query's length)")
     passing_len: typing.Optional[int] = _f(None, sweep=True, doc="lp per rank and KV head (default: preset, "
                                                                  "else block/8)")
     query_offset: int = _f(0, doc="s: header tokens before the query inside the anchor")
@@ -632,6 +633,9 @@ def apb_params(cfg: Config, world_size: int, context: int | None = None):
 
     la, lp = preset(context if context is not None else cfg.shape.context, world_size)
     a = cfg.apb
+    ql = cfg.generate.query_len if cfg.job in MODEL_JOBS else cfg.shape.query_len
+    if a.query_in_anchor:                 # the default anchor holds the query (APB embeds it there)
+        la = max(la, a.query_offset + ql)
     la = a.anchor_len if a.anchor_len is not None else la
     lp = a.passing_len if a.passing_len is not None else lp
     return APBParams(la=la if a.anchor else 0, lp=lp if a.passing else 0, query_offset=a.query_offset,

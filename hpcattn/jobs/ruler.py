@@ -220,24 +220,57 @@ class PromptBuilder:
         per = len(self.tok.encode("\n10. " + common[0], special=False))          # tokens of one entry
         freq_cw = max(4, min(30, budget // (2 * 10 * per)))     # commons: at most half the list
         order_seed = rng.random()
-        body = []
+        entries: list[str] = []
+        lines: list[list[int]] = []
         # uncommon words 3 times each (more when the word list runs out) until the list fills the budget
         for freq_ucw in range(3, freq_cw):
             for n_ucw in list(range(0, len(rest), 8)) + [len(rest)]:
                 entries = [w for w in common for _ in range(freq_cw)] + \
                     [w for w in rest[:n_ucw] for _ in range(freq_ucw)]
                 random.Random(order_seed).shuffle(entries)
-                body = self.tok.encode("\n".join(f"{i + 1}. {w}" for i, w in enumerate(entries)), special=False)
-                if len(body) >= budget:
+                lines = self._numbered(entries)
+                if sum(map(len, lines)) >= budget:
                     break
-            if len(body) >= budget:
+            if sum(map(len, lines)) >= budget:
                 break
-        if len(body) < budget:
+        else:
             raise ConfigError(f"eval: cwe at context {context}: the {len(pool)} words of ruler_words.txt do not "
                               f"fill the list with the common words the most frequent")
-        ids = head + body[:budget] + tail
+        # the list is cut to the budget: no common word's entry may fall behind the cut (swapped
+        # with an uncommon entry before it, keeping the numbering)
+        swap = random.Random(order_seed + 1)
+        for _ in range(8):
+            k = self._whole_lines(lines, budget)
+            late = [i for i in range(k, len(entries)) if entries[i] in common]
+            if not late:
+                break
+            early = swap.sample([i for i in range(k) if entries[i] not in common], len(late))
+            for i, j in zip(late, early):
+                entries[i], entries[j] = entries[j], entries[i]
+            lines = self._numbered(entries)
+        k = self._whole_lines(lines, budget)
+        body = [t for ln in lines[:k] for t in ln]
+        body += lines[k][:budget - len(body)] if k < len(lines) else []
+        counts = Counter(entries[:k])
+        ids = head + body + tail
         return Sample(task, context, index, ids, common, question_len=len(tail),
-                      meta={"freq_cw": freq_cw, "freq_ucw": freq_ucw})
+                      meta={"freq_cw": freq_cw, "freq_ucw": freq_ucw,
+                            "min_common": min(counts[w] for w in common),
+                            "max_uncommon": max([c for w, c in counts.items() if w not in common] or [0])})
+
+    def _numbered(self, entries: list[str]) -> list[list[int]]:
+        """Token ids of each line ``{i}. {word}`` of the numbered list (a newline before all but the first)."""
+        return [self.tok.encode(("\n" if i else "") + f"{i + 1}. {w}", special=False) for i, w in enumerate(entries)]
+
+    @staticmethod
+    def _whole_lines(lines: list[list[int]], budget: int) -> int:
+        """How many leading lines fit whole in ``budget`` tokens."""
+        used = 0
+        for k, ln in enumerate(lines):
+            if used + len(ln) > budget:
+                return k
+            used += len(ln)
+        return len(lines)
 
     def _fwe(self, task, context, index, rng, depth):
         head, tail = self.frame(FWE, FWE_PREFIX)

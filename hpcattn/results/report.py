@@ -42,7 +42,7 @@ def _rate(row: dict) -> str:
     if t <= 0:
         return ""
     B, N, Hq, d = row["batch"], row["context"], row["heads_q"], row["head_dim"]
-    if row["job"] == "generate":
+    if row["job"] in ("generate", "eval"):
         return f"{row['throughput_tok_s']:.4g} tok/s"
     if row["job"] == "decode":
         return _si(kv_bytes(row) / t, "B/s")
@@ -121,7 +121,9 @@ def format_table(rows: list[dict]) -> str:
         lines.append("  ".join((c.rjust(w) if i > 3 else c.ljust(w))
                                for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS))))
     lines += [_lamina_line(r) for r in rows if r.get("lamina_model_ranks") is not None]
-    return "\n".join(lines)
+    from hpcattn.results.accuracy import format_accuracy_table
+    acc = format_accuracy_table(rows)
+    return "\n".join(lines + ([acc] if acc else []))
 
 
 def format_csv(rows: list[dict]) -> str:
