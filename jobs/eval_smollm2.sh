@@ -60,8 +60,10 @@ for N in $CONTEXTS; do
     echo "== N=$N p=$P ($(( $(date +%s) - START )) s)"
     $MPIEXEC -n "$P" $PY -m hpcattn run configs/eval_ruler.yaml "${sets[@]}" -o "$OUT/eval-N$N-p$P.h5" \
       > "$OUT/log-N$N-p$P.txt" 2>&1 || { echo "   failed: see $OUT/log-N$N-p$P.txt"; tail -3 "$OUT/log-N$N-p$P.txt"; }
+    # the report so far after every launch: a run cut short by a time limit keeps what it finished
+    $PY -m hpcattn report "$OUT"/eval-*.h5 > "$OUT/report.txt" 2>/dev/null || true
   done
 done
-$PY -m hpcattn report "$OUT"/eval-*.h5 > "$OUT/report.txt" && sed -n '/^accuracy/,$p' "$OUT/report.txt"
+sed -n '/^accuracy/,$p' "$OUT/report.txt"
 $PY -m hpcattn plot "$OUT"/eval-*.h5 --kind accuracy -o "$OUT/accuracy.png"
 echo "done in $(( $(date +%s) - START )) s: $OUT"
