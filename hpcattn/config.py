@@ -199,7 +199,7 @@ class EvalConfig:
     max_new_tokens: typing.Optional[int] = _f(None, doc="job eval: cap on RULER's tokens to generate per task "
                                                         "(niah 128, vt 30, cwe 120, fwe 50); generation stops "
                                                         "earlier at the tokenizer's end tokens")
-    batch: int = _f(1, doc="job eval: prompts of one task generated together (shape.batch)")
+    batch_size: int = _f(1, doc="job eval: prompts of one task generated together (shape.batch)")
     chat_template: bool = _f(True, doc="job eval: wrap the task in the model's chat template (when it has one)")
 
 
@@ -704,8 +704,8 @@ def _validate_eval(cfg: Config, source: str) -> None:
     bad = [t for t in e.tasks if t not in EVAL_TASKS]
     if bad or not e.tasks:
         raise ConfigError(f"{source}: eval.tasks: {bad or 'empty'}: choose from {', '.join(EVAL_TASKS)}")
-    if e.samples < 1 or e.batch < 1:
-        raise ConfigError(f"{source}: eval.samples ({e.samples}) and eval.batch ({e.batch}) must be >= 1")
+    if e.samples < 1 or e.batch_size < 1:
+        raise ConfigError(f"{source}: eval.samples ({e.samples}) and eval.batch_size ({e.batch_size}) must be >= 1")
     if e.max_new_tokens is not None and e.max_new_tokens < 1:
         raise ConfigError(f"{source}: eval.max_new_tokens must be >= 1 or null, got {e.max_new_tokens}")
     if e.depths is not None and (not e.depths or any(not 0 <= d <= 100 for d in e.depths)):

@@ -43,7 +43,7 @@ START=$(date +%s)
 for N in $CONTEXTS; do
   for P in $RANKS; do
     sets=(--set "model.path=$MODEL" --set "shape.context=$N" --set "shape.dtype=$DTYPE" --set "run.device=$DEVICE"
-          --set "eval.tasks=[$TASKS]" --set "eval.samples=$SAMPLES" --set "eval.batch=$BATCH"
+          --set "eval.tasks=[$TASKS]" --set "eval.samples=$SAMPLES" --set "eval.batch_size=$BATCH"
           --set "eval.max_new_tokens=$MAX_NEW" --set "eval.depths=$DEPTHS" --set "eval.seed=$SEED"
           --set "generate.query_len=$QL" --set "comm.backend=mpi" --set "tree.reduction=allreduce")
     if [ "$P" = 1 ]; then

@@ -129,7 +129,7 @@ def test_every_exact_pairing_gives_transformers_tokens(real, hf_dir, tmp_path, r
         assert list(_tokens(lam).values()) == [real["hf_tokens"]]
 
 
-EVAL = ["eval.tasks=[niah_single,vt]", "eval.samples=2", "eval.batch=2", "eval.max_new_tokens=12",
+EVAL = ["eval.tasks=[niah_single,vt]", "eval.samples=2", "eval.batch_size=2", "eval.max_new_tokens=12",
         "shape.context=256", "generate.query_len=48", "tree.reduction=allreduce", "eval.depths=[20,80]"]
 
 

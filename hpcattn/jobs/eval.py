@@ -4,7 +4,7 @@ Per sweep point (``shape.context``, methods as in the generate job: ``generate.p
 ``generate.decode`` / ``star.*`` / ``apb.*`` sweeps), rank 0 builds ``eval.samples`` prompts of
 every task in ``eval.tasks`` with the model's tokenizer and chat template, each exactly
 ``shape.context`` tokens (:mod:`hpcattn.jobs.ruler`), and broadcasts them. Every case (one method
-at the point) then generates greedily for each sample, ``eval.batch`` samples of one task at a
+at the point) then generates greedily for each sample, ``eval.batch_size`` samples of one task at a
 time, up to RULER's token count for the task (capped by ``eval.max_new_tokens``), stopping when
 every row has produced one of the tokenizer's end tokens. For star/apb prefill the last
 ``generate.query_len`` prompt tokens are the query (the question, the template's assistant tag and
@@ -40,7 +40,7 @@ def new_tokens_of(task: str, cap: int | None) -> int:
 
 def resolve_eval_shape(cfg) -> None:
     """Rank 0, before validation: shape.heads_*/head_dim from the model, shape.batch from
-    eval.batch, generate.new_tokens the most any task generates (for the memory estimate),
+    eval.batch_size, generate.new_tokens the most any task generates (for the memory estimate),
     run.check off (the eval's measure is accuracy)."""
     from hpcattn.jobs.generate import model_args
 
@@ -50,7 +50,7 @@ def resolve_eval_shape(cfg) -> None:
                           "tokenizer.json, or a .gguf file)")
     a = model_args(cfg)
     cfg.shape.heads_q, cfg.shape.heads_kv, cfg.shape.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
-    cfg.shape.batch = e.batch
+    cfg.shape.batch = e.batch_size
     cfg.run.check = False                     # accuracy is the eval's measure; no logits reference
     cfg.generate.new_tokens = max(new_tokens_of(t, e.max_new_tokens) for t in e.tasks)
 
@@ -122,7 +122,7 @@ def run_eval_cases(cfg, cases, ctx, kernel_for, writer, progress, model) -> list
         watchdog.arm(f"case {case.id}")
         job = GenerateJob(c, ctx, kernel_for(c), model)
         results = []
-        for group in batches(samples, c.eval.batch):
+        for group in batches(samples, c.eval.batch_size):
             tokens = torch.tensor([s.ids for s in group], dtype=torch.long, device=ctx.device)
             runner = job.runner(case, ctx)
             out, pre_s, dec_s = greedy_until_stop(runner, ctx, tokens, new_tokens_of(group[0].task,
@@ -160,7 +160,7 @@ def _record(case, ctx, job, results, tokenizer, stop_ids, writer) -> dict:
     dec = np.asarray([r[3] for r in results])
     by_task = {t: float(scores[[i for i, x in enumerate(tasks) if x == t]].mean()) for t in dict.fromkeys(tasks)}
     total = pre + dec
-    attrs = {"method": case.method, "variant": case.variant, "job": "eval", "batch": c.eval.batch,
+    attrs = {"method": case.method, "variant": case.variant, "job": "eval", "batch": c.eval.batch_size,
              "heads_q": a.n_heads, "heads_kv": a.n_kv_heads, "head_dim": a.head_dim, "context": c.shape.context,
              "lengths": None, "dtype": c.shape.dtype, "causal": True, "kernel": job.kernel.name,
              "world_size": ctx.size, "warmup": 0, "repeats": 1, "sweep_point": case.point, "group": case.group,
