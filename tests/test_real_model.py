@@ -139,13 +139,13 @@ def _eval_rows(path):
 
 
 @pytest.mark.mpi
-def test_eval_exact_methods_match_one_process(real, tmp_path):
+def test_eval_exact_methods_match_one_process(tmp_path):
     """The eval job on one rank and on two (ring prefill exact, Star approximate, batches of 2):
     ring's generated tokens and accuracy are the one-process run's; every recorded score is
     RULER's string match of the recorded text; prompts are exactly shape.context tokens."""
     from hpcattn.jobs.ruler import score
 
-    g = str(real["gguf"])
+    g = str(gguf_path())
     one, two = tmp_path / "e1.h5", tmp_path / "e2.h5"
     base = [x for s in [f"model.path={g}"] + EVAL for x in ("--set", s)]
     r = run_ranks(1, ["-m", "hpcattn", "run", "configs/eval_ruler.yaml", *base, "--set", "generate.prefill=local",
