@@ -28,7 +28,7 @@ import torch
 
 from hpcattn import watchdog
 from hpcattn.errors import ConfigError
-from hpcattn.jobs.ruler import MAX_NEW, TASKS, PromptBuilder, Sample, score
+from hpcattn.jobs.ruler import MAX_NEW, PromptBuilder, Sample, score
 
 EXACT_PREFILL = ("local", "ring")
 
