@@ -45,7 +45,8 @@ for N in $CONTEXTS; do
     sets=(--set "model.path=$MODEL" --set "shape.context=$N" --set "shape.dtype=$DTYPE" --set "run.device=$DEVICE"
           --set "eval.tasks=[$TASKS]" --set "eval.samples=$SAMPLES" --set "eval.batch_size=$BATCH"
           --set "eval.max_new_tokens=$MAX_NEW" --set "eval.depths=$DEPTHS" --set "eval.seed=$SEED"
-          --set "generate.query_len=$QL" --set "comm.backend=mpi" --set "tree.reduction=allreduce")
+          --set "generate.query_len=$QL" --set "comm.backend=mpi" --set "tree.reduction=allreduce"
+          --set "run.cuda_graphs=false")     # eager decode: the eval measures accuracy, not speed
     if [ "$P" = 1 ]; then
       sets+=(--set "generate.prefill=local" --set "generate.decode=local")
     else
