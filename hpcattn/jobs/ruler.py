@@ -115,6 +115,7 @@ class PromptBuilder:
     def __init__(self, tokenizer, chat: bool = True):
         self.tok, self.chat = tokenizer, chat
         self.nouns, self.adjs = words()
+        self.noise = tokenizer.encode_many([" " + n for n in NOISE])      # the haystack's sentences
 
     def frame(self, template: str, prefix: str, **fields) -> tuple[list[int], list[int]]:
         """(ids before the context part, ids after it: question + template tail + answer prefix)."""
@@ -182,7 +183,7 @@ class PromptBuilder:
                               f"(template and needles take {context - fill} tokens)")
         sentences, n = [], 0
         while n < fill:
-            s = self.tok.encode(" " + NOISE[len(sentences) % len(NOISE)], special=False)
+            s = list(self.noise[len(sentences) % len(NOISE)])
             sentences.append(s)
             n += len(s)
         over = n - fill                                   # cut the last sentence to fit exactly
@@ -220,22 +221,29 @@ class PromptBuilder:
         per = len(self.tok.encode("\n10. " + common[0], special=False))          # tokens of one entry
         freq_cw = max(4, min(30, budget // (2 * 10 * per)))     # commons: at most half the list
         order_seed = rng.random()
-        entries: list[str] = []
-        lines: list[list[int]] = []
-        # uncommon words 3 times each (more when the word list runs out) until the list fills the budget
+
+        def listed(n_ucw: int, freq_ucw: int) -> tuple[list[str], list[list[int]]]:
+            entries = [w for w in common for _ in range(freq_cw)] + [w for w in rest[:n_ucw] for _ in range(freq_ucw)]
+            random.Random(order_seed).shuffle(entries)
+            return entries, self._numbered(entries)
+
+        # the fewest uncommon words (3 times each; more often when the word list runs out) whose list
+        # fills the budget: a list's token count does not depend on its order, so it grows with n_ucw
         for freq_ucw in range(3, freq_cw):
-            for n_ucw in list(range(0, len(rest), 8)) + [len(rest)]:
-                entries = [w for w in common for _ in range(freq_cw)] + \
-                    [w for w in rest[:n_ucw] for _ in range(freq_ucw)]
-                random.Random(order_seed).shuffle(entries)
-                lines = self._numbered(entries)
-                if sum(map(len, lines)) >= budget:
-                    break
+            entries, lines = listed(len(rest), freq_ucw)
             if sum(map(len, lines)) >= budget:
                 break
         else:
             raise ConfigError(f"eval: cwe at context {context}: the {len(pool)} words of ruler_words.txt do not "
                               f"fill the list with the common words the most frequent")
+        lo, hi = 0, len(rest)                 # hi fills the budget; find the smallest that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(map(len, listed(mid, freq_ucw)[1])) >= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        entries, lines = listed(hi, freq_ucw)
         # the list is cut to the budget: no common word's entry may fall behind the cut (swapped
         # with an uncommon entry before it, keeping the numbering)
         swap = random.Random(order_seed + 1)
@@ -260,7 +268,7 @@ class PromptBuilder:
 
     def _numbered(self, entries: list[str]) -> list[list[int]]:
         """Token ids of each line ``{i}. {word}`` of the numbered list (a newline before all but the first)."""
-        return [self.tok.encode(("\n" if i else "") + f"{i + 1}. {w}", special=False) for i, w in enumerate(entries)]
+        return self.tok.encode_many([("\n" if i else "") + f"{i + 1}. {w}" for i, w in enumerate(entries)])
 
     @staticmethod
     def _whole_lines(lines: list[list[int]], budget: int) -> int:

@@ -43,6 +43,10 @@ class TextTokenizer:
         them already (as transformers' ``apply_chat_template`` tokenizes)."""
         return self.backend.encode(text, add_special_tokens=special).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """:meth:`encode` of each text (``special=False``), in one call."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` without special tokens."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
