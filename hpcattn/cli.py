@@ -19,6 +19,7 @@ import faulthandler
 import logging
 import sys
 import time
+from pathlib import Path
 
 from hpcattn.errors import HpcattnError
 
@@ -45,10 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("tmp", help="the NAME.tmp a crashed or killed run left")
     rc.add_argument("-o", "--output", help="file to write (default NAME)")
     pl = sub.add_parser("plot", help="plot records to a PNG/PDF/SVG: time vs context (default), phase breakdown, "
-                                     "scaling, decode bandwidth (docs/analysis.md)")
+                                     "scaling, decode bandwidth, eval accuracy (docs/analysis.md)")
     pl.add_argument("files", nargs="+")
     pl.add_argument("-o", "--output", required=True, help="file to write: .png, .pdf or .svg")
-    pl.add_argument("--kind", default="time", help="time (default), breakdown, scaling or bandwidth")
+    pl.add_argument("--kind", default="time", help="time (default), breakdown, scaling, bandwidth or accuracy "
+                                                   "(eval records: vs context and needle depth)")
     pl.add_argument("--ceiling-tbs", type=float, help="with --kind bandwidth: ceiling line, TB/s per device")
     cp = sub.add_parser("compare", help="new/old step time of the cases two records share; exit 1 on a "
                                         "regression beyond noise (docs/analysis.md)")
@@ -193,15 +195,18 @@ def _resolve(args, world_size: int):
         from hpcattn.results.hdf5 import check_output_collision, check_output_path
         check_output_collision(cfg.run.output, *_files_read(args.config, cfg))
         check_output_path(cfg.run.output)
-    if cfg.job != "generate" and not cfg.methods:
+    if cfg.job not in config.MODEL_JOBS and not cfg.methods:
         raise HpcattnError(f"{args.config}: methods must list at least one method "
                            f"(choose from {', '.join(config.METHODS_BY_JOB[cfg.job])})")
     if cfg.inputs.source == "file" and cfg.inputs.path:
-        from pathlib import Path
         if not Path(cfg.inputs.path).is_file():
             raise HpcattnError(f"{args.config}: inputs.path: file not found: {cfg.inputs.path}")
         with _reading(f"inputs.path {cfg.inputs.path}"):
             apply_file_shape(cfg, cfg.inputs.path)
+    if cfg.job == "eval":
+        from hpcattn.jobs.eval import resolve_eval_shape
+        with _reading(f"model.path {cfg.model.path}"):
+            resolve_eval_shape(cfg)
     if cfg.job == "generate":
         from hpcattn.jobs.generate import resolve_shape
         model = f"model.path {cfg.model.path}" if cfg.model.path else f"model.preset {cfg.model.preset}"
@@ -261,7 +266,9 @@ def _files_read(config_path: str, cfg) -> tuple[list[tuple[str, str]], list[tupl
     if cfg.job == "generate":
         if cfg.generate.prompt_ids:
             files.append(("generate.prompt_ids", cfg.generate.prompt_ids))
-        if cfg.model.path:
+        if cfg.model.path and Path(cfg.model.path).is_file():      # a GGUF checkpoint is one file
+            files.append(("model.path", cfg.model.path))
+        elif cfg.model.path:
             dirs.append(("model.path", cfg.model.path))
         else:
             files += [("model.preset", str(d / f"{cfg.model.preset}.yaml")) for d in _preset_dirs()]
@@ -491,7 +498,7 @@ def _run(cfg, world, args) -> int:
              f"transport {ctx.transport} (gpu-aware MPI: {ctx.gpu_aware}, by {ctx.gpu_aware_method}), "
              f"kernel {first.name}, {len(cases)} cases")
     model = None
-    if cfg.job == "generate":      # a bad checkpoint is reported once, before any file is written
+    if cfg.job in config.MODEL_JOBS:      # a bad checkpoint is reported once, before any file is written
         from hpcattn.jobs.generate import build_checked_model
         model = _collective_check(world, lambda: None if lamina and rank >= ctx.size - cfg.lamina.attention_ranks
                                   else build_checked_model(cfg, DTYPES[cfg.shape.dtype], ctx.device),
@@ -517,6 +524,9 @@ def _run(cfg, world, args) -> int:
     if cfg.job == "generate":
         from hpcattn.jobs.generate import run_generate_cases
         rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
+    elif cfg.job == "eval":
+        from hpcattn.jobs.eval import run_eval_cases
+        rows = run_eval_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
     else:
         rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)
     watchdog.arm("teardown")

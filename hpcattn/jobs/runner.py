@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from hpcattn import watchdog
-from hpcattn.config import Config
+from hpcattn.config import MODEL_JOBS, Config
 from hpcattn.config import expand_cases as expand_points
 from hpcattn.jobs import decode, generate, prefill
 from hpcattn.timing import PHASES, PhaseTimer
 
 JOBS = {"decode": (decode.DecodeJob, decode.estimate), "prefill": (prefill.PrefillJob, prefill.estimate),
-        "generate": (None, generate.estimate)}
+        "generate": (None, generate.estimate), "eval": (None, generate.estimate)}
 
 
 @dataclass
@@ -44,7 +44,7 @@ def variant_of(cfg: Config, method: str, p: int) -> str:
     if cfg.job == "generate" and cfg.generate.decode == "lamina":
         from hpcattn.jobs.lamina import variant
         return variant(cfg, p)
-    if cfg.job == "generate":
+    if cfg.job in MODEL_JOBS:
         parts = []
         if cfg.generate.prefill == "ring" and p > 1:
             parts.append(cfg.ring.layout)
@@ -92,10 +92,10 @@ def plan_cases(cfg: Config, p: int) -> list[Case]:
         shape_key = json.dumps(shape, sort_keys=True) + c.kernel.backend + \
             json.dumps(dataclasses.asdict(c.inputs), sort_keys=True)
         methods = c.methods
-        if c.job == "generate" and p > 1 and c.generate.prefill != "local" and c.generate.decode == "local" \
+        if c.job in MODEL_JOBS and p > 1 and c.generate.prefill != "local" and c.generate.decode == "local" \
                 and ("generate.prefill" in point or "generate.decode" in point):
             continue                      # impossible pair inside a prefill x decode sweep: skip it
-        if c.job == "generate":
+        if c.job in MODEL_JOBS:
             gen = dataclasses.asdict(c.generate)
             shape_key += json.dumps(dataclasses.asdict(c.model), sort_keys=True) + json.dumps(
                 {k: v for k, v in gen.items() if k not in ("prefill", "decode", "kv_placement")}, sort_keys=True)
