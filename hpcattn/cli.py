@@ -26,7 +26,7 @@ from hpcattn import config, watchdog
 from hpcattn.collective import abort_on_error
 from hpcattn.errors import HpcattnError
 from hpcattn.jobs import lamina_cost
-from hpcattn.jobs.orchestrate import cmd_run
+from hpcattn.jobs.orchestrate import cmd_run, files_read
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,10 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("tmp", help="the NAME.tmp a crashed or killed run left")
     rc.add_argument("-o", "--output", help="file to write (default NAME)")
     pl = sub.add_parser("plot", help="plot records to a PNG/PDF/SVG: time vs context (default), phase breakdown, "
-                                     "scaling, decode bandwidth (docs/analysis.md)")
+                                     "scaling, decode bandwidth, eval accuracy (docs/analysis.md)")
     pl.add_argument("files", nargs="+")
     pl.add_argument("-o", "--output", required=True, help="file to write: .png, .pdf or .svg")
-    pl.add_argument("--kind", default="time", help="time (default), breakdown, scaling or bandwidth")
+    pl.add_argument("--kind", default="time", help="time (default), breakdown, scaling, bandwidth or accuracy "
+                                                   "(eval records: vs context and needle depth)")
     pl.add_argument("--ceiling-tbs", type=float, help="with --kind bandwidth: ceiling line, TB/s per device")
     cp = sub.add_parser("compare", help="new/old step time of the cases two records share; exit 1 on a "
                                         "regression beyond noise (docs/analysis.md)")
@@ -119,6 +120,9 @@ def _project(args) -> int:
     if cfg.job not in ("prefill", "generate"):
         raise HpcattnError(f"{args.config}: hpcattn project needs a generate job config (model level) "
                            f"or a prefill job config (attention level), got job: {cfg.job}")
+    if args.output:                 # never over a file it reads (nor a run's work file)
+        from hpcattn.results.hdf5 import check_output_collision
+        check_output_collision(args.output, *files_read(args.config, cfg))
     if cfg.job == "generate":
         run_model_projection(cfg, args.hosts, args.link_gbps, args.latency_us, args.output,
                              more_links=tuple(args.more_link_gbps))
@@ -142,7 +146,9 @@ def _report(args) -> int:
 
 @command("recover")
 def _recover(args) -> int:
-    from hpcattn.results.hdf5 import recover
+    from hpcattn.results.hdf5 import check_output_collision, recover
+    if args.output:
+        check_output_collision(args.output, [("the record to recover", args.tmp)])
     print(f"wrote {recover(args.tmp, args.output)}")
     return 0
 

@@ -29,12 +29,15 @@ from typing import Any, Iterator
 
 import yaml
 
+from hpcattn.checkpoint_paths import has_tokenizer, is_gguf
 from hpcattn.errors import ConfigError
 
 DTYPES = ("float64", "float32", "bfloat16", "float16")
-JOBS = ("decode", "prefill", "generate")
+JOBS = ("decode", "prefill", "generate", "eval")
 METHODS_BY_JOB = {"decode": ("local", "tree", "ring"), "prefill": ("local", "ring", "torch_cp", "star", "apb"),
-                  "generate": ("local", "tree", "ring")}
+                  "generate": ("local", "tree", "ring"), "eval": ("local", "tree", "ring")}
+MODEL_JOBS = ("generate", "eval")          # jobs that run the whole model (generate.* settings)
+EVAL_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 KERNEL_BACKENDS = (
     "auto", "torch_ref", "cpu_flash", "aten_cudnn", "aten_flash", "aten_efficient", "fa2", "lean",
 )
@@ -121,7 +124,8 @@ class StarConfig:
 
 @dataclass
 class APBConfig:
-    anchor_len: typing.Optional[int] = _f(None, sweep=True, doc="la (default: paper preset, else block/4)")
+    anchor_len: typing.Optional[int] = _f(None, sweep=True, doc="la (default: paper preset, else block/4; at least "
+                                                                "query_offset + the query's length)")
     passing_len: typing.Optional[int] = _f(None, sweep=True, doc="lp per rank and KV head (default: preset, "
                                                                  "else block/8)")
     query_offset: int = _f(0, doc="s: header tokens before the query inside the anchor")
@@ -149,8 +153,9 @@ class InputConfig:
 @dataclass
 class ModelConfig:
     preset: str = _f("tiny", doc="model shape from configs/models/<preset>.yaml (random weights), or a YAML path")
-    path: typing.Optional[str] = _f(None, doc="Hugging Face checkpoint directory (config.json + *.safetensors; "
-                                              "Llama or Qwen2, docs/methods.md lists what is read); overrides preset")
+    path: typing.Optional[str] = _f(None, doc="Hugging Face checkpoint directory (config.json + *.safetensors) "
+                                              "or a llama.cpp .gguf file (Llama or Qwen2; docs/methods.md lists "
+                                              "what is read and refused); overrides preset")
     seed: int = _f(0, doc="seed of the random weights (identical on every rank)")
     layers: typing.Optional[int] = _f(None, doc="use only this many layers (benchmarks of big shapes)")
 
@@ -188,6 +193,20 @@ class LaminaConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = _f(list(EVAL_TASKS), doc="job eval: RULER synthetic tasks (" + ", ".join(EVAL_TASKS) + ")")
+    samples: int = _f(10, doc="job eval: prompts per task at each context")
+    seed: int = _f(0, doc="job eval: seed of the prompts (sample i of a task is the same for every method)")
+    depths: typing.Optional[list[float]] = _f(None, doc="job eval: needle depths in percent, cycled over the "
+                                                         "samples; null: RULER's random pick of 40 even depths")
+    max_new_tokens: typing.Optional[int] = _f(None, doc="job eval: cap on RULER's tokens to generate per task "
+                                                        "(niah 128, vt 30, cwe 120, fwe 50); generation stops "
+                                                        "earlier at the tokenizer's end tokens")
+    batch_size: int = _f(1, doc="job eval: prompts of one task generated together (shape.batch)")
+    chat_template: bool = _f(True, doc="job eval: wrap the task in the model's chat template (when it has one)")
+
+
+@dataclass
 class RunConfig:
     warmup: int = _f(2, doc="untimed iterations per case")
     repeats: int = _f(10, doc="timed iterations per case")
@@ -210,11 +229,15 @@ class RunConfig:
     memory_check: bool = _f(True, doc="refuse a case whose --dry-run memory estimate exceeds this rank's share of "
                                       "its GPU's free memory (ranks on one GPU split it) or of host RAM; "
                                       "false: try anyway")
+    max_cases: int = _f(10000, doc="refuse a sweep of more points x methods than this, before planning it "
+                                   "(rank 0 plans about 2000 cases/s while the other ranks wait); raise it "
+                                   "to run a bigger sweep")
 
 
 @dataclass
 class Config:
-    job: str = _f("decode", choices=JOBS, doc="decode (one query token), prefill, or generate (whole model)")
+    job: str = _f("decode", choices=JOBS, doc="decode (one query token), prefill, generate (whole model), or eval "
+                                              "(RULER task accuracy of the generate methods, eval.*)")
     methods: list[str] = _f(["local", "tree"], doc="attention jobs: methods run on every sweep point; local is "
                                                    "the baseline (generate uses generate.prefill/decode)")
     shape: ShapeConfig = field(default_factory=ShapeConfig)
@@ -229,6 +252,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     lamina: LaminaConfig = field(default_factory=LaminaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -508,7 +532,9 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ConfigError(f"{source}: methods lists a method twice: {cfg.methods}")
     lamina = cfg.job == "generate" and cfg.generate.decode == "lamina"
-    if cfg.job == "generate":
+    if cfg.job == "eval":
+        _validate_eval(cfg, source)
+    if cfg.job in MODEL_JOBS:
         _validate_generate(cfg, world_size - cfg.lamina.attention_ranks if lamina else world_size, source)
     if cfg.job == "prefill" and ("star" in cfg.methods or "apb" in cfg.methods):
         _validate_approx(cfg, world_size, source)
@@ -618,13 +644,45 @@ def _validate_generate(cfg: Config, world_size: int, source: str) -> None:
         if g.query_len < 1 or n < world_size:
             raise ConfigError(f"{source}: generate.query_len={g.query_len} must be >= 1 and leave at least "
                               f"one context token per rank (prompt length {s.context})")
-    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
-        raise ConfigError(f"{source}: model.path: not a directory: {cfg.model.path}")
+    validate_model_path(cfg, source)
     if g.prompt_ids is not None and not Path(g.prompt_ids).is_file():
         raise ConfigError(f"{source}: generate.prompt_ids: file not found: {g.prompt_ids}")
-    if g.prompt_text is not None and (cfg.model.path is None or not (Path(cfg.model.path) / "tokenizer.json").is_file()):
-        raise ConfigError(f"{source}: generate.prompt_text needs model.path with a tokenizer.json "
+    if g.prompt_text is not None and not has_tokenizer(cfg.model.path):
+        raise ConfigError(f"{source}: generate.prompt_text needs model.path with a tokenizer.json, or a .gguf file "
                           f"(or give token ids with generate.prompt_ids)")
+
+
+def validate_model_path(cfg: Config, source: str) -> None:
+    """model.path: a checkpoint directory or a .gguf file."""
+    path = cfg.model.path
+    if path is None:
+        return
+    if is_gguf(path):
+        if not Path(path).is_file():
+            raise ConfigError(f"{source}: model.path: GGUF file not found: {path}")
+    elif not Path(path).is_dir():
+        raise ConfigError(f"{source}: model.path: not a directory (a Hugging Face checkpoint) or a .gguf file: {path}")
+
+
+def _validate_eval(cfg: Config, source: str) -> None:
+    e = cfg.eval
+    if cfg.generate.decode == "lamina":
+        raise ConfigError(f"{source}: job eval runs generate.decode local, tree or ring (lamina: use job generate)")
+    if not has_tokenizer(cfg.model.path):
+        raise ConfigError(f"{source}: job eval needs model.path with a tokenizer (a checkpoint directory with "
+                          f"tokenizer.json, or a .gguf file)")
+    bad = [t for t in e.tasks if t not in EVAL_TASKS]
+    if bad or not e.tasks:
+        raise ConfigError(f"{source}: eval.tasks: {bad or 'empty'}: choose from {', '.join(EVAL_TASKS)}")
+    if e.samples < 1 or e.batch_size < 1:
+        raise ConfigError(f"{source}: eval.samples ({e.samples}) and eval.batch_size ({e.batch_size}) must be >= 1")
+    if e.max_new_tokens is not None and e.max_new_tokens < 1:
+        raise ConfigError(f"{source}: eval.max_new_tokens must be >= 1 or null, got {e.max_new_tokens}")
+    if e.depths is not None and (not e.depths or any(not 0 <= d <= 100 for d in e.depths)):
+        raise ConfigError(f"{source}: eval.depths must list percentages in [0, 100] (or be null), got {e.depths}")
+    if cfg.generate.prompt_ids or cfg.generate.prompt_text or cfg.generate.prompt_logits:
+        raise ConfigError(f"{source}: job eval makes its own prompts: drop generate.prompt_ids/prompt_text/"
+                          f"prompt_logits")
 
 
 def resolve_device(cfg: Config, cuda_available: bool) -> str:

@@ -1,10 +1,13 @@
 """A per-rank hang watchdog, so that a hung collective never burns the rest of an allocation.
 
-``start(timeout_s, rank)`` once per process, then ``arm(label)`` when a bounded piece of work
+``start(timeout_s, rank)`` once per process (again to change the timeout), then ``arm(label)`` when a bounded piece of work
 begins (set-up, each case) and ``disarm()`` when the run is done. If one armed piece runs longer
 than ``timeout_s`` (``run.case_timeout_s``), the rank prints one line naming the piece and the
 key, dumps the Python stacks of all its threads (where it hangs), and aborts the whole MPI job
-(``MPI_Abort``, so ``mpirun``/``srun`` end every rank). Cases finished before are kept
+(``MPI_Abort``, so ``mpirun``/``srun`` end every rank). ``hpcattn run`` arms it before its first
+collective, while rank 0 resolves the config and reads the input files, with the timeout of
+``$HPCATTN_SETUP_TIMEOUT_S`` (:func:`setup_timeout`: the config is not known yet), then with
+``run.case_timeout_s`` from the set-up on. Cases finished before are kept
 (``NAME.tmp.d/``; see docs/hdf5.md). Every rank arms the same timeout at the same points, so a
 rank blocked in a collective by a hung peer fires too if the launcher has not ended it first.
 
@@ -32,15 +35,38 @@ import time
 from hpcattn.launch import note_abort
 
 EXIT_CODE = 4
+SETUP_ENV = "HPCATTN_SETUP_TIMEOUT_S"     # the watchdog's timeout before the config is known
+SETUP_DEFAULT_S = 3600.0                  # the default of run.case_timeout_s
 
-_state = {"timeout": None, "rank": 0, "deadline": None, "label": "", "thread": None}
+_state = {"timeout": None, "rank": 0, "deadline": None, "label": "", "thread": None, "key": "run.case_timeout_s"}
+
+
+def setup_timeout() -> float:
+    """The watchdog's timeout while the config is resolved: ``$HPCATTN_SETUP_TIMEOUT_S`` seconds
+    (default 3600, as ``run.case_timeout_s``). Raises ValueError with the one line for a bad value."""
+    raw = os.environ.get(SETUP_ENV, "").strip()
+    if not raw:
+        return SETUP_DEFAULT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{SETUP_ENV}={raw!r}: expected a number of seconds > 0")
+    return value
 _cv = threading.Condition()
 
 
-def start(timeout_s: float | None, rank: int) -> None:
-    """Start the watchdog thread (no-op for ``timeout_s`` None or <= 0, or when already started)."""
+def start(timeout_s: float | None, rank: int, key: str = "run.case_timeout_s") -> None:
+    """Start the watchdog thread, or set the timeout of the running one (``timeout_s`` None or
+    <= 0: off; a pending deadline is cleared then). ``key`` is what sets the timeout (the line
+    names it)."""
     with _cv:
         _state["timeout"], _state["rank"] = (timeout_s if timeout_s and timeout_s > 0 else None), rank
+        _state["key"] = key
+        if _state["timeout"] is None:
+            _state["deadline"] = None
+            _cv.notify()
         if _state["timeout"] is None or _state["thread"] is not None:
             return
         t = threading.Thread(target=_loop, name="hpcattn-watchdog", daemon=True)
@@ -72,13 +98,13 @@ def _loop() -> None:
             if left <= 0:
                 break
             _cv.wait(left)
-        label, timeout, rank = _state["label"], _state["timeout"], _state["rank"]
-    _fire(label, timeout, rank)
+        label, timeout, rank, key = _state["label"], _state["timeout"], _state["rank"], _state["key"]
+    _fire(label, timeout, rank, key)
 
 
-def _fire(label: str, timeout: float, rank: int) -> None:
+def _fire(label: str, timeout: float, rank: int, key: str = "run.case_timeout_s") -> None:
     """The hang report: the line and this rank's stacks in one write, then end the job."""
-    say(f"hpcattn: error (rank {rank}): {label} ran longer than run.case_timeout_s = {timeout:g} s "
+    say(f"hpcattn: error (rank {rank}): {label} ran longer than {key} = {timeout:g} s "
         f"(a hang?); this rank's Python stacks follow; aborting all ranks\n" + _stacks())
     abort_job(_world_from_thread(), EXIT_CODE)
     os._exit(EXIT_CODE)                      # should MPI_Abort ever return

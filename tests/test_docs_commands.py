@@ -41,6 +41,9 @@ SKIP = {
     "sweep.yaml": "a config the page writes inline",
     "decode_file.yaml": "a config the page writes inline (and an input file it generates)",
     "/ckpt/": "a checkpoint path of the reader's machine",
+    "/m/model.gguf": "a GGUF path of the reader's machine (tests/test_real_model.py runs the eval job)",
+    "runs/eval-p": "eval records of the reader's runs (tests/test_real_model.py reports eval records)",
+    "$OUT": "the eval script's output folder (jobs/eval_smollm2.sh)",
     "that.yaml": "a config the reader extracts from a record",
     "CONFIG.yaml": "the synopsis",
     "--kind scaling": "needs records at several rank counts (the real runs here are 1 rank); "

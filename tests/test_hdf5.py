@@ -181,7 +181,7 @@ def test_failure_during_the_merge_loses_nothing(tmp_path, monkeypatch):
 
 def test_write_error_during_the_merge_is_raised_not_taken_for_a_bad_case(tmp_path, monkeypatch):
     """A full disk while writing the merged record (an OSError from the copy, the case files whole)
-    is raised: no case is dropped as "unreadable", no NAME.merging is left, NAME.tmp is intact."""
+    is raised (as the one-line InputError): no case is dropped as "unreadable", no NAME.merging is left, NAME.tmp is intact."""
     path = tmp_path / "m.h5"
     w = make_writer(path)
     w.write_case("c000", CASE_ATTRS, case_data())
@@ -189,8 +189,8 @@ def test_write_error_during_the_merge_is_raised_not_taken_for_a_bad_case(tmp_pat
     def disk_full(*args, **kw):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(h5py.Group, "copy", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        w.close()
+    with pytest.raises(InputError, match=r"is full \(no space left\) while writing the merge"):
+        w.close()                          # one line naming the file system (test_hostile_inputs.py)
     monkeypatch.undo()
     assert not path.exists() and not (tmp_path / "m.h5.merging").exists()
     assert [r["id"] for r in read_cases(str(tmp_path / "m.h5.tmp"))[1]] == ["c000"]

@@ -2,7 +2,7 @@
 
 A module imports only from its own layer or the layers below it::
 
-    ground   errors, dtypes, timing, launch, config
+    ground   errors, dtypes, timing, launch, checkpoint_paths, config
     1        comm, kernels, watchdog, results
     2        graph, collective
     3        methods
@@ -33,7 +33,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "hpcattn"
 
 LAYERS = (
-    ("errors", "dtypes", "timing", "launch", "config"),
+    ("errors", "dtypes", "timing", "launch", "checkpoint_paths", "config"),
     ("comm", "kernels", "watchdog", "results"),
     ("graph", "collective"),
     ("methods",),
@@ -46,7 +46,7 @@ LAYERS = (
 # stays cheap or works without them (torch: `hpcattn report`, `hpcattn config` and the parser run
 # without it; mpi4py: importing it initialises MPI; torch.distributed: not in every torch build).
 LAZY_PACKAGES = ("torch", "torch.distributed", "triton", "h5py", "pandas", "mpi4py", "flash_attn", "safetensors",
-                 "matplotlib", "tokenizers")
+                 "matplotlib", "tokenizers", "gguf", "jinja2")
 
 
 def _modules() -> dict[str, Path]:

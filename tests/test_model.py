@@ -157,10 +157,13 @@ LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "origi
     ("LlamaForCausalLM", {"rope_scaling": dict(LLAMA3, rope_type="llama3", factor=2.0)},
      r"rope_parameters .* and rope_scaling .* disagree"),
     ("LlamaForCausalLM", {"quantization_config": {"quant_method": "gptq"}, "attn_logit_softcapping": 30.0},
-     r"key\(s\) attn_logit_softcapping, quantization_config not understood by hpcattn's llama model"),
-    ("Qwen2ForCausalLM", {"mlp_bias": True}, r"key\(s\) mlp_bias not understood by hpcattn's qwen2 model"),
+     r"attn_logit_softcapping: 30.0 means attention logit soft-capping; not supported by hpcattn's llama model"),
+    ("LlamaForCausalLM", {"quantization_config": {"quant_method": "gptq"}}, r"quantization_config: .* a quantized"),
+    ("LlamaForCausalLM", {"sliding_window": 4096}, r"sliding_window: 4096 means sliding-window attention"),
+    ("LlamaForCausalLM", {"layer_types": ["full_attention", "sliding_attention"]}, r"layer_types: .* means layer"),
+    ("Qwen2ForCausalLM", {"mlp_bias": True}, r"mlp_bias: true means MLP biases .*qwen2 model"),
     ("LlamaForCausalLM", {"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
-    ("Qwen2ForCausalLM", {"use_mrope": True}, r"use_mrope: true is not supported"),
+    ("Qwen2ForCausalLM", {"use_mrope": True}, r"use_mrope: true means Qwen2-VL's multimodal RoPE; not supported"),
     ("LlamaForCausalLM", {"hidden_size": "64"}, r"hidden_size must be a positive int, got '64'"),
     ("LlamaForCausalLM", {"vocab_size": None}, r"missing key 'vocab_size'"),
     ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
@@ -191,6 +194,26 @@ def test_config_json_keys_that_do_not_change_the_math(tmp_path):
     legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
     _edit_config(tmp_path, rope_parameters=None, layer_types=None, rope_scaling=legacy, rope_theta=rope["rope_theta"])
     assert args_from_hf_config(tmp_path) == plain
+
+
+def test_config_json_metadata_and_unknown_keys_are_ignored_and_listed(tmp_path):
+    """Keys a real export carries (transformers' GGUF-rebuilt SmolLM2: _model_name_or_path,
+    unk_token_id) and keys hpcattn has never seen load as the plain config, listed as ignored;
+    the note names the unknown ones."""
+    from hpcattn.model.hf_config import ignored_note, read_hf_config
+
+    save_checkpoint(random_model(tiny(), 0, torch.float32, "cpu"), tmp_path)
+    plain = args_from_hf_config(tmp_path)
+    _edit_config(tmp_path, _model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", unk_token_id=0,
+                 some_future_flag={"a": 1}, torch_dtype="bfloat16", sliding_window=None, use_qk_norm=False)
+    hc = read_hf_config(tmp_path)
+    assert hc.args == plain
+    assert hc.ignored == ["_model_name_or_path", "some_future_flag", "torch_dtype", "unk_token_id"]
+    note = ignored_note(hc.ignored, "model.path: x")
+    assert note.startswith("note: model.path: x: ignored key(s) _model_name_or_path, some_future_flag, torch_dtype")
+    assert "not known to hpcattn: some_future_flag," in note
+    loaded = load_model(str(tmp_path), torch.float32, "cpu")        # every tensor is still used
+    assert loaded.args == plain
 
 
 def test_malformed_config_json(tmp_path):

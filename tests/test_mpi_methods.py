@@ -24,3 +24,13 @@ def test_torch_cp_shards_like_zigzag(ranks):
     r = run_ranks(ranks, ["-m", "mpi4py", "tests/mpi_progs/check_torch_cp.py"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"torch_cp set-up checks passed on {ranks} ranks" in r.stdout
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_odd_element_counts_every_transport_and_method(ranks):
+    """Odd head counts (9/3, 5/1), head dims 59..111, odd lengths and batches in float32, over
+    mpi_host, mpi_staged and gloo in one launch: raw odd-sized messages through every call, then
+    every method against its reference (the allgather merge once crashed on 585-value states)."""
+    r = run_ranks(ranks, ["-m", "mpi4py", "tests/mpi_progs/check_odd_shapes.py"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"checks passed on {ranks} ranks (mpi_host, mpi_staged, gloo)" in r.stdout

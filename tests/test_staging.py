@@ -397,3 +397,16 @@ def test_large_messages_are_split_into_chunks(monkeypatch):
     assert len(reqs) == 2 * -(-2000 // 64)
     MPI.Request.Waitall(reqs)
     assert torch.equal(recv, send)
+
+
+def test_collective_views_share_one_element_type():
+    """An allgather's send and receive views get the same element type whatever the byte count
+    (a 2340-byte state once went out as uint8 and came back as int64: 'cannot infer count')."""
+    for nbytes in (1, 2340, 4096):
+        send = torch.zeros(nbytes, dtype=torch.uint8)
+        recv = torch.zeros(2 * nbytes, dtype=torch.uint8)
+        assert MPIComm._bytes(send, nbytes, 2).dtype == MPIComm._bytes(recv, nbytes, 2).dtype == torch.uint8
+    big = torch.zeros(16, dtype=torch.uint8)           # the type a >= 2 GiB call would use, on a small view
+    assert MPIComm._bytes(big, 2 ** 31 + 8, 1).dtype == torch.int64
+    assert MPIComm._bytes(big, 2 ** 30 + 4, 2).dtype == torch.int32
+    assert MPIComm._bytes(big, 2 ** 31 + 1, 1).dtype == torch.uint8

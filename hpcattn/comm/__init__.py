@@ -13,6 +13,7 @@ All three communicators share one :class:`~hpcattn.comm.base.Counters`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,22 @@ class CommContext:
         """Device sync, then a host barrier of the world."""
         self.sync()
         self.world.barrier()
+
+    IDLE_POLL_S = (1e-4, 5e-3)     # idle_barrier's first and longest sleep between tests
+
+    def idle_barrier(self) -> None:
+        """Device sync, then a barrier of the world that waits asleep: ``MPI_Ibarrier`` tested
+        after sleeps doubling from 0.1 ms to 5 ms. Around work one rank does alone (the
+        single-rank ``local`` baseline, rank 0's reference), so that the waiting ranks leave that
+        rank its cores: a blocking MPI call busy-polls (MPICH's default) and, with more ranks
+        than cores, slowed the lone rank 2.7x. Not for timed distributed steps (exits skew by up
+        to a sleep)."""
+        self.sync()
+        req = self.world.mpi.Ibarrier()
+        pause, longest = self.IDLE_POLL_S
+        while not req.Test():
+            time.sleep(pause)
+            pause = min(2 * pause, longest)
 
 
 def real_local_rank(world_mpi) -> int:

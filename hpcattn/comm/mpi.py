@@ -86,17 +86,37 @@ class MPIComm(Comm):
         return t
 
     @staticmethod
-    def _bytes(t: torch.Tensor) -> torch.Tensor:
-        """Raw data view for MPI data movement: 8-byte elements when possible, so that counts stay
-        below 2**31 for messages up to 16 GiB (MPI libraries without large-count support)."""
-        flat = t.reshape(-1).view(torch.uint8)
-        return flat.view(torch.int64) if flat.numel() % 8 == 0 else flat
+    def _raw(t: torch.Tensor) -> torch.Tensor:
+        """``t``'s bytes as a flat uint8 view (point-to-point pieces: at most CHUNK bytes each)."""
+        return t.reshape(-1).view(torch.uint8)
+
+    @classmethod
+    def _bytes(cls, t: torch.Tensor, unit: int | None = None, parts: int = 1) -> torch.Tensor:
+        """Raw data view of ``t`` for a collective, typed by the call, not by the buffer.
+
+        ``unit`` is the byte count of one rank's piece (default: ``t``'s size), ``parts`` how many
+        pieces the largest buffer of the call holds (allgather: the group size, for both its send
+        and its receive view). The element size depends on ``unit`` and ``parts`` only, which
+        every rank and both buffers of a call share: bytes while the call's largest buffer is
+        below 2**31 bytes, else the largest of 8, 4, 2 bytes dividing ``unit``, so that counts
+        stay below 2**31 for messages up to 16 GiB (MPI libraries without large-count support).
+        (Choosing by each buffer's own size gave one allgather a 2340-byte uint8 send view and an
+        int64 receive view: a rank state with an odd element count, e.g. 9 query heads.)
+        """
+        flat = cls._raw(t)
+        unit = flat.numel() if unit is None else unit
+        if unit * parts < 2 ** 31:
+            return flat
+        for size, dtype in ((8, torch.int64), (4, torch.int32), (2, torch.int16)):
+            if unit % size == 0:
+                return flat.view(dtype)
+        return flat
 
     CHUNK = 1 << 30           # point-to-point messages are split into <= 1 GiB pieces
 
     def _p2p(self, send: torch.Tensor, dest: int, recv: torch.Tensor, source: int) -> list:
         """Post Irecv/Isend pairs in <= CHUNK pieces; returns the requests."""
-        sb, rb = self._bytes(self._mpi_buf(send)), self._bytes(self._mpi_buf(recv))
+        sb, rb = self._raw(self._mpi_buf(send)), self._raw(self._mpi_buf(recv))
         step = self.CHUNK // sb.element_size()
         reqs = []
         for i, a in enumerate(range(0, max(sb.numel(), 1), step)):
@@ -216,11 +236,15 @@ class MPIComm(Comm):
         if self._staged(t):
             h = self._to_host(t, "allgather_in")
             ho = self._host("allgather_out", out).view(out)
-            self.mpi.Allgather(self._bytes(self._mpi_buf(h)), self._bytes(self._mpi_buf(ho)))
+            nb = h.numel() * h.element_size()
+            self.mpi.Allgather(self._bytes(self._mpi_buf(h), nb, self.size),
+                               self._bytes(self._mpi_buf(ho), nb, self.size))
             self._from_host(ho, out, "allgather_out")
         else:
             self._sync(t)
-            self.mpi.Allgather(self._bytes(self._mpi_buf(t)), self._bytes(self._mpi_buf(out)))
+            nb = t.numel() * t.element_size()
+            self.mpi.Allgather(self._bytes(self._mpi_buf(t), nb, self.size),
+                               self._bytes(self._mpi_buf(out), nb, self.size))
         return out
 
     def broadcast(self, t, root=0):
@@ -260,7 +284,7 @@ class MPIComm(Comm):
     def _pieces(self, t: torch.Tensor, tag: int):
         if not 0 <= tag < self.P2P_TAGS:
             raise ValueError(f"internal error: point-to-point tag {tag} outside [0, {self.P2P_TAGS})")
-        b = self._bytes(self._mpi_buf(t))
+        b = self._raw(self._mpi_buf(t))
         step = self.CHUNK // b.element_size()
         starts = range(0, max(b.numel(), 1), step)
         if len(starts) > self.P2P_CHUNKS:

@@ -99,10 +99,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class _ThreadControl:
-    """``comm.mpi`` of a thread rank: the control-plane calls hpcattn's methods make."""
+class _Control:
+    """``comm.mpi`` of a thread or replayed rank: the control-plane calls hpcattn's methods make,
+    each answered by the communicator's ``_control(op, value, combine)``."""
 
-    def __init__(self, comm: "ThreadComm"):
+    def __init__(self, comm):
         self._c = comm
 
     def Get_rank(self) -> int:
@@ -112,13 +113,13 @@ class _ThreadControl:
         return self._c.size
 
     def allreduce(self, x, op=None):
-        return self._c._record("mpi.allreduce", 0, self._c.world.exchange(self._c.rank, x, sum))
+        return self._c._control("mpi.allreduce", x, sum)
 
     def allgather(self, x):
-        return self._c._record("mpi.allgather", 0, self._c.world.exchange(self._c.rank, x, list))
+        return self._c._control("mpi.allgather", x, list)
 
     def bcast(self, x, root: int = 0):
-        return self._c._record("mpi.bcast", 0, self._c.world.exchange(self._c.rank, x, lambda v: v[root]))
+        return self._c._control("mpi.bcast", x, lambda v: v[root])
 
     def Barrier(self) -> None:
         self._c.barrier()
@@ -132,12 +133,15 @@ class ThreadComm(Comm):
         self.world, self.rank, self.size, self.counters = world, rank, world.size, counters
         self.transport = "emulated"
         self.log = CommLog()
-        self.mpi = _ThreadControl(self)
+        self.mpi = _Control(self)
 
     def _record(self, op: str, nbytes: int, result=None, peer: int = -1):
         self.counters.add(nbytes)
         self.log.calls.append(Call(op, nbytes, self.log.phase, result, peer))
         return result
+
+    def _control(self, op: str, value, combine):
+        return self._record(op, 0, self.world.exchange(self.rank, value, combine))
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
         out = self.world.exchange(self.rank, t, torch.stack)
@@ -189,7 +193,7 @@ class ReplayComm(Comm):
         self.recorded = log
         self.sendrecv_data = sendrecv_data
         self.log = CommLog()          # what this replay ran, with the phases of this run
-        self.mpi = _ReplayControl(self)
+        self.mpi = _Control(self)
         self.rewind()
 
     def rewind(self) -> None:
@@ -235,28 +239,8 @@ class ReplayComm(Comm):
     def barrier(self) -> None:
         self._take("barrier", 0)
 
-
-class _ReplayControl:
-    def __init__(self, comm: ReplayComm):
-        self._c = comm
-
-    def Get_rank(self) -> int:
-        return self._c.rank
-
-    def Get_size(self) -> int:
-        return self._c.size
-
-    def allreduce(self, x, op=None):
-        return self._c._take("mpi.allreduce", 0).result
-
-    def allgather(self, x):
-        return self._c._take("mpi.allgather", 0).result
-
-    def bcast(self, x, root: int = 0):
-        return self._c._take("mpi.bcast", 0).result
-
-    def Barrier(self) -> None:
-        self._c.barrier()
+    def _control(self, op: str, value, combine):
+        return self._take(op, 0).result
 
 
 def run_threads(size: int, body: Callable[[int, ThreadWorld], object], timeout: float = 3600.0) -> list:

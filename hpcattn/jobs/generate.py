@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hpcattn.checkpoint_paths import has_tokenizer
 from hpcattn.config import resolve_device
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError, InputError
@@ -49,10 +51,10 @@ from hpcattn.kernels import select_kernel
 
 def model_args(cfg):
     from hpcattn.model.llama import ModelArgs
-    from hpcattn.model.weights import args_from_hf_config
+    from hpcattn.model.weights import checkpoint_config
 
     if cfg.model.path:
-        a = args_from_hf_config(cfg.model.path)
+        a = checkpoint_config(cfg.model.path)[0]
     else:
         a = ModelArgs.from_preset(cfg.model.preset)
     if cfg.model.layers is not None:
@@ -60,10 +62,12 @@ def model_args(cfg):
     return a
 
 
-def _tokenizer(cfg):
-    from tokenizers import Tokenizer  # optional package
+def ignored_config_keys(cfg) -> list[str]:
+    """Keys of model.path's config.json (or GGUF metadata) the loader ignored (the record's
+    ``ignored_config_keys``; :func:`hpcattn.model.hf_config.read_hf_config`)."""
+    from hpcattn.model.weights import checkpoint_config
 
-    return Tokenizer.from_file(str(Path(cfg.model.path) / "tokenizer.json"))
+    return checkpoint_config(cfg.model.path)[1] if cfg.model.path else []
 
 
 def prompt_ids(cfg) -> torch.Tensor | None:
@@ -71,10 +75,8 @@ def prompt_ids(cfg) -> torch.Tensor | None:
     unless the file holds a 2-D array), or None for a synthetic prompt."""
     g = cfg.generate
     if g.prompt_text is not None:
-        try:
-            ids = _tokenizer(cfg).encode(g.prompt_text).ids
-        except ImportError:
-            raise ConfigError("generate.prompt_text needs the 'tokenizers' package") from None
+        from hpcattn.model.tokenizer import load_tokenizer
+        ids = load_tokenizer(cfg.model.path).encode(g.prompt_text)
         arr = np.asarray(ids, dtype=np.int64)
     elif g.prompt_ids is not None:
         p = Path(g.prompt_ids)
@@ -108,9 +110,13 @@ def build_checked_model(cfg, dtype: torch.dtype, device):
     """:func:`hpcattn.model.weights.build_model`, then every weight must be finite in ``dtype``
     (a NaN/Inf in the checkpoint, or a value that overflows float16): InputError naming the
     tensor and the checkpoint."""
+    from hpcattn.model.hf_config import ignored_note
     from hpcattn.model.weights import build_model, hf_names
 
     model = build_model(cfg, dtype, device)
+    ignored = ignored_config_keys(cfg)
+    if ignored:                  # the job's logger prints on rank 0 only: once per run
+        logging.getLogger("hpcattn").info(ignored_note(ignored, f"model.path {cfg.model.path}"))
     if cfg.model.path:
         names = hf_names(model.args)
         for ours, p in model.named_parameters():
@@ -325,12 +331,9 @@ def record_case(case, kernel, ctx, job, toks, logits, check: dict, per_rank, wri
              "throughput_tok_s": float(B * (N + n) / np.median(total)), "comm_fraction": 0.0,
              "peak_mem_bytes": int(mem.max())}
     attrs |= check | job.graph_attrs
+    attrs["ignored_config_keys"] = ignored_config_keys(c)
     tok_np = toks.cpu().numpy()
-    try:
-        attrs["text"] = _tokenizer(c).decode(tok_np[0].tolist()) if c.model.path and \
-            (Path(c.model.path) / "tokenizer.json").is_file() else ""
-    except ImportError:
-        attrs["text"] = ""
+    attrs["text"] = decoded_text(c, tok_np[0].tolist())
     datasets = {"time_s": (total[:, None].repeat(ctx.size, axis=1), {"units": "s", "note": "whole generation"}),
                 "prefill_s": (pre, {"units": "s"}), "decode_step_s": (dec, {"units": "s"}),
                 "tokens": (tok_np, {"layout": "(B, new_tokens)"}), "peak_mem_bytes": (mem, {"units": "bytes"})}
@@ -341,6 +344,18 @@ def record_case(case, kernel, ctx, job, toks, logits, check: dict, per_rank, wri
     if writer is not None:
         writer.write_case(case.id, attrs, datasets)
     return attrs | {"id": case.id}
+
+
+def decoded_text(cfg, ids: list[int]) -> str:
+    """``ids`` as text with model.path's tokenizer; "" without one (or without the package)."""
+    from hpcattn.model.tokenizer import load_tokenizer
+
+    if not has_tokenizer(cfg.model.path):
+        return ""
+    try:
+        return load_tokenizer(cfg.model.path).decode(ids)
+    except ConfigError:                       # no tokenizers package: the tokens are recorded anyway
+        return ""
 
 
 def weight_bytes(a, element_size: int) -> int:

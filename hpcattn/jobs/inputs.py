@@ -68,7 +68,7 @@ def synth_range(name: str, seed: int, batch: int, heads: int, dim: int, start: i
 
 def _read(ds, sel, dtype: torch.dtype, device) -> torch.Tensor:
     arr = ds[sel]
-    if ds.attrs.get("dtype_original", "") == "bfloat16":
+    if ds.dtype == np.uint16 and ds.attrs.get("dtype_original", "") == "bfloat16":   # (file_shape checked it)
         t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
     else:
         t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -92,6 +92,10 @@ def file_shape(path: str) -> dict:
                                  f"expected a dataset (B,S,H,d)")
             if ds.ndim != 4:
                 raise InputError(f"inputs.path: {path}:/{name} has shape {ds.shape}, expected 4 dims")
+            if ds.attrs.get("dtype_original", "") == "bfloat16" and ds.dtype != np.uint16:
+                raise InputError(f"inputs.path: {path}:/{name} holds {ds.dtype} values but carries attribute "
+                                 f"dtype_original=bfloat16, which only uint16 data (bf16 bits) may carry; "
+                                 f"delete the attribute, or store the bf16 bits as uint16")
             if not (ds.dtype.kind == "f" and ds.dtype.itemsize in (2, 4, 8) or
                     ds.dtype == np.uint16 and ds.attrs.get("dtype_original", "") == "bfloat16"):
                 raise InputError(f"inputs.path: {path}:/{name} holds {ds.dtype} values, expected float16/"

@@ -19,16 +19,17 @@ def peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def time_case(fn, ctx, warmup: int, repeats: int):
+def time_case(fn, ctx, warmup: int, repeats: int, solo: bool = False):
     """Run ``fn(tm)`` warmup + repeats times. Returns (last result, times (repeats,),
-    phases (repeats, len(PHASES)), bytes per step {phase: bytes})."""
+    phases (repeats, len(PHASES)), bytes per step {phase: bytes}). ``solo``: one rank computes,
+    the others wait asleep between iterations (:meth:`CommContext.idle_barrier`)."""
     timer = PhaseTimer(ctx.device, ctx.counters)
     ctx.counters.reset()
     times, phases, result = [], [], None
     cuda = ctx.device.type == "cuda"
     for i in range(warmup + repeats):
         result = None
-        ctx.barrier()
+        ctx.idle_barrier() if solo else ctx.barrier()
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import math
 import socket
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from hpcattn import config, watchdog
 from hpcattn.collective import Collective, abort_on_error, collective_check, message, reading, root_check
-from hpcattn.errors import HpcattnError
+from hpcattn.errors import ConfigError, HpcattnError, check_utf8_path
 from hpcattn.launch import refuse_split_launch
 
 log = logging.getLogger("hpcattn")
@@ -52,10 +53,17 @@ def _resolve(args, world_size: int):
         cfg.run.output = args.output
     if not cfg.run.output:
         cfg.run.output = f"runs/{cfg.job}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.h5"
+    for what, path in (("output", cfg.run.output), ("inputs.path", cfg.inputs.path),
+                       ("model.path", cfg.model.path), ("model.preset", cfg.model.preset),
+                       ("generate.prompt_ids", cfg.generate.prompt_ids),
+                       ("apb.retaining_heads_path", cfg.apb.retaining_heads_path)):
+        if path:
+            check_utf8_path(what, path)
     if not args.dry_run:
-        from hpcattn.results.hdf5 import check_output_path
+        from hpcattn.results.hdf5 import check_output_collision, check_output_path
+        check_output_collision(cfg.run.output, *files_read(args.config, cfg))
         check_output_path(cfg.run.output)
-    if cfg.job != "generate" and not cfg.methods:
+    if cfg.job not in config.MODEL_JOBS and not cfg.methods:
         raise HpcattnError(f"{args.config}: methods must list at least one method "
                            f"(choose from {', '.join(config.METHODS_BY_JOB[cfg.job])})")
     if cfg.inputs.source == "file" and cfg.inputs.path:
@@ -63,6 +71,10 @@ def _resolve(args, world_size: int):
             raise HpcattnError(f"{args.config}: inputs.path: file not found: {cfg.inputs.path}")
         with reading(f"inputs.path {cfg.inputs.path}"):
             apply_file_shape(cfg, cfg.inputs.path)
+    if cfg.job == "eval":
+        from hpcattn.jobs.eval import resolve_eval_shape
+        with reading(f"model.path {cfg.model.path}"):
+            resolve_eval_shape(cfg)
     if cfg.job == "generate":
         from hpcattn.jobs.generate import resolve_shape
         model = f"model.path {cfg.model.path}" if cfg.model.path else f"model.preset {cfg.model.preset}"
@@ -73,6 +85,7 @@ def _resolve(args, world_size: int):
     if args.dry_run and (cfg.run.device == "cuda" or cfg.comm.backend == "nccl"):
         cuda = True            # planning a GPU job on a CPU login node
     p = args.ranks if args.ranks else world_size
+    _check_sweep_size(cfg, args.config)
     cases = plan_cases(cfg, p)
     for c in cases:
         validate(c.cfg, p, cuda, source=args.config)
@@ -80,6 +93,50 @@ def _resolve(args, world_size: int):
         raise HpcattnError(f"{args.config}: comm.ranks_per_node={cfg.comm.ranks_per_node} does not divide "
                            f"the {p} ranks")
     return config.to_dict(cfg), p
+
+
+SWEEP_SAY = 1000           # a sweep of more cases than this says how many before planning them
+
+
+def _check_sweep_size(cfg, source: str) -> None:
+    """Rank 0, before planning: say how many cases a big sweep has, and refuse more than
+    ``run.max_cases`` (ConfigError naming the axes)."""
+    axes = config.sweep_axes(cfg)
+    points = math.prod(len(v) for v in axes.values())
+    methods = 1 if cfg.job == "generate" else max(len(cfg.methods), 1)
+    total = points * methods
+    sizes = " x ".join(f"{k} ({len(v)})" for k, v in axes.items())
+    if total > SWEEP_SAY:
+        log.info(f"hpcattn: planning {total} cases ({points} points: {sizes}; x {methods} method(s))")
+        for h in log.handlers:
+            h.flush()
+    if total > cfg.run.max_cases:
+        raise ConfigError(f"{source}: the sweep has {total} cases ({points} points: {sizes}; x {methods} method(s)), "
+                          f"more than run.max_cases = {cfg.run.max_cases}; narrow the sweep, or --set "
+                          f"run.max_cases={total} to plan it (about {max(total // 2000, 1)} s on rank 0)")
+
+
+def files_read(config_path: str, cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The files a run of ``cfg`` reads, which -o must never name: ([(what, path)], [(what, folder
+    whose files it reads)]). (Path keys are not sweep axes.) ``hpcattn project -o`` checks the same."""
+    from hpcattn.model.llama import preset_dirs
+
+    files, dirs = [("the config file", config_path)], []
+    if cfg.inputs.source == "file" and cfg.inputs.path:
+        files.append(("inputs.path", cfg.inputs.path))
+    if cfg.apb.retaining_heads_path:
+        files.append(("apb.retaining_heads_path", cfg.apb.retaining_heads_path))
+    if cfg.job == "generate":
+        if cfg.generate.prompt_ids:
+            files.append(("generate.prompt_ids", cfg.generate.prompt_ids))
+        if cfg.model.path and Path(cfg.model.path).is_file():      # a GGUF checkpoint is one file
+            files.append(("model.path", cfg.model.path))
+        elif cfg.model.path:
+            dirs.append(("model.path", cfg.model.path))
+        else:
+            files += [("model.preset", str(d / f"{cfg.model.preset}.yaml")) for d in preset_dirs()]
+            files.append(("model.preset", cfg.model.preset))
+    return files, dirs
 
 
 def _print_plan(cfg, p: int) -> None:
@@ -121,12 +178,21 @@ def cmd_run(args) -> int:
         import hpcattn.kernels  # noqa: F401
         import hpcattn.results.report  # noqa: F401
     try:
+        try:            # the watchdog covers the first collective: rank 0 may hang reading an input
+            watchdog.start(watchdog.setup_timeout(), rank, key=watchdog.SETUP_ENV)
+        except ValueError as e:       # the same environment on every rank: all return here
+            if rank == 0:
+                watchdog.say(f"hpcattn: error: {e}")
+            return 2
+        watchdog.arm(f"resolving the config on rank 0 ({args.config} and the files it names)")
         try:
             cfg_dict, p = root_check(world, lambda: _resolve(args, size), f"config {args.config}", args.debug)
         except Collective as e:
             if rank == 0:
                 watchdog.say(f"hpcattn: error: {e}")
             return 2
+        finally:
+            watchdog.disarm()
         cfg = config.from_dict(cfg_dict)
         if args.dry_run:
             try:
@@ -138,6 +204,7 @@ def cmd_run(args) -> int:
             return 0
         return abort_on_error(lambda: _run(cfg, world, args))
     finally:
+        watchdog.disarm()
         watchdog.release_interrupt()
         _RUNNING.clear()
 
@@ -191,7 +258,7 @@ def _run(cfg, world, args) -> int:
              f"transport {ctx.transport} (gpu-aware MPI: {ctx.gpu_aware}, by {ctx.gpu_aware_method}), "
              f"kernel {first.name}, {len(cases)} cases")
     model = None
-    if cfg.job == "generate":      # a bad checkpoint is reported once, before any file is written
+    if cfg.job in config.MODEL_JOBS:      # a bad checkpoint is reported once, before any file is written
         from hpcattn.jobs.generate import build_checked_model
         model = collective_check(world, lambda: None if lamina and rank >= ctx.size - cfg.lamina.attention_ranks
                                   else build_checked_model(cfg, DTYPES[cfg.shape.dtype], ctx.device),
@@ -217,6 +284,9 @@ def _run(cfg, world, args) -> int:
     if cfg.job == "generate":
         from hpcattn.jobs.runner import run_generate_cases
         rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
+    elif cfg.job == "eval":
+        from hpcattn.jobs.eval import run_eval_cases
+        rows = run_eval_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
     else:
         rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)
     watchdog.arm("teardown")

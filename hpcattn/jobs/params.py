@@ -3,7 +3,7 @@ arguments the methods take (methods never see the config)."""
 
 from __future__ import annotations
 
-from hpcattn.config import Config
+from hpcattn.config import MODEL_JOBS, Config
 from hpcattn.methods.apb import APBParams, preset
 
 
@@ -21,6 +21,9 @@ def apb_params(cfg: Config, world_size: int, context: int | None = None):
     is the context length (default shape.context; the generate job passes prompt - query)."""
     la, lp = preset(context if context is not None else cfg.shape.context, world_size)
     a = cfg.apb
+    ql = cfg.generate.query_len if cfg.job in MODEL_JOBS else cfg.shape.query_len
+    if a.query_in_anchor:                 # the default anchor holds the query (APB embeds it there)
+        la = max(la, a.query_offset + ql)
     la = a.anchor_len if a.anchor_len is not None else la
     lp = a.passing_len if a.passing_len is not None else lp
     return APBParams(la=la if a.anchor else 0, lp=lp if a.passing else 0, query_offset=a.query_offset,

@@ -22,7 +22,7 @@ import torch
 
 import hpcattn
 from hpcattn import watchdog
-from hpcattn.config import Config
+from hpcattn.config import MODEL_JOBS, Config
 from hpcattn.config import expand_cases as expand_points
 from hpcattn.errors import ConfigError
 from hpcattn.jobs import decode, generate, lamina, prefill
@@ -40,7 +40,7 @@ def generate_estimate(cfg: Config, method: str, p: int) -> tuple[int, int, int]:
 
 
 JOBS = {"decode": (decode.DecodeJob, decode.estimate), "prefill": (prefill.PrefillJob, prefill.estimate),
-        "generate": (None, generate_estimate)}
+        "generate": (None, generate_estimate), "eval": (None, generate.estimate)}
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Case:
 def variant_of(cfg: Config, method: str, p: int) -> str:
     if cfg.job == "generate" and cfg.generate.decode == "lamina":
         return lamina.variant(cfg, p)
-    if cfg.job == "generate":
+    if cfg.job in MODEL_JOBS:
         parts = []
         if cfg.generate.prefill == "ring" and p > 1:
             parts.append(cfg.ring.layout)
@@ -102,10 +102,10 @@ def plan_cases(cfg: Config, p: int) -> list[Case]:
         shape_key = json.dumps(shape, sort_keys=True) + c.kernel.backend + \
             json.dumps(dataclasses.asdict(c.inputs), sort_keys=True)
         methods = c.methods
-        if c.job == "generate" and p > 1 and c.generate.prefill != "local" and c.generate.decode == "local" \
+        if c.job in MODEL_JOBS and p > 1 and c.generate.prefill != "local" and c.generate.decode == "local" \
                 and ("generate.prefill" in point or "generate.decode" in point):
             continue                      # impossible pair inside a prefill x decode sweep: skip it
-        if c.job == "generate":
+        if c.job in MODEL_JOBS:
             gen = dataclasses.asdict(c.generate)
             shape_key += json.dumps(dataclasses.asdict(c.model), sort_keys=True) + json.dumps(
                 {k: v for k, v in gen.items() if k not in ("prefill", "decode", "kv_placement")}, sort_keys=True)
@@ -193,6 +193,11 @@ def _host_available() -> int | None:
     return avail
 
 
+# the record's ``baseline_ran`` of a ``local`` case: how the single-rank baseline was timed
+BASELINE_ALONE = "alone: a 1-rank run"
+BASELINE_SOLO = "on rank 0; the other ranks asleep (a polled MPI_Ibarrier), not busy-polling"
+
+
 def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, progress) -> list[dict]:
     """Execute ``cases`` on every rank (collective). Rank 0 writes each finished case to ``writer``.
 
@@ -208,13 +213,16 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
         kernel = kernel_for(gcfg)
         job = job_cls(gcfg, ctx, kernel)
         ref = job.reference()
+        ctx.idle_barrier()              # the other ranks sleep while rank 0 computes the reference
         for case in group_cases:
             watchdog.arm(f"case {case.id}")
             _fault_injection(ctx)
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(ctx.device)
             fn = job.method(case)
-            result, times, phases, bytes_step = time_case(fn, ctx, case.cfg.run.warmup, case.cfg.run.repeats)
+            solo = case.method == "local" and ctx.size > 1       # rank 0 alone: the baseline
+            result, times, phases, bytes_step = time_case(fn, ctx, case.cfg.run.warmup, case.cfg.run.repeats,
+                                                          solo=solo)
             errs = job.errors(case, result, ref)
             err_all = ctx.world.mpi.gather(errs, root=0)
             extras = job.approx_extras(case, result, ref) if hasattr(job, "approx_extras") and \
@@ -224,6 +232,8 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
             per_rank = ctx.world.mpi.gather((times, phases, [bytes_step[x] for x in PHASES],
                                              peak_memory(ctx.device)), root=0)
             if ctx.rank == 0:
+                if case.method == "local":
+                    extras = {**extras, "baseline_ran": BASELINE_ALONE if ctx.size == 1 else BASELINE_SOLO}
                 row = _record(case, kernel, ctx, per_rank, err_all, outputs, writer, extras)
                 rows.append(row)
                 progress(case, row)
@@ -252,6 +262,7 @@ def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         job.compute_reference(case)
+        ctx.idle_barrier()              # the other ranks sleep while rank 0 computes the reference
         toks, logits, prefill_s, decode_s = job.run(case)
         per_rank = ctx.world.mpi.gather((prefill_s, decode_s, peak_memory(ctx.device)), root=0)
         if ctx.rank == 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpcattn import config, graph
-from hpcattn.config import Config, resolve_device
+from hpcattn.config import MODEL_JOBS, Config, resolve_device
 from hpcattn.errors import ConfigError
 from hpcattn.jobs.lamina import validate_config as validate_lamina
 from hpcattn.jobs.params import apb_params
@@ -26,7 +26,7 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
         validate_lamina(cfg, world_size, cuda_available, source)
     config.validate(cfg, world_size, cuda_available, source)
     s, g = cfg.shape, cfg.generate
-    if cfg.job == "generate" and g.prefill == "apb":
+    if cfg.job in MODEL_JOBS and g.prefill == "apb":
         n = s.context - g.query_len
         apb_validate(n, world_size, g.query_len, apb_params(cfg, world_size, n))
         if cfg.apb.compressor == "query_aware" and apb_params(cfg, world_size, n).lp and \
@@ -39,12 +39,12 @@ def validate(cfg: Config, world_size: int, cuda_available: bool, source: str = "
                                                              Path(cfg.apb.retaining_heads_path).is_file()):
             raise ConfigError(f"{source}: apb.compressor=retaining_heads needs apb.retaining_heads_path "
                               f"(a safetensors file), got {cfg.apb.retaining_heads_path!r}")
-    if cfg.run.cuda_graphs == "true" and cfg.job in ("decode", "generate"):
+    if cfg.run.cuda_graphs == "true" and cfg.job in ("decode",) + MODEL_JOBS:
         device = resolve_device(cfg, cuda_available)
         backend = cfg.comm.backend if cfg.comm.backend != "auto" else ("nccl" if device == "cuda" else "mpi")
         methods = cfg.methods if cfg.job == "decode" else [cfg.generate.decode]
         for m in methods:
             graph.decide("true", graph.blocker(device=device, method=m, backend=backend, world_size=world_size,
-                                               placement=cfg.generate.kv_placement if cfg.job == "generate"
+                                               placement=cfg.generate.kv_placement if cfg.job in MODEL_JOBS
                                                else "last"),
                          where=f"{source}: run.cuda_graphs")

@@ -1,10 +1,17 @@
 """ModelArgs from a Hugging Face checkpoint's ``config.json`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM``).
 
-Every key of the file is one of: read into :class:`ModelArgs`; checked to hold a value hpcattn
-implements (``hidden_act: silu``, no sliding-window layer); or known not to change the forward pass
-of greedy inference (:data:`NO_MATH`). Anything else is an :class:`InputError` naming the file and
-the key: a setting hpcattn does not understand may change the math, and running without it would
-give wrong tokens silently.
+Every key of the file is one of:
+
+* read into :class:`ModelArgs` (:data:`READ`, :data:`READ_BY_FAMILY`);
+* a feature hpcattn does not implement that changes the math (:data:`REFUSED`): accepted when
+  off (null, false, 0, or the plain value), otherwise an :class:`InputError` naming the file and
+  the key (sliding windows, logit soft-capping, quantization configs, QK norms, MoE, Granite's and
+  Gemma's scalings, ... and RoPE types other than the two below);
+* anything else (metadata: ``_name_or_path``, ``transformers_version``, ``*_token_id``,
+  ``torch_dtype``, ``use_cache``; training settings; and any key hpcattn does not know): ignored,
+  as transformers' own Llama/Qwen2 classes ignore keys they do not read. The ignored keys are
+  returned by :func:`read_hf_config` (the generate and eval jobs list them in the record as
+  ``ignored_config_keys`` and print them once as a note).
 
 RoPE, both layouts (they mean the same to transformers):
 
@@ -21,6 +28,7 @@ Missing optional keys take transformers' defaults (``rms_norm_eps`` 1e-6, ``rope
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from hpcattn.errors import InputError
@@ -36,18 +44,43 @@ READ = {"architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_
 READ_BY_FAMILY = {"llama": {"attention_bias", "mlp_bias"},
                   "qwen2": {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}}
 
-# Features hpcattn does not implement, accepted when off (false or null): Qwen2-VL's multimodal
-# RoPE (DeepSeek-R1-Distill-Qwen configs carry use_mrope: false), interleaved RoPE (nanotron exports).
-OFF_ONLY = {"use_mrope", "rope_interleaved"}
+# Features hpcattn does not implement that change the forward pass: accepted only when off
+# (null, false, 0, or the value given here), otherwise refused with the reason.
+REFUSED = {
+    "quantization_config": (None, "a quantized checkpoint (hpcattn loads floating-point weights; give a llama.cpp "
+                                  "quantization as its .gguf file)"),
+    "sliding_window": (None, "sliding-window attention (hpcattn attends over the whole context)"),
+    "attention_chunk_size": (None, "chunked attention (hpcattn attends over the whole context)"),
+    "attn_logit_softcapping": (None, "attention logit soft-capping"),
+    "final_logit_softcapping": (None, "final logit soft-capping"),
+    "query_pre_attn_scalar": (None, "a query scaling other than head_dim**-0.5"),
+    "logits_scaling": (1, "scaled logits (Granite)"),
+    "embedding_multiplier": (1, "a scaled embedding (Granite)"),
+    "residual_multiplier": (1, "scaled residuals (Granite)"),
+    "attention_multiplier": (None, "a query scaling other than head_dim**-0.5 (Granite)"),
+    "use_qk_norm": (False, "query/key norms"),
+    "qk_layernorm": (False, "query/key norms"),
+    "num_experts": (None, "mixture-of-experts layers"),
+    "num_local_experts": (None, "mixture-of-experts layers"),
+    "n_routed_experts": (None, "mixture-of-experts layers"),
+    "no_rope_layers": (None, "layers without RoPE"),
+    "use_mrope": (False, "Qwen2-VL's multimodal RoPE"),
+    "rope_interleaved": (False, "interleaved RoPE"),
+}
+# Qwen2 reads its sliding-window keys itself (check_no_sliding_window); Qwen2's MLP has no biases.
+REFUSED_BY_FAMILY = {"llama": {"layer_types": (None, "layer types other than full_attention")},
+                     "qwen2": {"mlp_bias": (False, "MLP biases (transformers' Qwen2 has none)")}}
 
-# Known not to change the forward pass of greedy inference.
+# Keys known not to change the forward pass of greedy inference (ignored like any unknown key;
+# listed for docs/methods.md and the note, which says which ignored keys are not among them).
 NO_MATH = {
     # bookkeeping
-    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "id2label", "label2id", "problem_type",
-    "tokenizer_class", "finetuning_task", "task_specific_params", "prefix", "is_llama_config",
+    "_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype", "id2label",
+    "label2id", "problem_type", "tokenizer_class", "finetuning_task", "task_specific_params", "prefix",
+    "is_llama_config",
     "max_sequence_length",          # a length limit, as max_position_embeddings (no learned positions)
-    # token ids (the job generates generate.new_tokens tokens and does not stop at eos)
-    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    # token ids (the jobs decode greedily; eval stops at the tokenizer's end tokens)
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "unk_token_id", "decoder_start_token_id",
     # training only (dropout is off in inference) and output plumbing
     "initializer_range", "attention_dropout", "use_cache", "output_attentions", "output_hidden_states",
     "return_dict", "torchscript", "use_bfloat16", "is_encoder_decoder", "chunk_size_feed_forward",
@@ -91,22 +124,51 @@ def family_of(c: dict, cfg_path: Path) -> str:
     return families.pop()
 
 
+@dataclass
+class HFConfig:
+    """What :func:`read_hf_config` makes of a config.json: the model's shape and the keys it ignored."""
+    args: ModelArgs
+    ignored: list[str]          # sorted keys of the file hpcattn does not read (metadata, unknown keys)
+
+
 def args_from_hf_config(path: str | Path) -> ModelArgs:
     """ModelArgs from a checkpoint directory's config.json (see the module docstring)."""
+    return read_hf_config(path).args
+
+
+def ignored_note(ignored: list[str], where: str) -> str:
+    """The one-line note printed once per run about the keys :func:`read_hf_config` ignored."""
+    unknown = [k for k in ignored if k not in NO_MATH and not k.startswith("general.")]   # GGUF: general.*
+    text = f"note: {where}: ignored key(s) {', '.join(ignored)} (they do not change greedy inference"
+    if unknown:
+        text += f"; not known to hpcattn: {', '.join(unknown)}, assumed harmless as transformers' own " \
+                f"class does not read them either"
+    return text + ")"
+
+
+def check_refused(c: dict, family: str, where: str) -> None:
+    """InputError for the first :data:`REFUSED` feature ``c`` turns on."""
+    for key, (off, why) in sorted((REFUSED | REFUSED_BY_FAMILY[family]).items()):
+        v = c.get(key)
+        if key in READ_BY_FAMILY[family]:          # Qwen2's sliding window: check_no_sliding_window
+            continue
+        if v is None or v is False or v == off or (v == 0 and not isinstance(v, bool)):
+            continue
+        if key == "layer_types" and isinstance(v, list) and set(v) <= {"full_attention"}:
+            continue
+        raise InputError(f"{where}: {key}: {json.dumps(v)} means {why}; not supported by hpcattn's {family} model")
+
+
+def read_hf_config(path: str | Path) -> HFConfig:
+    """ModelArgs and ignored keys from a checkpoint directory's config.json (the module docstring)."""
     cfg_path, c = read_config_json(path)
     family = family_of(c, cfg_path)
     where = f"model.path: {cfg_path}"
-    unknown = sorted(set(c) - READ - READ_BY_FAMILY[family] - NO_MATH - OFF_ONLY)
-    if unknown:
-        raise InputError(f"{where}: key(s) {', '.join(unknown)} not understood by hpcattn's {family} model; "
-                         f"they may change the math (remove them if they do not)")
+    check_refused(c, family, where)
+    ignored = sorted(set(c) - READ - READ_BY_FAMILY[family] - set(REFUSED) - set(REFUSED_BY_FAMILY[family]))
 
     def get(key, kind, default=None, required=False):
         return value(c, key, kind, where, default, required)
-
-    for key in sorted(OFF_ONLY & set(c)):
-        if get(key, bool, False):
-            raise InputError(f"{where}: {key}: true is not supported (hpcattn implements it off)")
 
     if c.get("hidden_act", "silu") != "silu":
         raise InputError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (silu)")
@@ -122,13 +184,14 @@ def args_from_hf_config(path: str | Path) -> ModelArgs:
     if family == "qwen2":
         check_no_sliding_window(c, n_layers, where)
     attn_bias = get("attention_bias", bool, False)
-    return ModelArgs(
+    return HFConfig(ModelArgs(
         vocab_size=get("vocab_size", int, required=True), dim=dim, n_layers=n_layers, n_heads=heads,
         n_kv_heads=kv, head_dim=get("head_dim", int, dim // heads),
         ffn_dim=get("intermediate_size", int, required=True),
         norm_eps=get("rms_norm_eps", float, 1e-6), rope_theta=theta, rope_scaling=scaling,
         qkv_bias=family == "qwen2" or attn_bias, o_bias=family == "llama" and attn_bias,
-        mlp_bias=get("mlp_bias", bool, False), tie_embeddings=get("tie_word_embeddings", bool, False))
+        mlp_bias=get("mlp_bias", bool, False) if family == "llama" else False,
+        tie_embeddings=get("tie_word_embeddings", bool, False)), ignored)
 
 
 def value(c: dict, key: str, kind: type, where: str, default=None, required: bool = False):

@@ -60,10 +60,10 @@ class ModelArgs:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for d in _preset_dirs() if d.is_dir() for p in d.glob("*.yaml"))
+    return sorted(p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.yaml"))
 
 
-def _preset_dirs() -> list[Path]:
+def preset_dirs() -> list[Path]:
     return [Path("configs/models"), Path(__file__).resolve().parents[2] / "configs" / "models"]
 
 
@@ -71,7 +71,7 @@ def _preset_path(name: str) -> Path:
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
-    for d in _preset_dirs():
+    for d in preset_dirs():
         if (d / f"{name}.yaml").is_file():
             return d / f"{name}.yaml"
     raise ConfigError(f"model.preset: no model preset '{name}' (available: {', '.join(preset_names())})")

@@ -1,4 +1,5 @@
-"""Model weights: random from a seed (identical on every rank), or a local Hugging Face checkpoint.
+"""Model weights: random from a seed (identical on every rank), a local Hugging Face checkpoint,
+or a GGUF file (:mod:`hpcattn.model.gguf`; ``model.path`` ending in ``.gguf``).
 
 Checkpoint directory: ``config.json`` (``LlamaForCausalLM`` or ``Qwen2ForCausalLM``, read by
 :mod:`hpcattn.model.hf_config`) and ``*.safetensors`` (one file or sharded with
@@ -11,14 +12,17 @@ Every rank loads the full weights (as APB and Star Attention do).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
 
 import torch
 
+from hpcattn.checkpoint_paths import is_gguf
 from hpcattn.errors import ConfigError, InputError
-from hpcattn.model.hf_config import ARCHITECTURES, args_from_hf_config
+from hpcattn.model.gguf import GGUFFile, gguf_args, gguf_state
+from hpcattn.model.hf_config import ARCHITECTURES, args_from_hf_config, read_hf_config
 from hpcattn.model.llama import ModelArgs, Transformer, rope_inv_freq
 
 # transformers < 4.32 saved RoPE's inverse frequencies; they are checked against config.json's
@@ -114,18 +118,46 @@ def _names_list(names: list[str]) -> str:
     return ", ".join(names[:3]) + more
 
 
+def checkpoint_config(path: str) -> tuple[ModelArgs, list[str]]:
+    """(ModelArgs, keys the loader ignored) of ``model.path``: a Hugging Face directory's
+    config.json (:func:`hpcattn.model.hf_config.read_hf_config`) or a GGUF file's metadata."""
+    if is_gguf(path):
+        return gguf_args(path)
+    hc = read_hf_config(path)
+    return hc.args, hc.ignored
+
+
+def _layers(args: ModelArgs, n_layers: int | None, path: str) -> int:
+    if n_layers is None:
+        return args.n_layers
+    if not 1 <= n_layers <= args.n_layers:
+        raise ConfigError(f"model.layers={n_layers}: {path} has {args.n_layers} layers "
+                          f"(num_hidden_layers); use 1..{args.n_layers}")
+    return n_layers
+
+
+def load_gguf_model(path: str, dtype: torch.dtype, device, n_layers: int | None = None) -> Transformer:
+    """Build the model from a GGUF file (``n_layers``: only the first layers; every tensor used)."""
+
+
+    f = GGUFFile(path)
+    full, _ = gguf_args(path, f)
+    args = copy.copy(full)
+    args.n_layers = _layers(full, n_layers, path)
+    state = gguf_state(path, full, dtype, args.n_layers, f)
+    return _assemble(args, state, dtype, device, path)
+
+
 def load_model(path: str, dtype: torch.dtype, device, n_layers: int | None = None) -> Transformer:
-    """Build the model from a checkpoint directory (``n_layers``: only the first layers).
+    """Build the model from a checkpoint directory or GGUF file (``n_layers``: only the first layers).
 
     Every tensor of the files is consumed (layers past ``n_layers`` are skipped on purpose) or
     the load is refused with an InputError naming it."""
+    if is_gguf(path):
+        return load_gguf_model(path, dtype, device, n_layers)
     args = args_from_hf_config(path)
     full = hf_names(args)
-    if n_layers is not None:
-        if not 1 <= n_layers <= args.n_layers:
-            raise ConfigError(f"model.layers={n_layers}: {path} has {args.n_layers} layers "
-                              f"(num_hidden_layers); use 1..{args.n_layers}")
-        args.n_layers = n_layers
+    args.n_layers = _layers(args, n_layers, path)
     files = _Files(path)
     names = hf_names(args)
     missing = [theirs for theirs in names.values() if theirs not in files.where]
@@ -137,9 +169,7 @@ def load_model(path: str, dtype: torch.dtype, device, n_layers: int | None = Non
     if unused:
         raise InputError(f"model.path: {path}: tensor(s) {_names_list(unused)} in {files.where[unused[0]].name} "
                          f"have no place in the model config.json describes (refusing to drop them)")
-    with torch.device("meta"):
-        model = Transformer(args)
-    params = dict(model.named_parameters())
+    params = _meta_params(args)
     state = {}
     try:
         for ours, theirs in names.items():
@@ -152,6 +182,28 @@ def load_model(path: str, dtype: torch.dtype, device, n_layers: int | None = Non
         _check_extras(files, args, path)
     finally:
         files.handles.clear()
+    return _assemble(args, state, dtype, device, path)
+
+
+def _meta_params(args: ModelArgs) -> dict[str, torch.nn.Parameter]:
+    with torch.device("meta"):
+        return dict(Transformer(args).named_parameters())
+
+
+def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], dtype: torch.dtype, device,
+              path: str) -> Transformer:
+    """The model of ``args`` holding ``state`` (our names; a tied head is filled in here); every
+    parameter must be there with its shape (an InputError naming the first that is not)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    for name, p in model.named_parameters():
+        if name == "output.weight" and args.tie_embeddings:
+            continue
+        if name not in state:
+            raise InputError(f"model.path: {path}: checkpoint lacks tensor {name}")
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise InputError(f"model.path: {path}: tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"expected {tuple(p.shape)}")
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model = model.to_empty(device=device)

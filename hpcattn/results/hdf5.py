@@ -27,6 +27,7 @@ Layout::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcattn.errors import InputError
+from hpcattn.errors import InputError, shown
 
 SCHEMA_VERSION = 1
 # what h5py raises for a truncated or corrupt file (found by truncating and overwriting records)
@@ -64,7 +65,8 @@ def _attr(v):
     if isinstance(v, str):
         # plain str (h5py cannot store str subclasses such as torch.__version__), without the NUL
         # bytes some MPI libraries put in their version strings (HDF5 strings cannot hold them)
-        return str(v).replace("\x00", "")
+        # bytes that are not UTF-8 (a file name in sys.argv) as \xNN escapes: HDF5 text is UTF-8
+        return shown(str(v).replace("\x00", ""))
     return v
 
 
@@ -122,14 +124,14 @@ class RecordWriter:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["status"] = "running"
             meta = f.create_group("meta", track_order=True)
-            meta.create_dataset("config_yaml", data=config_yaml, dtype=h5py.string_dtype())
+            meta.create_dataset("config_yaml", data=shown(config_yaml), dtype=h5py.string_dtype())
             hg = meta.create_group("hosts", track_order=True)
             for key in hosts[0]:
                 vals = [h[key] for h in hosts]
                 if all(isinstance(x, (int, np.integer)) for x in vals):
                     hg.create_dataset(key, data=np.asarray(vals, dtype=np.int64))
                 else:
-                    hg.create_dataset(key, data=[str(x) for x in vals], dtype=h5py.string_dtype())
+                    hg.create_dataset(key, data=[shown(str(x)) for x in vals], dtype=h5py.string_dtype())
             kg = meta.create_group("kernel")
             for k, v in kernel_info.items():
                 kg.attrs[k] = _attr(v)
@@ -137,32 +139,78 @@ class RecordWriter:
         self.parts.mkdir()
 
     def write_case(self, case_id: str, attrs: dict, datasets: dict[str, tuple[np.ndarray, dict]]) -> None:
-        """Write one finished case to its own file, atomically. ``datasets``: name -> (array, attrs)."""
+        """Write one finished case to its own file, atomically. ``datasets``: name -> (array, attrs).
+        A full file system (or quota) is an InputError naming it and the bytes needed; the
+        half-written file is removed, the finished cases stay."""
         final = self.parts / f"{self.written:05d}-{case_id}.h5"
         partial = final.with_name(final.name + ".partial")
-        with h5py.File(partial, "w", track_order=True) as f:
-            g = f.create_group("case", track_order=True)
-            for k, v in attrs.items():
-                g.attrs[k] = _attr(v)
-            for name, (arr, dattrs) in datasets.items():
-                arr = np.asarray(arr)
-                kw = {}
-                if arr.dtype.kind == "f" and arr.size > 4096:
-                    kw = {"compression": "gzip", "shuffle": True, "chunks": True}
-                ds = g.create_dataset(name, data=arr, **kw)
-                for k, v in dattrs.items():
-                    ds.attrs[k] = _attr(v)
-        with open(partial, "rb") as fh:                      # on disk before it counts as finished
-            os.fsync(fh.fileno())
-        os.replace(partial, final)
+        try:
+            with h5py.File(partial, "w", track_order=True) as f:
+                g = f.create_group("case", track_order=True)
+                for k, v in attrs.items():
+                    g.attrs[k] = _attr(v)
+                for name, (arr, dattrs) in datasets.items():
+                    arr = np.asarray(arr)
+                    kw = {}
+                    if arr.dtype.kind == "f" and arr.size > 4096:
+                        kw = {"compression": "gzip", "shuffle": True, "chunks": True}
+                    ds = g.create_dataset(name, data=arr, **kw)
+                    for k, v in dattrs.items():
+                        ds.attrs[k] = _attr(v)
+            with open(partial, "rb") as fh:                      # on disk before it counts as finished
+                os.fsync(fh.fileno())
+            os.replace(partial, final)
+        except BaseException as e:
+            partial.unlink(missing_ok=True)
+            if _no_space(e):
+                need = sum(np.asarray(a).nbytes for a, _ in datasets.values()) + (64 << 10)
+                raise InputError(self._full(e, f"case {case_id}", need)) from None
+            raise
         self.written += 1
 
     def close(self, status: str = "complete") -> Path:
         """Merge the case files, mark the record finished, atomically rename it to its name and
-        release the lock."""
-        path = _finish(self.tmp, self.path, status)
+        release the lock. A full file system is an InputError (the case files stay: recover)."""
+        try:
+            path = _finish(self.tmp, self.path, status)
+        except OSError as e:
+            if _no_space(e):
+                need = self.tmp.stat().st_size + sum(p.stat().st_size for _, p in _part_files(self.tmp))
+                raise InputError(self._full(e, f"the merge into {self.path}", need)) from None
+            raise
         self.lock.unlink(missing_ok=True)
         return path
+
+    def _full(self, e: OSError, what: str, need: int) -> str:
+        """The one line for a full file system while writing ``what`` (about ``need`` bytes)."""
+        folder = self.parts if self.parts.exists() else self.path.parent
+        try:
+            st = os.statvfs(folder)
+            free = f", {st.f_bavail * st.f_frsize} bytes free"
+        except OSError:
+            free = ""
+        quota = "quota exceeded" if getattr(e, "errno", None) == errno.EDQUOT or "quota" in str(e).lower() \
+            else "no space left"
+        return (f"output {self.path}: the file system at {_mount_point(folder)} is full ({quota}) while writing "
+                f"{what}: it needs about {need} bytes{free}; the {self.written} finished case(s) are kept: "
+                f"free space, then hpcattn recover {self.tmp}")
+
+
+def _no_space(e: BaseException) -> bool:
+    """A full file system or quota (h5py words it in its message, the errno may be missing)."""
+    if not isinstance(e, OSError):
+        return False
+    text = str(e).lower()
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "no space left on device" in text \
+        or "disk quota exceeded" in text
+
+
+def _mount_point(folder: Path) -> Path:
+    """The mount point of the file system holding ``folder``."""
+    p = Path(os.path.abspath(folder))
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
 
 
 # -- the record lock ---------------------------------------------------------------------------
@@ -201,6 +249,58 @@ def check_output_path(path: str) -> None:
         raise InputError(_leftover_message(tmp, _lock_owner(lock_path(tmp))))
     if tmp.exists() or parts_dir(tmp).exists():
         raise InputError(_leftover_message(tmp, None))
+
+
+# names of the files a run writes beside NAME (and recover/merge): an output named like one of them
+# would be written over by another run's NAME, or write over it
+WORK_SUFFIXES = (".tmp", ".tmp.d", ".lock", ".merging", ".unmerged")
+
+
+def check_output_collision(path: str, reads: list[tuple[str, str]],
+                           read_dirs: list[tuple[str, str]] = ()) -> None:
+    """Raise InputError (one line naming both paths) when the record ``path`` or a file the run
+    writes beside it (``NAME.tmp``, ``NAME.tmp.lock``) is a file the run reads, or when ``path`` is
+    named like another record's work file.
+
+    ``reads`` lists (what the file is, e.g. ``"inputs.path"``, its path); ``read_dirs`` lists
+    (key, directory whose files the run reads: ``model.path``, any file in it).
+    Nothing is written: call it before anything touches the file system."""
+    p = Path(path)
+    for suffix in WORK_SUFFIXES:
+        if p.name.endswith(suffix) and len(p.name) > len(suffix):
+            owner = p.name[: -len(suffix)]
+            if suffix == ".lock" and owner.endswith(".tmp"):
+                owner = owner[: -len(".tmp")]
+            raise InputError(f"output {path}: a name ending in {suffix} is what a run writing "
+                             f"{p.with_name(owner)} uses for its own work files; give another name "
+                             f"(names ending in {', '.join(WORK_SUFFIXES)} are refused)")
+    tmp = p.with_name(p.name + ".tmp")
+    written = {"the record": p, "its work file": tmp, "its lock": lock_path(tmp)}
+
+    def same(a: Path, b: Path) -> bool:
+        try:
+            if a.exists() and b.exists():
+                return os.path.samefile(a, b)
+        except OSError:
+            pass
+        return os.path.abspath(a) == os.path.abspath(b)
+
+    for what, read in reads:
+        if not read or not Path(read).is_file():       # (a missing input is reported on its own)
+            continue
+        for role, w in written.items():
+            if same(w, Path(read)):
+                where = "" if role == "the record" else f" ({role} {w})"
+                raise InputError(f"output {path}{where} is {what} {read}, which this run reads; "
+                                 f"give -o another file (nothing was written)")
+    for what, folder in read_dirs:
+        if not folder or not Path(folder).is_dir():
+            continue
+        for role, w in written.items():
+            if w.is_file() and same(w.parent, Path(folder)):
+                where = "" if role == "the record" else f" ({role} {w})"
+                raise InputError(f"output {path}{where} is a file of {what} {folder}, which this run reads; "
+                                 f"give -o a file outside it (nothing was written)")
 
 
 def _read_only(folder: Path) -> bool:
@@ -365,10 +465,14 @@ def read_cases(path: str, datasets: tuple[str, ...] = (), warn: bool = True) -> 
     cannot be read is skipped with a warning naming it on stderr (``warn``), and listed in
     ``meta["unreadable_case_files"]``: the other finished cases of a crashed run stay readable.
     """
+    if Path(path).is_dir():
+        raise InputError(f"{path}: is a directory; give record files (e.g. {Path(path) / '*.h5'})")
+    if not Path(path).exists():
+        raise InputError(f"{path}: cannot open: no such file")
     try:
         f = h5py.File(path, "r", locking=False)   # readers never lock (crashed writers, Lustre)
-    except (OSError, FileNotFoundError) as e:
-        raise InputError(f"{path}: cannot open as HDF5 ({e})") from None
+    except (OSError, FileNotFoundError) as e:     # (HDF5's message spans lines: one line here)
+        raise InputError(f"{path}: cannot open as HDF5 ({' '.join(str(e).split())})") from None
     try:
         with f:
             if "cases" not in f and _decode(f.attrs.get("kind", "")) == PROJECTION_KIND:

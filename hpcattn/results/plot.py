@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from hpcattn.errors import InputError
+from hpcattn.results.accuracy import accuracy_figure
 from hpcattn.results.compare import case_key, shape_key
 from hpcattn.results.hdf5 import read_cases, read_hosts
 from hpcattn.results.report import kv_bytes, rows_from_files
 
-KINDS = ("time", "breakdown", "scaling", "bandwidth")
+KINDS = ("time", "breakdown", "scaling", "bandwidth", "accuracy")
 SUFFIXES = (".png", ".pdf", ".svg")
 # vendor HBM bandwidth (TB/s) by a piece of torch.cuda.get_device_name(); first match wins (H200 before H20)
 SPEC_HBM_TBS = (("H200", 4.8), ("H20", 4.0), ("H100 80GB HBM3", 3.35), ("A100-SXM4-80GB", 2.039))
@@ -72,6 +73,8 @@ def figure(paths: list[str], kind: str = "time", ceiling_tbs: float | None = Non
     plt = _pyplot()
     if kind == "breakdown":
         return _breakdown(paths, plt)
+    if kind == "accuracy":                       # eval records: hpcattn.results.accuracy
+        return accuracy_figure(paths, plt)
     rows = rows_from_files(paths)
     if kind == "time":
         return _time(rows, plt)

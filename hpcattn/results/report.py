@@ -16,6 +16,7 @@ import csv
 import io
 import sys
 
+from hpcattn.results.accuracy import format_accuracy_table
 from hpcattn.results.hdf5 import ProjectionFile, read_cases
 
 COLUMNS = [  # (header, width, key or function)
@@ -42,7 +43,7 @@ def _rate(row: dict) -> str:
     if t <= 0:
         return ""
     B, N, Hq, d = row["batch"], row["context"], row["heads_q"], row["head_dim"]
-    if row["job"] == "generate":
+    if row["job"] in ("generate", "eval"):
         return f"{row['throughput_tok_s']:.4g} tok/s"
     if row["job"] == "decode":
         return _si(kv_bytes(row) / t, "B/s")
@@ -128,7 +129,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"note: {', '.join(partial)} prefill times are attention level: block rows only (the anchor "
                      f"rows a model also computes are not charged; record attribute timed_work); "
                      f"model level: hpcattn project CONFIG with job: generate")
-    return "\n".join(lines)
+    acc = format_accuracy_table(rows)
+    return "\n".join(lines + ([acc] if acc else []))
 
 
 def format_csv(rows: list[dict]) -> str:
