@@ -52,6 +52,17 @@ SKIP = {
 TINY = ["--set", "shape.batch=1", "--set", "shape.heads_q=4", "--set", "shape.heads_kv=2", "--set", "shape.head_dim=16",
         "--set", "shape.context=128", "--set", "run.warmup=0", "--set", "run.repeats=1", "--set", "run.check_rows=16"]
 TINY_APPROX = ["--set", "shape.query_len=8", "--set", "apb.anchor_len=8", "--set", "apb.passing_len=4"]
+# a generate config's projection (model level): the tiny model, 128 tokens, 8-token query, 2 new tokens
+TINY_MODEL = ["--set", "model.preset=tiny", "--set", "shape.dtype=float32", "--set", "shape.context=128",
+              "--set", "generate.query_len=8", "--set", "generate.new_tokens=2", "--set", "apb.anchor_len=8",
+              "--set", "apb.passing_len=4", "--set", "run.repeats=1"]
+
+
+def _tiny_project(argv: list[str]) -> list[str]:
+    """A documented ``project`` line with tiny shapes appended (model level for a generate config)."""
+    cfg = Path(argv[1])
+    model_level = cfg.is_file() and re.search(r"^job:\s*generate", cfg.read_text(), re.M) is not None
+    return argv + (TINY_MODEL if model_level else TINY + TINY_APPROX)
 
 
 def documented_commands() -> list[tuple[str, int, str, list[str]]]:
@@ -199,7 +210,7 @@ def test_documented_commands_run(tmp_path, monkeypatch, capfd):
                 continue
             if sub == "recover" and not Path(argv[1]).exists() and Path(argv[1]).with_suffix("").exists():
                 _killed_run(Path(argv[1]))                          # what `hpcattn recover` is for
-            _main(capfd, argv + (TINY + TINY_APPROX if sub == "project" else []), what)
+            _main(capfd, _tiny_project(argv) if sub == "project" else argv, what)
             ran.append(line)
     assert len(planned) >= 10 and len(ran) >= 10, (planned, ran)
     print(f"{len(planned)} run lines planned, {len(ran)} commands executed, {len(skipped)} skipped:")
