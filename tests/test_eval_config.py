@@ -39,3 +39,24 @@ def test_eval_needs_a_tokenizer(tmp_path):
     cfg.model.path = str(tmp_path / "missing.gguf")
     with pytest.raises(ConfigError, match=r"model.path: GGUF file not found"):
         C.validate(cfg, 1, False, "e.yaml")
+
+
+@pytest.mark.parametrize("row, label", [
+    (dict(method="local+local", variant="", world_size=1, exact=True, context=1024), "exact (one process)"),
+    (dict(method="ring+tree", prefill="ring", variant="zigzag/allreduce", world_size=4, exact=True, context=1024),
+     "ring (exact)"),
+    (dict(method="star+tree", prefill="star", variant="blockauto-anchorblock/allreduce", world_size=4, exact=False,
+          context=2048, query_len=64), "Star, anchor = block"),
+    (dict(method="star+tree", prefill="star", variant="blockauto-anchor124/allreduce", world_size=4, exact=False,
+          context=2048, query_len=64), "Star, anchor = block/4"),
+    (dict(method="star+tree", prefill="star", variant="blockauto-anchor100/allreduce", world_size=4, exact=False,
+          context=2048, query_len=64), "Star, anchor = 100 tokens"),
+    (dict(method="apb+tree", prefill="apb", variant="la124-lp62-query_aware/allreduce", world_size=4, exact=False,
+          context=2048), "APB, query_aware"),
+])
+def test_accuracy_plot_series_label(row, label):
+    """The accuracy plot's series stay one line across contexts: the lengths that follow the
+    context (Star's anchor in tokens, APB's la/lp) become their rule."""
+    from hpcattn.results.accuracy import series_label
+
+    assert series_label(row) == label

@@ -177,6 +177,9 @@ def test_eval_exact_methods_match_one_process(tmp_path):
     line = next(ln for ln in rep.stdout.splitlines() if ln.startswith("ring+tree") and "niah_single" in ln)
     acc = 100 * a["accuracy_by_task"]["niah_single"]
     assert line.split()[-3:] == [f"{acc:.1f}", f"{acc:.1f}", "+0.0"]
+    png = tmp_path / "accuracy.png"
+    pl = run_ranks(1, ["-m", "hpcattn", "plot", str(one), str(two), "--kind", "accuracy", "-o", str(png)], timeout=120)
+    assert pl.returncode == 0 and png.stat().st_size > 10_000, pl.stdout[-2000:] + pl.stderr[-2000:]
 
 
 def test_ruler_scoring_and_prompts(tok):

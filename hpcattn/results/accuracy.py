@@ -7,12 +7,14 @@ number of samples, and the exact methods' accuracy at the same model, task and c
 (``exact``: the one-process run's when a record holds one, else the mean of the exact cases, ring
 prefill, of the records given) and the difference.
 
-Plot: accuracy against context (left) and against needle depth (right, 10 %-wide bins over the
-needle tasks) per method x ranks, from the per-sample datasets.
+Plot: one column per rank count, accuracy against context (top) and against needle depth (bottom,
+10 %-wide bins over the needle tasks) per method (``series_label``: the variant's context-dependent
+lengths replaced by their rule), the exact one-process run beside them, from the per-sample datasets.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -65,10 +67,32 @@ def format_accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def series_label(r: dict) -> str:
+    """The method's name stable across contexts (the plot's series): the variant's lengths that
+    follow the context (APB's ``la``/``lp``, Star's anchor in tokens) become their rule, e.g.
+    ``Star, anchor = block/4`` or ``APB, query_aware``; the exact one-process run is ``exact``."""
+    prefill, variant = r.get("prefill") or r["method"].split("+")[0], r.get("variant") or ""
+    if r["world_size"] == 1 and r.get("exact"):
+        return "exact (one process)"
+    if prefill == "star":
+        m = re.search(r"anchor(\d+|block)", variant)
+        anchor = m.group(1) if m else "block"
+        if anchor != "block":
+            block = (r["context"] - int(r.get("query_len") or 0)) // r["world_size"]
+            k = max(1, round(block / int(anchor)))
+            anchor = f"block/{k}" if block // k == int(anchor) else f"{anchor} tokens"
+        return f"Star, anchor = {anchor}"
+    if prefill == "apb":
+        m = re.search(r"la\d+-lp\d+-([A-Za-z_]+)", variant)
+        return f"APB, {m.group(1) if m else variant.split('/')[0]}"
+    return f"{prefill}{' (exact)' if r.get('exact') else ''}"
+
+
 def accuracy_figure(paths: list[str], plt):
-    """Accuracy vs context and vs needle depth per method x ranks (per-sample datasets)."""
-    by_ctx: dict = defaultdict(lambda: defaultdict(list))      # label -> context -> scores
-    by_depth: dict = defaultdict(lambda: defaultdict(list))    # label -> depth bin -> scores
+    """One column per rank count: accuracy vs context (top) and vs needle depth (bottom, 10 %-wide
+    bins over the needle tasks) per method, the exact one-process run in black in every column."""
+    by_ctx: dict = defaultdict(lambda: defaultdict(list))      # (p, series) -> context -> scores
+    by_depth: dict = defaultdict(lambda: defaultdict(list))    # (p, series) -> depth bin -> scores
     for path in paths:
         _, rows = read_cases(path, datasets=("correct", "depth"))
         for r in rows:
@@ -77,31 +101,35 @@ def accuracy_figure(paths: list[str], plt):
             ds = r.get("datasets", {})
             scores = ds["correct"][0] if "correct" in ds else np.asarray([])
             depth = ds["depth"][0] if "depth" in ds else np.full(len(scores), np.nan)
-            label = method_label(r)
-            by_ctx[label][r["context"]].extend(scores.tolist())
+            key = (r["world_size"], series_label(r))
+            by_ctx[key][r["context"]].extend(scores.tolist())
             for s, d in zip(scores, depth):
                 if np.isfinite(d):
-                    by_depth[label][min(int(d // 10), 9)].append(float(s))
+                    by_depth[key][min(int(d // 10), 9)].append(float(s))
     if not by_ctx:
         raise InputError(f"plot --kind accuracy: no eval cases (job: eval) in {', '.join(paths)}")
-    fig, (ax_c, ax_d) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for label in sorted(by_ctx):
-        ctx = sorted(by_ctx[label])
-        ax_c.plot(ctx, [100 * np.mean(by_ctx[label][c]) for c in ctx], marker="o", label=label)
-        bins = sorted(by_depth[label])
-        if bins:
-            ax_d.plot([10 * b + 5 for b in bins], [100 * np.mean(by_depth[label][b]) for b in bins], marker="o",
-                      label=label)
-    ax_c.set_xscale("log", base=2)
-    ax_c.set_xlabel("context (tokens)")
-    ax_c.set_ylabel("accuracy (%)")
-    ax_c.set_title("accuracy vs context (all tasks)")
-    ax_d.set_xlabel("needle depth (% of the context, 10 %-wide bins)")
-    ax_d.set_ylabel("accuracy (%)")
-    ax_d.set_title("accuracy vs needle depth (needle tasks, all contexts)")
-    for ax in (ax_c, ax_d):
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-    ax_c.legend(fontsize=6, loc="lower left")
+    ranks = sorted({p for p, _ in by_ctx if p > 1}) or [1]
+    fig, axes = plt.subplots(2, len(ranks), figsize=(4.6 * len(ranks) + 1, 8), squeeze=False)
+    for col, p in enumerate(ranks):
+        ax_c, ax_d = axes[0][col], axes[1][col]
+        keys = [k for k in sorted(by_ctx) if k[0] == 1] + ([k for k in sorted(by_ctx) if k[0] == p] if p > 1 else [])
+        for key in keys:
+            style = dict(color="black", linestyle="--", linewidth=2) if key[0] == 1 else {}
+            ctx = sorted(by_ctx[key])
+            ax_c.plot(ctx, [100 * np.mean(by_ctx[key][c]) for c in ctx], marker="o", label=key[1], **style)
+            bins = sorted(by_depth[key])
+            if bins:
+                ax_d.plot([10 * b + 5 for b in bins], [100 * np.mean(by_depth[key][b]) for b in bins],
+                          marker="o", label=key[1], **style)
+        ax_c.set_xscale("log", base=2)
+        ax_c.set_xlabel("context (tokens)")
+        ax_c.set_title(f"{p} rank{'s' if p > 1 else ''}: accuracy vs context (all tasks)", fontsize=10)
+        ax_d.set_xlabel("needle depth (% of the context, 10 %-wide bins)")
+        ax_d.set_title(f"{p} rank{'s' if p > 1 else ''}: vs needle depth (needle tasks)", fontsize=10)
+        for ax in (ax_c, ax_d):
+            ax.set_ylim(-3, 103)
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+        ax_c.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
