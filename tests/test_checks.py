@@ -49,7 +49,7 @@ def one_rank_ctx():
 
 def record_of(case, kernel, ctx, errs, extras=None):
     """The case attributes rank 0 writes, through the runner's own _record (check_passed, reason)."""
-    from hpcattn.jobs.runner import _record
+    from hpcattn.jobs.runner import attention_record as _record
     from hpcattn.timing import PHASES
 
     per_rank = [(np.ones(1), np.zeros((1, len(PHASES))), [0] * len(PHASES), 0)]

@@ -1,5 +1,6 @@
-"""Measurement of a case on every rank: its timed loop (:func:`time_case`), the summary of its
-times over ranks (:func:`summarize`) and a rank's peak memory (:func:`peak_memory`)."""
+"""Measurement of a case on every rank: its timed loop (:func:`time_case`), the summary of a
+case's times (:func:`time_summary`; over ranks and phases: :func:`summarize`) and a rank's peak
+memory (:func:`peak_memory`)."""
 
 from __future__ import annotations
 
@@ -50,13 +51,23 @@ def time_case(fn, ctx, warmup: int, repeats: int, solo: bool = False):
     return result, np.asarray(times), np.asarray(phases).reshape(repeats, len(PHASES)), per_step
 
 
+def time_summary(step: np.ndarray, minimum: bool = True) -> dict:
+    """The record's time attributes of a case's timed runs ``step`` (seconds, one per run):
+    time_median_s, time_p10_s, time_p90_s and, with ``minimum``, time_min_s."""
+    out = {"time_median_s": float(np.median(step)), "time_p10_s": float(np.percentile(step, 10)),
+           "time_p90_s": float(np.percentile(step, 90))}
+    if minimum:
+        out["time_min_s"] = float(step.min())
+    return out
+
+
 def summarize(times: np.ndarray, phases: np.ndarray) -> dict:
-    """times (repeats, ranks), phases (repeats, ranks, P) -> summary of max-over-ranks times."""
+    """times (repeats, ranks), phases (repeats, ranks, P) -> :func:`time_summary` of the
+    max-over-ranks times and the slowest rank's comm_fraction."""
     step = times.max(axis=1)
     slowest = times.argmax(axis=1)
     ph = phases[np.arange(len(step)), slowest]                   # phases of the slowest rank
-    med = float(np.median(step))
+    out = time_summary(step)
+    med = out["time_median_s"]
     comm = float(np.median(ph[:, PHASES.index("comm")]))
-    return {"time_median_s": med, "time_p10_s": float(np.percentile(step, 10)),
-            "time_p90_s": float(np.percentile(step, 90)), "time_min_s": float(step.min()),
-            "comm_fraction": comm / med if med > 0 else 0.0}
+    return out | {"comm_fraction": comm / med if med > 0 else 0.0}

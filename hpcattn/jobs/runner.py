@@ -30,6 +30,7 @@ from hpcattn.jobs.check import verdict
 from hpcattn.jobs.measure import peak_memory, summarize, time_case
 from hpcattn.jobs.params import apb_params, star_geometry
 from hpcattn.jobs.prefill import timed_work
+from hpcattn.jobs.record import case_attrs, write_case
 from hpcattn.timing import PHASES
 
 
@@ -234,7 +235,7 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
             if ctx.rank == 0:
                 if case.method == "local":
                     extras = {**extras, "baseline_ran": BASELINE_ALONE if ctx.size == 1 else BASELINE_SOLO}
-                row = _record(case, kernel, ctx, per_rank, err_all, outputs, writer, extras)
+                row = attention_record(case, kernel, ctx, per_rank, err_all, outputs, writer, extras)
                 rows.append(row)
                 progress(case, row)
             del fn, result
@@ -266,8 +267,8 @@ def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None
         toks, logits, prefill_s, decode_s = job.run(case)
         per_rank = ctx.world.mpi.gather((prefill_s, decode_s, peak_memory(ctx.device)), root=0)
         if ctx.rank == 0:
-            row = generate.record_case(case, kernel, ctx, job, toks, logits, job.check(toks, logits) or {}, per_rank,
-                                       writer)
+            row = write_case(writer, case, *generate.case_record(case, kernel, ctx, job, toks, logits,
+                                                                 job.check(toks, logits) or {}, per_rank))
             rows.append(row)
             progress(case, row)
             ref_model = job.ref_model
@@ -291,19 +292,22 @@ def _fault_injection(ctx, _started=[0]) -> None:  # noqa: B006 (a call counter)
         time.sleep(1.0)                       # injected hang (HPCATTN_TEST_HANG_RANK)
 
 
-def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=None) -> dict:
+def attention_record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=None) -> dict:
+    """Rank 0: the record of a decode or prefill case - the shared attributes
+    (:func:`hpcattn.jobs.record.case_attrs`), the time summary over ranks, bytes and peak memory,
+    the errors' maxima over ranks, ``extras`` and the verdict - written to ``writer``; returns the row.
+    ``per_rank``: each rank's (times (repeats,), phases (repeats, P), bytes per phase, peak memory);
+    ``err_all``: each rank's error figures (None: not checked there)."""
     times = np.stack([pr[0] for pr in per_rank], axis=1)              # (repeats, ranks)
     phases = np.stack([pr[1] for pr in per_rank], axis=1)             # (repeats, ranks, P)
     bytes_ = np.asarray([pr[2] for pr in per_rank], dtype=np.int64)   # (ranks, P)
     mem = np.asarray([pr[3] for pr in per_rank], dtype=np.int64)
     s = case.cfg.shape
-    attrs = {"method": case.method, "variant": case.variant, "job": case.cfg.job,
-             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv, "head_dim": s.head_dim,
+    shape = {"batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv, "head_dim": s.head_dim,
              "context": s.context, "lengths": s.lengths, "dtype": s.dtype,
-             "causal": s.causal if case.cfg.job == "prefill" else False, "query_len": s.query_len,
-             "kernel": kernel.name, "world_size": ctx.size, "warmup": case.cfg.run.warmup,
-             "repeats": case.cfg.run.repeats, "sweep_point": case.point, "group": case.group,
-             "bytes_per_step": int(bytes_.sum(axis=1).max()), "peak_mem_bytes": int(mem.max())}
+             "causal": s.causal if case.cfg.job == "prefill" else False, "query_len": s.query_len}
+    attrs = case_attrs(case, case.cfg.job, shape, kernel.name, ctx.size, case.cfg.run.warmup, case.cfg.run.repeats)
+    attrs |= {"bytes_per_step": int(bytes_.sum(axis=1).max()), "peak_mem_bytes": int(mem.max())}
     attrs |= summarize(times, phases)
     if case.cfg.job == "prefill":
         attrs["timed_work"] = timed_work(case.method)
@@ -320,9 +324,7 @@ def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=
                 "peak_mem_bytes": (mem, {"units": "bytes"})}
     if outputs:
         datasets |= {k: (v, {"layout": "out (B,Sq,Hq,d); lse (B,Hq,Sq)"}) for k, v in outputs.items()}
-    if writer is not None:
-        writer.write_case(case.id, attrs, datasets)
-    return attrs | {"id": case.id}
+    return write_case(writer, case, attrs, datasets)
 
 
 def run_metadata(cfg: Config, ctx, kernel_name: str) -> dict:
