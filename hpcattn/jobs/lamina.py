@@ -1,5 +1,5 @@
 """``generate.decode: lamina``: one Lamina case of the generate job (hooked from
-:func:`hpcattn.jobs.runner.run_generate_cases`), its record, plan estimate and variant name, and
+:func:`hpcattn.jobs.cases.run_generate_cases`), its record, plan estimate and variant name, and
 its config: the roles' devices, the prompt lengths and the rules of a Lamina case (run by
 :func:`hpcattn.jobs.validate.validate`).
 
