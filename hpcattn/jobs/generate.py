@@ -44,7 +44,7 @@ from hpcattn.config import resolve_device
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError, InputError
 from hpcattn.jobs.check import failure, max_err, require_finite, tolerance
-from hpcattn.jobs.measure import time_summary
+from hpcattn.jobs.measure import time_summary, timed_repeats
 from hpcattn.jobs.record import case_attrs, model_shape
 from hpcattn.kernels import select_kernel
 
@@ -292,22 +292,24 @@ class GenerateJob:
             self.ctx.sync()
             spans[name].append(time.perf_counter() - t0)
 
-        prefill_s, decode_s = [], []
-        toks = logits = None
         last = c.run.warmup + c.run.repeats - 1
-        for i in range(last + 1):
+        kept: dict = {}                      # the last generation's runner, tokens and logits
+
+        def one(i):
             for v in spans.values():
                 v.clear()
-            self.ctx.barrier()
             runner = self.runner(case, self.ctx, prompt_logits=c.generate.prompt_logits and i == last)
-            toks, logits = runner.generate(self.tokens, n, timer)
+            kept["runner"] = runner          # the previous runner (and its cache) is freed here
+            kept["out"] = runner.generate(self.tokens, n, timer)
             self.graph_attrs = runner.graph_attrs()
-            if i >= c.run.warmup:
-                prefill_s.append(spans["prefill"][0])
-                decode_s.append(list(spans["decode"]))
+            return spans["prefill"][0], list(spans["decode"])
+
+        runs = timed_repeats(self.ctx, c.run.warmup, c.run.repeats, one)
         if c.generate.prompt_logits:
-            self.prompt_logits = runner.gather_prompt_logits()
-        return toks, logits, np.asarray(prefill_s), np.asarray(decode_s, dtype=np.float64).reshape(c.run.repeats, n - 1)
+            self.prompt_logits = kept["runner"].gather_prompt_logits()
+        toks, logits = kept["out"]
+        return (toks, logits, np.asarray([p for p, _ in runs]),
+                np.asarray([d for _, d in runs], dtype=np.float64).reshape(c.run.repeats, n - 1))
 
 
 def case_record(case, kernel, ctx, job, toks, logits, check: dict, per_rank) -> tuple[dict, dict]:

@@ -23,7 +23,7 @@ from hpcattn.config import resolve_device
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError
 from hpcattn.jobs.generate import GenerateJob, case_record, model_args, reference_bytes, weight_bytes
-from hpcattn.jobs.measure import peak_memory
+from hpcattn.jobs.measure import peak_memory, timed_repeats
 from hpcattn.jobs.record import write_case
 from hpcattn.model.lamina import BYTE_PHASES, DECODE_PHASES, MODEL, LaminaDecoder, Layout
 
@@ -165,13 +165,9 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
     dec = LaminaDecoder(lay, ctx, role_ctx, model_args(c), kernel, DTYPES[c.shape.dtype], model,
                         prefill=c.generate.prefill, ring_layout=c.ring.layout, cuda_graphs=c.run.cuda_graphs,
                         decode_products=c.run.decode_products)
-    runs = []
-    res = None
-    for i in range(c.run.warmup + c.run.repeats):
-        ctx.barrier()
-        res = dec.generate(tokens, lengths, n, keep_logits=c.run.check or c.run.save_outputs)
-        if i >= c.run.warmup:
-            runs.append(res)
+    runs = timed_repeats(ctx, c.run.warmup, c.run.repeats,
+                         lambda i: dec.generate(tokens, lengths, n, keep_logits=c.run.check or c.run.save_outputs))
+    res = runs[-1]
     mine = {"prefill": np.asarray([r.prefill_s for r in runs]),
             "step": np.asarray([r.step_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "busy": np.asarray([r.busy_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
