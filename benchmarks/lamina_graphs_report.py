@@ -8,7 +8,7 @@ run`` Lamina runs (``run.cuda_graphs=true`` and ``false``, same cases), the role
 Per case (batch B, micro-batches m; context l = the record's context): per role the median over
 decode steps 1.. (step 0 holds the prompt-KV hand-over) and repeats of the step time, busy time
 (computing, device-synchronised) and wait time; the whole step (max over ranks); the cost model's
-prediction (:func:`hpcattn.jobs.lamina_cost.predict_lamina`, DOP (1, 1), m micro-batches) from the
+prediction (:func:`hpcattn.model.lamina.cost.predict_lamina`, DOP (1, 1), m micro-batches) from the
 graph timings for the captured run and the eager timings for the eager run, with the measured
 link; the issue's targets: model busy <= 1.2 x captured MTIME(B), attention busy <= 1.2 x captured
 ATIME(B, l), captured step <= 1.25 x predicted. Timings of fewer layers than the measurement's are
@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcattn.jobs.lamina_cost import Link, Measurements, load_measurements, predict_lamina  # noqa: E402
+from hpcattn.jobs.lamina_cost import load_measurements  # noqa: E402
+from hpcattn.model.lamina.cost import Link, Measurements, predict_lamina  # noqa: E402
 
 SETS = ("decode_step_s", "lamina_busy_s", "lamina_wait_s")
 

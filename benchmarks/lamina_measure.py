@@ -26,7 +26,7 @@ What it measures:
    message ((2 + 2/G) * d * e * B bytes) and a 4-byte copy's latency (buffers touched, 5 warm-up
    copies per size; wall time and CUDA-event time).
 
-Then the cost model (hpcattn.jobs.lamina_cost) projects 1+1, 2+2 and the paper's DOP settings
+Then the cost model (hpcattn.model.lamina.cost) projects 1+1, 2+2 and the paper's DOP settings
 ((1, 2) for LLaMA-33B, (2, 4) for LLaMA-65B / LLaMA3-70B) at batches 16..256 and the memory-max
 batch, for three links: the measured host<->device copy, a 400 Gb/s NIC as the paper measured
 NCCL (35.5 GB/s, RTT 66.6 us) and its FHBN (45.7 GB/s, RTT 33.0 us) - once from the eager and once
@@ -57,7 +57,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpcattn.jobs import lamina_cost as lc  # noqa: E402
-from hpcattn.jobs.lamina_cost import Link, markdown, projection_table  # noqa: E402
+from hpcattn.jobs.lamina_cost import markdown  # noqa: E402
+from hpcattn.model.lamina.cost import COLOCATED, Link, projection_table  # noqa: E402
 from hpcattn.kernels import select_kernel  # noqa: E402
 from hpcattn.model.llama import ModelArgs  # noqa: E402
 from hpcattn.model.weights import random_model_on_device  # noqa: E402
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
                         summary += [{"shape": res["name"], "timing": timing, "link": lname, "context": l,
                                      "dop": r["dop"], "lamina_batch": r.get("lamina_batch", 0),
                                      "lamina_tok_s": r["lamina_tok_s"], "lamina_bound": r["lamina_bound"],
-                                     "best_colocated_tok_s": max(r[f"{k}_tok_s"] for k in lc.COLOCATED),
+                                     "best_colocated_tok_s": max(r[f"{k}_tok_s"] for k in COLOCATED),
                                      "vs_colocated": r["vs_colocated"]}
                                     for r in rows if r["batch"] == "memory max"]
             out["shapes"].append(entry)

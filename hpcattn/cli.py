@@ -25,7 +25,6 @@ from typing import Callable
 from hpcattn import config, watchdog
 from hpcattn.collective import abort_on_error
 from hpcattn.errors import HpcattnError
-from hpcattn.jobs import lamina_cost
 from hpcattn.jobs.orchestrate import cmd_run, files_read
 
 
@@ -80,7 +79,23 @@ def _parser() -> argparse.ArgumentParser:
                     help="generate configs: also project the same measurements over this link (repeatable)")
     pj.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pj.add_argument("-o", "--output", help="write the projection to this HDF5 file")
-    lamina_cost.add_parser(sub)
+    lc = sub.add_parser("lamina-cost", help="project Lamina decode (a model + b attention devices, m micro-batches) "
+                                            "against colocated decode from measured MTIME/ATIME")
+    lc.add_argument("measurements", help="JSON written by benchmarks/lamina_measure.py")
+    lc.add_argument("--shape", help="which shape of a benchmark file (default: its first, the 8B shape)")
+    lc.add_argument("--dop", action="append", default=[], metavar="A,B",
+                    help="model and attention device counts (repeatable; default 1,1 2,2 1,2 2,4)")
+    lc.add_argument("--microbatches", default="1,2,4,8", help="micro-batch counts to try (best is reported)")
+    lc.add_argument("--batch", default="16,64,256", help="batch sizes")
+    lc.add_argument("--context", type=int, default=8192, help="tokens per sequence (l)")
+    lc.add_argument("--link-gbps", type=float, default=50.0, help="link bandwidth GB/s (check-comm)")
+    lc.add_argument("--latency-us", type=float, default=33.3, help="one-way latency us (check-comm; NCCL "
+                                                                   "RTT 66.6 us in the paper)")
+    lc.add_argument("--mem-gib-model", type=float, help="memory of a model device (GiB): adds the memory-max batch rows")
+    lc.add_argument("--mem-gib-attention", type=float, help="memory of an attention device (GiB)")
+    lc.add_argument("--model-split", default="replica", choices=("replica", "tensor"),
+                    help="model devices as full-weight replicas (hpcattn) or one tensor-parallel group (the paper's 70B)")
+    lc.add_argument("-o", "--output", help="write rows + inputs as JSON")
     cfg = sub.add_parser("config", help="print the config reference (every key, type, default)")
     cfg.add_argument("--defaults", action="store_true", help="print the default config as YAML instead")
     return p
@@ -133,7 +148,10 @@ def _project(args) -> int:
     return 0
 
 
-command("lamina-cost")(lamina_cost.run_cli)
+@command("lamina-cost")
+def _lamina_cost(args) -> int:
+    from hpcattn.jobs.lamina_cost import run_cli        # loads torch (the model package)
+    return run_cli(args)
 
 
 @command("report")

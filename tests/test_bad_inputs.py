@@ -226,7 +226,7 @@ def test_memory_check_counts_rank_0s_reference_copy(tmp_path, capfd, monkeypatch
     """A case whose own tensors fit but not with the copy rank 0 holds for run.check (the whole KV
     or q/k/v; for generate a float64 copy of the model) is refused; the dry-run shows that share."""
     from hpcattn import config
-    from hpcattn.jobs import runner
+    from hpcattn.jobs import cases as runner
 
     monkeypatch.chdir(tmp_path)
     text = {"decode": DECODE.replace("[local, tree]", "[tree]").replace("[64, 128]", "4096"),
@@ -256,7 +256,7 @@ def test_memory_check_counts_rank_0s_reference_copy(tmp_path, capfd, monkeypatch
 def test_memory_check_shares_a_gpu_among_its_ranks(monkeypatch):
     """Ranks that share one GPU (several ranks per device, as on a one-GPU test machine) each get
     their share of its free memory, and the refusal says so."""
-    from hpcattn.jobs import runner
+    from hpcattn.jobs import cases as runner
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3000, 8000))
     dev = torch.device("cuda", 0)

@@ -49,7 +49,7 @@ def one_rank_ctx():
 
 def record_of(case, kernel, ctx, errs, extras=None):
     """The case attributes rank 0 writes, through the runner's own _record (check_passed, reason)."""
-    from hpcattn.jobs.runner import _record
+    from hpcattn.jobs.cases import attention_record as _record
     from hpcattn.timing import PHASES
 
     per_rank = [(np.ones(1), np.zeros((1, len(PHASES))), [0] * len(PHASES), 0)]
@@ -96,7 +96,7 @@ run: {warmup: 0, repeats: 1}
 
 def test_decode_nan_output_fails_the_record(tmp_path):
     from hpcattn.jobs.decode import DecodeJob
-    from hpcattn.jobs.runner import plan_cases
+    from hpcattn.jobs.cases import plan_cases
 
     cfg = load_cfg(tmp_path, DECODE)
     ctx = one_rank_ctx()
@@ -125,7 +125,7 @@ run: {warmup: 0, repeats: 1, check_rows: 8}
 def test_prefill_nan_in_an_unchecked_row_fails(tmp_path):
     """Only run.check_rows rows are compared with the reference; a NaN in any other row fails too."""
     from hpcattn.jobs.prefill import PrefillJob
-    from hpcattn.jobs.runner import plan_cases
+    from hpcattn.jobs.cases import plan_cases
 
     cfg = load_cfg(tmp_path, PREFILL)
     ctx = one_rank_ctx()
@@ -215,7 +215,7 @@ run: {warmup: 0, repeats: 1}
 
 def generate_job(tmp_path, sets=()):
     from hpcattn.jobs.generate import GenerateJob, resolve_shape
-    from hpcattn.jobs.runner import plan_cases
+    from hpcattn.jobs.cases import plan_cases
 
     cfg = load_cfg(tmp_path, GENERATE, sets)
     resolve_shape(cfg)

@@ -51,7 +51,7 @@ def test_decode_run_record_report_plot(tmp_path):
     assert len(rows) == 8
     assert {r["method"] for r in rows} == {"local", "tree", "ring"}
     assert all(r["check_passed"] for r in rows), [(r["id"], r["err_out"]) for r in rows]
-    from hpcattn.jobs.runner import BASELINE_SOLO       # the record says how the baseline ran
+    from hpcattn.jobs.cases import BASELINE_SOLO       # the record says how the baseline ran
     assert [x.get("baseline_ran") for x in rows if x["method"] == "local"] == [BASELINE_SOLO] * 2
     assert all("baseline_ran" not in x for x in rows if x["method"] != "local")
     with h5py.File(out) as f:

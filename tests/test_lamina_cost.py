@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from hpcattn.jobs.lamina_cost import (Link, Measurements, max_batch, predict_colocated, predict_lamina,
-                                      projection_table)
+from hpcattn.model.lamina.cost import (Link, Measurements, max_batch, predict_colocated, predict_lamina,
+                                       projection_table)
 from tests.mpirun import ROOT, run_ranks
 
 
@@ -210,7 +210,8 @@ def test_measure_link_times_the_transfer_not_the_enqueue():
     """measure_link's round trip includes the device-side transfer (the sync after the waits):
     with enqueue-only requests and 2 ms per message on the device, a one-way time of >= 2 ms; the
     lower rank times it and hands the figures to its peer, which returns them."""
-    from hpcattn.jobs.lamina_cost import link_from_pingpong, measure_link
+    from hpcattn.jobs.lamina_cost import measure_link
+    from hpcattn.model.lamina.cost import link_from_pingpong
 
     ctx = _Enqueued(rank=0, delay=2e-3)
     got = measure_link(ctx, 1, [8, 1 << 20], repeats=3)

@@ -274,7 +274,7 @@ def test_imports_inside_functions_only_for_heavy_packages():
 
 
 @pytest.mark.parametrize("source,message", [
-    ("from hpcattn.jobs.runner import plan_cases\n", "a layer above it"),
+    ("from hpcattn.jobs.cases import plan_cases\n", "a layer above it"),
     ("def f():\n    from hpcattn.kernels import select_kernel\n", "inside a function"),
     ("from hpcattn.kernels.merge import _private\n", "private name"),
 ])

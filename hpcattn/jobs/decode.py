@@ -126,6 +126,15 @@ class DecodeJob:
         return {"out": result[0].float().cpu().numpy(), "lse": result[1].float().cpu().numpy()}
 
 
+def variant(cfg, method: str, p: int) -> str:
+    """The case variant: tree's reduction and topology (and ``fused`` when its merge is fused); the
+    other methods have none."""
+    if method == "tree":
+        fused = cfg.tree.fused_merge and cfg.tree.reduction == "allgather" and cfg.tree.topology == "flat"
+        return f"{cfg.tree.reduction}/{cfg.tree.topology}" + ("/fused" if fused else "")   # same variant = one case
+    return ""
+
+
 def estimate(cfg, method: str, p: int) -> tuple[int, int, int]:
     """(peak bytes of tensors on the busiest rank, payload bytes per rank per step, the part of
     the first that is rank 0's reference copy) - a plan. With ``run.check`` (or ``local`` among

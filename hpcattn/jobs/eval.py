@@ -29,6 +29,8 @@ import torch
 from hpcattn import watchdog
 from hpcattn.errors import ConfigError
 from hpcattn.jobs.generate import GenerateJob, ignored_config_keys, model_args
+from hpcattn.jobs.measure import time_summary
+from hpcattn.jobs.record import case_attrs, model_shape, write_case
 from hpcattn.jobs.ruler import MAX_NEW, PromptBuilder, Sample, score
 
 EXACT_PREFILL = ("local", "ring")
@@ -158,20 +160,16 @@ def _record(case, ctx, job, results, tokenizer, stop_ids, writer) -> dict:
     dec = np.asarray([r[3] for r in results])
     by_task = {t: float(scores[[i for i, x in enumerate(tasks) if x == t]].mean()) for t in dict.fromkeys(tasks)}
     total = pre + dec
-    attrs = {"method": case.method, "variant": case.variant, "job": "eval", "batch": c.eval.batch_size,
-             "heads_q": a.n_heads, "heads_kv": a.n_kv_heads, "head_dim": a.head_dim, "context": c.shape.context,
-             "lengths": None, "dtype": c.shape.dtype, "causal": True, "kernel": job.kernel.name,
-             "world_size": ctx.size, "warmup": 0, "repeats": 1, "sweep_point": case.point, "group": case.group,
-             "model": c.model.path, "n_layers": a.n_layers, "prefill": c.generate.prefill,
-             "decode": c.generate.decode, "exact": c.generate.prefill in EXACT_PREFILL,
-             "query_len": c.generate.query_len, "tasks": list(by_task), "samples_per_task": c.eval.samples,
-             "seed": c.eval.seed, "chat_template": c.eval.chat_template,
-             "max_new_tokens": c.eval.max_new_tokens, "accuracy": float(scores.mean()),
-             "accuracy_by_task": by_task, "time_median_s": float(np.median(total)),
-             "time_p10_s": float(np.percentile(total, 10)), "time_p90_s": float(np.percentile(total, 90)),
-             "prefill_median_s": float(np.median(pre)), "decode_median_s": float(np.median(dec)),
-             "throughput_tok_s": float(c.shape.context * len(results) / max(pre.sum(), 1e-30)),
-             "comm_fraction": 0.0, "check_passed": None, "ignored_config_keys": ignored_config_keys(c)}
+    attrs = case_attrs(case, "eval", model_shape(c, a, c.eval.batch_size), job.kernel.name, ctx.size, 0, 1)
+    attrs |= {"model": c.model.path, "n_layers": a.n_layers, "prefill": c.generate.prefill,
+              "decode": c.generate.decode, "exact": c.generate.prefill in EXACT_PREFILL,
+              "query_len": c.generate.query_len, "tasks": list(by_task), "samples_per_task": c.eval.samples,
+              "seed": c.eval.seed, "chat_template": c.eval.chat_template,
+              "max_new_tokens": c.eval.max_new_tokens, "accuracy": float(scores.mean()),
+              "accuracy_by_task": by_task, **time_summary(total, minimum=False),   # one run per sample: no min
+              "prefill_median_s": float(np.median(pre)), "decode_median_s": float(np.median(dec)),
+              "throughput_tok_s": float(c.shape.context * len(results) / max(pre.sum(), 1e-30)),
+              "comm_fraction": 0.0, "check_passed": None, "ignored_config_keys": ignored_config_keys(c)}
     enc = lambda xs: np.asarray([x.encode("utf-8") for x in xs], dtype=bytes)  # noqa: E731
     datasets = {
         "task": (enc(tasks), {}), "sample_index": (np.asarray([s.index for s, *_ in results]), {}),
@@ -187,6 +185,4 @@ def _record(case, ctx, job, results, tokenizer, stop_ids, writer) -> dict:
         "prefill_s": (pre, {"units": "s", "note": "max over ranks; a batch's time for each of its samples"}),
         "decode_s": (dec, {"units": "s", "note": "max over ranks; whole decode of the sample's batch"}),
     }
-    if writer is not None:
-        writer.write_case(case.id, attrs, datasets)
-    return attrs | {"id": case.id}
+    return write_case(writer, case, attrs, datasets)

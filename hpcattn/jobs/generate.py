@@ -44,6 +44,8 @@ from hpcattn.config import resolve_device
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError, InputError
 from hpcattn.jobs.check import failure, max_err, require_finite, tolerance
+from hpcattn.jobs.measure import time_summary, timed_repeats
+from hpcattn.jobs.record import case_attrs, model_shape
 from hpcattn.kernels import select_kernel
 
 
@@ -290,26 +292,31 @@ class GenerateJob:
             self.ctx.sync()
             spans[name].append(time.perf_counter() - t0)
 
-        prefill_s, decode_s = [], []
-        toks = logits = None
         last = c.run.warmup + c.run.repeats - 1
-        for i in range(last + 1):
+        kept: dict = {}                      # the last generation's runner, tokens and logits
+
+        def one(i):
             for v in spans.values():
                 v.clear()
-            self.ctx.barrier()
             runner = self.runner(case, self.ctx, prompt_logits=c.generate.prompt_logits and i == last)
-            toks, logits = runner.generate(self.tokens, n, timer)
+            kept["runner"] = runner          # the previous runner (and its cache) is freed here
+            kept["out"] = runner.generate(self.tokens, n, timer)
             self.graph_attrs = runner.graph_attrs()
-            if i >= c.run.warmup:
-                prefill_s.append(spans["prefill"][0])
-                decode_s.append(list(spans["decode"]))
+            return spans["prefill"][0], list(spans["decode"])
+
+        runs = timed_repeats(self.ctx, c.run.warmup, c.run.repeats, one)
         if c.generate.prompt_logits:
-            self.prompt_logits = runner.gather_prompt_logits()
-        return toks, logits, np.asarray(prefill_s), np.asarray(decode_s, dtype=np.float64).reshape(c.run.repeats, n - 1)
+            self.prompt_logits = kept["runner"].gather_prompt_logits()
+        toks, logits = kept["out"]
+        return (toks, logits, np.asarray([p for p, _ in runs]),
+                np.asarray([d for _, d in runs], dtype=np.float64).reshape(c.run.repeats, n - 1))
 
 
-def record_case(case, kernel, ctx, job, toks, logits, check: dict, per_rank, writer) -> dict:
-    """Rank 0: the record of a generate case (attributes and datasets), written to ``writer``."""
+def case_record(case, kernel, ctx, job, toks, logits, check: dict, per_rank) -> tuple[dict, dict]:
+    """Rank 0: (attributes, datasets) of a generate case's record: the shared attributes
+    (:func:`hpcattn.jobs.record.case_attrs`), the model, the time summary of whole generations,
+    prefill and decode step medians, throughput, ``check``'s figures and the graph attributes.
+    ``per_rank``: each rank's (prefill_s (R,), decode_s (R, steps), peak memory)."""
     c = case.cfg
     a = job.model.args
     pre = np.stack([pr[0] for pr in per_rank], axis=1)                   # (R, ranks)
@@ -318,18 +325,13 @@ def record_case(case, kernel, ctx, job, toks, logits, check: dict, per_rank, wri
     pre_max, dec_max = pre.max(axis=1), dec.max(axis=2)                  # max over ranks
     total = pre_max + dec_max.sum(axis=1)
     B, N, n = c.shape.batch, c.shape.context, c.generate.new_tokens
-    attrs = {"method": case.method, "variant": case.variant, "job": "generate", "batch": B,
-             "heads_q": a.n_heads, "heads_kv": a.n_kv_heads, "head_dim": a.head_dim, "context": N,
-             "lengths": None, "dtype": c.shape.dtype, "causal": True, "kernel": kernel.name,
-             "world_size": ctx.size, "warmup": c.run.warmup, "repeats": c.run.repeats,
-             "sweep_point": case.point, "group": case.group, "model": c.model.path or c.model.preset,
-             "n_layers": a.n_layers, "new_tokens": n, "kv_placement": c.generate.kv_placement,
-             "time_median_s": float(np.median(total)), "time_p10_s": float(np.percentile(total, 10)),
-             "time_p90_s": float(np.percentile(total, 90)), "time_min_s": float(total.min()),
-             "prefill_median_s": float(np.median(pre_max)),
-             "decode_step_median_s": float(np.median(dec_max)) if dec_max.size else 0.0,
-             "throughput_tok_s": float(B * (N + n) / np.median(total)), "comm_fraction": 0.0,
-             "peak_mem_bytes": int(mem.max())}
+    attrs = case_attrs(case, "generate", model_shape(c, a, B), kernel.name, ctx.size, c.run.warmup, c.run.repeats)
+    attrs |= {"model": c.model.path or c.model.preset, "n_layers": a.n_layers, "new_tokens": n,
+              "kv_placement": c.generate.kv_placement, **time_summary(total),
+              "prefill_median_s": float(np.median(pre_max)),
+              "decode_step_median_s": float(np.median(dec_max)) if dec_max.size else 0.0,
+              "throughput_tok_s": float(B * (N + n) / np.median(total)), "comm_fraction": 0.0,
+              "peak_mem_bytes": int(mem.max())}
     attrs |= check | job.graph_attrs
     attrs["ignored_config_keys"] = ignored_config_keys(c)
     tok_np = toks.cpu().numpy()
@@ -341,9 +343,7 @@ def record_case(case, kernel, ctx, job, toks, logits, check: dict, per_rank, wri
         datasets["logits"] = (logits.float().cpu().numpy(), {"layout": "(new_tokens, B, vocab)"})
     if job.prompt_logits is not None:
         datasets["prompt_logits"] = (job.prompt_logits.numpy(), {"layout": "(B, context, vocab)"})
-    if writer is not None:
-        writer.write_case(case.id, attrs, datasets)
-    return attrs | {"id": case.id}
+    return attrs, datasets
 
 
 def decoded_text(cfg, ids: list[int]) -> str:

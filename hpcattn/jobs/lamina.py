@@ -1,5 +1,5 @@
 """``generate.decode: lamina``: one Lamina case of the generate job (hooked from
-:func:`hpcattn.jobs.runner.run_generate_cases`), its record, plan estimate and variant name, and
+:func:`hpcattn.jobs.cases.run_generate_cases`), its record, plan estimate and variant name, and
 its config: the roles' devices, the prompt lengths and the rules of a Lamina case (run by
 :func:`hpcattn.jobs.validate.validate`).
 
@@ -22,8 +22,9 @@ from hpcattn import graph
 from hpcattn.config import resolve_device
 from hpcattn.dtypes import DTYPES
 from hpcattn.errors import ConfigError
-from hpcattn.jobs.generate import GenerateJob, model_args, record_case, reference_bytes, weight_bytes
-from hpcattn.jobs.measure import peak_memory
+from hpcattn.jobs.generate import GenerateJob, case_record, model_args, reference_bytes, weight_bytes
+from hpcattn.jobs.measure import peak_memory, timed_repeats
+from hpcattn.jobs.record import write_case
 from hpcattn.model.lamina import BYTE_PHASES, DECODE_PHASES, MODEL, LaminaDecoder, Layout
 
 
@@ -164,13 +165,9 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
     dec = LaminaDecoder(lay, ctx, role_ctx, model_args(c), kernel, DTYPES[c.shape.dtype], model,
                         prefill=c.generate.prefill, ring_layout=c.ring.layout, cuda_graphs=c.run.cuda_graphs,
                         decode_products=c.run.decode_products)
-    runs = []
-    res = None
-    for i in range(c.run.warmup + c.run.repeats):
-        ctx.barrier()
-        res = dec.generate(tokens, lengths, n, keep_logits=c.run.check or c.run.save_outputs)
-        if i >= c.run.warmup:
-            runs.append(res)
+    runs = timed_repeats(ctx, c.run.warmup, c.run.repeats,
+                         lambda i: dec.generate(tokens, lengths, n, keep_logits=c.run.check or c.run.save_outputs))
+    res = runs[-1]
     mine = {"prefill": np.asarray([r.prefill_s for r in runs]),
             "step": np.asarray([r.step_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "busy": np.asarray([r.busy_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
@@ -181,11 +178,12 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
     if ctx.rank != 0:
         return None, model
     check = _check(job, case, res.tokens, res.logits, lengths) if c.run.check else {}
+    attrs, datasets = case_record(case, kernel, ctx, job, res.tokens, res.logits, check,
+                                  [(pr["prefill"], pr["step"], pr["mem"]) for pr in per_rank])
     extra_attrs, extra_sets = _lamina_summary(c, lay, per_rank, lengths)
-    row = record_case(case, kernel, ctx, job, res.tokens, res.logits, check,
-                  [(pr["prefill"], pr["step"], pr["mem"]) for pr in per_rank],
-                  _Augment(writer, extra_attrs, extra_sets))
-    return row, model
+    if extra_attrs["lengths"]:        # ragged prompts: the throughput counts each prompt's own tokens
+        attrs["throughput_tok_s"] *= (sum(lengths) + len(lengths) * n) / (c.shape.batch * (c.shape.context + n))
+    return write_case(writer, case, attrs | extra_attrs, datasets | extra_sets), model
 
 
 def _check(job, case, toks: torch.Tensor, logits: torch.Tensor, lengths: list[int]) -> dict:
@@ -217,7 +215,8 @@ def _check(job, case, toks: torch.Tensor, logits: torch.Tensor, lengths: list[in
 
 
 def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) -> tuple[dict, dict]:
-    """Attributes and datasets a Lamina case adds to the generate record."""
+    """Attributes and datasets a Lamina case merges into the generate record (its ``lengths``
+    replaces the generate record's None when the prompts are ragged)."""
     roles = [pr["role"] for pr in per_rank]
     busy = np.stack([pr["busy"] for pr in per_rank], axis=2)            # (R, steps, ranks)
     wait = np.stack([pr["wait"] for pr in per_rank], axis=2)
@@ -268,21 +267,3 @@ def graph_summary(per_rank: list[dict]) -> dict:
     same = attrs[f"lamina_{MODEL}_cuda_graphs_reason"] == attrs["lamina_attention_cuda_graphs_reason"]
     attrs["cuda_graphs_reason"] = attrs["lamina_attention_cuda_graphs_reason"] if same else "; ".join(reasons)
     return attrs
-
-
-class _Augment:
-    """A writer in front of the record writer that adds the Lamina attributes and datasets to the
-    generate job's case (and corrects its throughput for ragged prompts)."""
-
-    def __init__(self, writer, attrs: dict, datasets: dict):
-        self.writer, self.attrs, self.datasets = writer, attrs, datasets
-
-    def write_case(self, case_id: str, attrs: dict, datasets: dict) -> None:
-        lengths = self.attrs.get("lengths")
-        if lengths:
-            attrs["throughput_tok_s"] *= (sum(lengths) + len(lengths) * attrs["new_tokens"]) / (
-                attrs["batch"] * (attrs["context"] + attrs["new_tokens"]))
-        attrs.update(self.attrs)
-        datasets.update(self.datasets)
-        if self.writer is not None:
-            self.writer.write_case(case_id, attrs, datasets)

@@ -3,7 +3,7 @@
 Rank 0 loads, completes and validates the config and plans the cases (:func:`_resolve`; ``--dry-run``
 prints the plan, :func:`_print_plan`); then every rank sets up its communicators, checks the memory
 each case needs, self-tests its kernels, builds the model (generate), opens the record (rank 0) and
-runs the cases (:func:`hpcattn.jobs.runner.run_cases`, :func:`hpcattn.jobs.runner.run_generate_cases`).
+runs the cases (the job kind's entry of :data:`hpcattn.jobs.cases.JOBS`).
 Every collective step goes through the MPI error policy of :mod:`hpcattn.collective`: any rank's
 failure is one line and status 2 on every rank. Moved out of ``cli.py``, which parses and looks up
 the command.
@@ -41,7 +41,7 @@ def _resolve(args, world_size: int):
     import torch
 
     from hpcattn.jobs.inputs import apply_file_shape
-    from hpcattn.jobs.runner import plan_cases
+    from hpcattn.jobs.cases import plan_cases
     from hpcattn.jobs.validate import validate
 
     if args.ranks is not None and (not args.dry_run or args.ranks < 1):
@@ -142,7 +142,7 @@ def files_read(config_path: str, cfg) -> tuple[list[tuple[str, str]], list[tuple
 def _print_plan(cfg, p: int) -> None:
     import torch
 
-    from hpcattn.jobs.runner import JOBS, format_bytes, plan_cases
+    from hpcattn.jobs.cases import JOBS, format_bytes, plan_cases
 
     device = config.resolve_device(cfg, torch.cuda.is_available())
     print("# resolved config")
@@ -155,7 +155,7 @@ def _print_plan(cfg, p: int) -> None:
     print(f"{'case':32} {'method':6} {'variant':20} {'B':>3} {'N':>9} {'dtype':9} "
           f"{'mem/rank':>11} {'rank0+':>11} {'bytes/step':>11}")
     for c in cases:
-        mem, nbytes, rank0 = JOBS[c.cfg.job][1](c.cfg, c.method, p)
+        mem, nbytes, rank0 = JOBS[c.cfg.job].estimate(c.cfg, c.method, p)
         s = c.cfg.shape
         print(f"{c.id:32} {c.method:6} {c.variant or '-':20} {s.batch:>3} {s.context:>9} {s.dtype:9} "
               f"{format_bytes(mem):>11} {format_bytes(rank0):>11} {format_bytes(nbytes):>11}")
@@ -174,7 +174,7 @@ def cmd_run(args) -> int:
     watchdog.catch_interrupt(rank, _interrupt_note)
     if not args.dry_run:     # every rank imports what the run needs while rank 0 resolves the config, so
         import hpcattn.comm  # noqa: F401  (no rank is still importing when set-up's clock starts)
-        import hpcattn.jobs.runner  # noqa: F401
+        import hpcattn.jobs.cases  # noqa: F401
         import hpcattn.kernels  # noqa: F401
         import hpcattn.results.report  # noqa: F401
     try:
@@ -222,7 +222,7 @@ def _run(cfg, world, args) -> int:
 
     from hpcattn import comm as comm_mod
     from hpcattn.dtypes import DTYPES
-    from hpcattn.jobs.runner import check_memory, host_info, plan_cases, run_cases, run_metadata
+    from hpcattn.jobs.cases import JOBS, check_memory, host_info, plan_cases, run_metadata
     from hpcattn.kernels import select_kernel
     from hpcattn.results.hdf5 import RecordWriter
     from hpcattn.results.report import format_table
@@ -281,14 +281,7 @@ def _run(cfg, world, args) -> int:
     writer = collective_check(world, lambda: start_record() if rank == 0 else None,
                                f"output {cfg.run.output}", args.debug)
     progress = _progress(len(cases)) if rank == 0 else (lambda case, row: None)
-    if cfg.job == "generate":
-        from hpcattn.jobs.runner import run_generate_cases
-        rows = run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
-    elif cfg.job == "eval":
-        from hpcattn.jobs.eval import run_eval_cases
-        rows = run_eval_cases(cfg, cases, ctx, kernel_for, writer, progress, model)
-    else:
-        rows = run_cases(cfg, cases, ctx, kernel_for, writer, log, progress)
+    rows = JOBS[cfg.job].run(cfg, cases, ctx, kernel_for, writer, progress, model)
     watchdog.arm("teardown")
     comm_mod.teardown(ctx)
     watchdog.disarm()

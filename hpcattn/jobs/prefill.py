@@ -248,6 +248,24 @@ TIMED_WORK = {
 }
 
 
+def variant(cfg, method: str, p: int) -> str:
+    """The case variant: Star's block and anchor, APB's anchor and passing lengths and compressor,
+    ring's layout, torch_cp's SDPA backend and GQA mode, and the mask (causal or full)."""
+    if method == "star":
+        return "block{}/anchor{}".format(*star_geometry(cfg, p)) + \
+            ("/quirk" if cfg.star.compat_remote_causal_quirk else "")
+    if method == "apb":
+        prm = apb_params(cfg, p)
+        flags = "" if cfg.apb.query_in_anchor or not prm.la else "/noquery"
+        return f"la{prm.la}/lp{prm.lp}/{cfg.apb.compressor}{flags}"
+    mask = "causal" if cfg.shape.causal else "full"
+    if method == "ring":
+        return f"{cfg.ring.layout if p > 1 else 'contiguous'}/{mask}"
+    if method == "torch_cp":
+        return f"{cfg.torch_cp.sdpa}/{'gqa' if cfg.torch_cp.native_gqa else 'kv-expanded'}/{mask}"
+    return mask
+
+
 def timed_work(method: str) -> str:
     """What a prefill case's time covers (record attribute ``timed_work``): "" for the exact methods
     (all rows), a plain statement of the rows left out for the approximate ones."""

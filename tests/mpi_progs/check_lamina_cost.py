@@ -18,8 +18,8 @@ import torch
 from mpi4py import MPI
 
 from hpcattn import comm as comm_mod
-from hpcattn.jobs.lamina_cost import (Measurements, link_from_pingpong, measure_atime, measure_link,
-                                      measure_mtime, predict_colocated, predict_lamina)
+from hpcattn.jobs.lamina_cost import measure_atime, measure_link, measure_mtime
+from hpcattn.model.lamina.cost import Measurements, link_from_pingpong, predict_colocated, predict_lamina
 from hpcattn.kernels import select_kernel
 from hpcattn.model.lamina import MODEL, Layout, LaminaDecoder
 from hpcattn.model.llama import ModelArgs

@@ -12,8 +12,12 @@ The one door to the package:
   (graph mode, and what the cost model measures: :class:`ModelSlices`, :class:`ModelRole`,
   :class:`AttentionRole`).
 
+* :mod:`~hpcattn.model.lamina.cost` - the analytic cost model (step time, throughput, the batch
+  the memory allows, against colocated decode): pure arithmetic, imported from there.
+
 The Lamina case of the generate job (config, record, estimate) is :mod:`hpcattn.jobs.lamina`; the
-cost model and the ``lamina-cost`` command :mod:`hpcattn.jobs.lamina_cost`. Reads no config.
+measurements that feed the cost model and the ``lamina-cost`` command :mod:`hpcattn.jobs.lamina_cost`.
+Reads no config.
 """
 
 from hpcattn.model.lamina.decoder import (BYTE_PHASES, DECODE_PHASES, MODEL, LaminaDecoder, Layout,  # noqa: F401

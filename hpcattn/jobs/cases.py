@@ -1,5 +1,9 @@
 """Plan the cases of a run and execute them: warm-up, timed repeats, checks, HDF5 record.
 
+:data:`JOBS` maps each job kind to how its cases run (:func:`run_cases` for decode and prefill,
+:func:`run_generate_cases` for generate, :func:`hpcattn.jobs.eval.run_eval_cases` for eval), its
+plan estimate (--dry-run and the memory check) and its case variant names (:func:`plan_cases`).
+
 A *case* is one method at one sweep point. Cases of one sweep point share their inputs and
 reference. Timing per iteration: device sync + barrier, then CUDA events (GPU) or perf_counter
 (CPU) around the method; the reported time of an iteration is the max over ranks.
@@ -16,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -27,24 +32,45 @@ from hpcattn.config import expand_cases as expand_points
 from hpcattn.errors import ConfigError
 from hpcattn.jobs import decode, generate, lamina, prefill
 from hpcattn.jobs.check import verdict
+from hpcattn.jobs.eval import run_eval_cases
 from hpcattn.jobs.measure import peak_memory, summarize, time_case
-from hpcattn.jobs.params import apb_params, star_geometry
+from hpcattn.jobs.params import apb_params
 from hpcattn.jobs.prefill import timed_work
+from hpcattn.jobs.record import case_attrs, write_case
 from hpcattn.timing import PHASES
 
 
-def generate_estimate(cfg: Config, method: str, p: int) -> tuple[int, int, int]:
-    """The generate job's plan estimate (:func:`hpcattn.jobs.generate.estimate`; a Lamina case's:
+def model_estimate(cfg: Config, method: str, p: int) -> tuple[int, int, int]:
+    """A whole-model case's plan estimate (:func:`hpcattn.jobs.generate.estimate`; a Lamina case's:
     :func:`hpcattn.jobs.lamina.estimate_case`)."""
     return (lamina.estimate_case if method.endswith("+lamina") else generate.estimate)(cfg, method, p)
 
 
-JOBS = {"decode": (decode.DecodeJob, decode.estimate), "prefill": (prefill.PrefillJob, prefill.estimate),
-        "generate": (None, generate_estimate), "eval": (None, generate.estimate)}
+def model_variant(cfg: Config, method: str, p: int) -> str:
+    """A whole-model case's variant name (generate, eval): ring's layout, Star's block and anchor,
+    APB's anchor and passing lengths and compressor, tree's reduction and topology, the KV
+    placement; a Lamina case's: :func:`hpcattn.jobs.lamina.variant`."""
+    if cfg.job == "generate" and cfg.generate.decode == "lamina":
+        return lamina.variant(cfg, p)
+    parts = []
+    if cfg.generate.prefill == "ring" and p > 1:
+        parts.append(cfg.ring.layout)
+    if cfg.generate.prefill == "star":
+        parts.append(f"block{cfg.star.block or 'auto'}-anchor{cfg.star.anchor or 'block'}")
+    if cfg.generate.prefill == "apb":
+        prm = apb_params(cfg, p, cfg.shape.context - cfg.generate.query_len)
+        parts.append(f"la{prm.la}-lp{prm.lp}-{cfg.apb.compressor}")
+    if cfg.generate.decode == "tree" and p > 1:
+        parts += [cfg.tree.reduction, cfg.tree.topology]
+    if cfg.generate.decode != "local" and p > 1:
+        parts.append(f"kv-{cfg.generate.kv_placement}")
+    return "/".join(parts)
 
 
 @dataclass
 class Case:
+    """One method at one sweep point of a run."""
+
     index: int
     id: str
     method: str
@@ -52,43 +78,6 @@ class Case:
     point: dict
     cfg: Config
     group: int               # index of the sweep point (cases of a group share inputs)
-
-
-def variant_of(cfg: Config, method: str, p: int) -> str:
-    if cfg.job == "generate" and cfg.generate.decode == "lamina":
-        return lamina.variant(cfg, p)
-    if cfg.job in MODEL_JOBS:
-        parts = []
-        if cfg.generate.prefill == "ring" and p > 1:
-            parts.append(cfg.ring.layout)
-        if cfg.generate.prefill == "star":
-            parts.append(f"block{cfg.star.block or 'auto'}-anchor{cfg.star.anchor or 'block'}")
-        if cfg.generate.prefill == "apb":
-            prm = apb_params(cfg, p, cfg.shape.context - cfg.generate.query_len)
-            parts.append(f"la{prm.la}-lp{prm.lp}-{cfg.apb.compressor}")
-        if cfg.generate.decode == "tree" and p > 1:
-            parts += [cfg.tree.reduction, cfg.tree.topology]
-        if cfg.generate.decode != "local" and p > 1:
-            parts.append(f"kv-{cfg.generate.kv_placement}")
-        return "/".join(parts)
-    if cfg.job == "decode" and method == "tree":
-        fused = cfg.tree.fused_merge and cfg.tree.reduction == "allgather" and cfg.tree.topology == "flat"
-        return f"{cfg.tree.reduction}/{cfg.tree.topology}" + ("/fused" if fused else "")   # same variant = one case
-    if cfg.job == "prefill" and method == "star":
-        return "block{}/anchor{}".format(*star_geometry(cfg, p)) + \
-            ("/quirk" if cfg.star.compat_remote_causal_quirk else "")
-    if cfg.job == "prefill" and method == "apb":
-        prm = apb_params(cfg, p)
-        flags = "" if cfg.apb.query_in_anchor or not prm.la else "/noquery"
-        return f"la{prm.la}/lp{prm.lp}/{cfg.apb.compressor}{flags}"
-    mask = "causal" if cfg.shape.causal else "full"
-    if cfg.job == "prefill" and method == "ring":
-        return f"{cfg.ring.layout if p > 1 else 'contiguous'}/{mask}"
-    if cfg.job == "prefill" and method == "torch_cp":
-        return f"{cfg.torch_cp.sdpa}/{'gqa' if cfg.torch_cp.native_gqa else 'kv-expanded'}/{mask}"
-    if cfg.job == "prefill":
-        return mask
-    return ""
 
 
 def plan_cases(cfg: Config, p: int) -> list[Case]:
@@ -112,7 +101,7 @@ def plan_cases(cfg: Config, p: int) -> list[Case]:
             methods = [f"{c.generate.prefill}+{c.generate.decode}"]
         g = groups.setdefault(shape_key, len(groups))
         for m in methods:
-            var = variant_of(c, m, p)
+            var = JOBS[c.job].variant(c, m, p)
             key = (shape_key, m, var)
             if key in seen:
                 continue
@@ -147,7 +136,7 @@ def check_memory(cases: list[Case], p: int, device: torch.device, ranks_on_host:
     for c in cases:
         if not c.cfg.run.memory_check:
             continue
-        need = JOBS[c.cfg.job][1](c.cfg, c.method, p)[0]
+        need = JOBS[c.cfg.job].estimate(c.cfg, c.method, p)[0]
         if need > have:
             raise ConfigError(f"case {c.id} needs about {format_bytes(need)} per rank (the --dry-run estimate), "
                               f"more than the {format_bytes(have)} {what}; use a smaller shape or more ranks, "
@@ -198,10 +187,12 @@ BASELINE_ALONE = "alone: a 1-rank run"
 BASELINE_SOLO = "on rank 0; the other ranks asleep (a polled MPI_Ibarrier), not busy-polling"
 
 
-def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, progress) -> list[dict]:
-    """Execute ``cases`` on every rank (collective). Rank 0 writes each finished case to ``writer``.
+def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, progress, model=None) -> list[dict]:
+    """Execute decode or prefill ``cases`` on every rank (collective); the cases of a sweep point
+    share one job (inputs) and its reference. Rank 0 writes each finished case to ``writer``.
 
-    ``kernel_for(case_cfg)`` returns the local kernel of a case. Returns the summaries (rank 0).
+    ``kernel_for(case_cfg)`` returns the local kernel of a case; ``model`` is unused (the table's
+    run signature). Returns the summaries (rank 0).
     """
     rows = []
     by_group: dict[int, list[Case]] = {}
@@ -209,7 +200,7 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
         by_group.setdefault(c.group, []).append(c)
     for group_cases in by_group.values():
         gcfg = group_cases[0].cfg
-        job_cls, _ = JOBS[gcfg.job]
+        job_cls = ATTENTION_JOBS[gcfg.job]
         kernel = kernel_for(gcfg)
         job = job_cls(gcfg, ctx, kernel)
         ref = job.reference()
@@ -234,7 +225,7 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
             if ctx.rank == 0:
                 if case.method == "local":
                     extras = {**extras, "baseline_ran": BASELINE_ALONE if ctx.size == 1 else BASELINE_SOLO}
-                row = _record(case, kernel, ctx, per_rank, err_all, outputs, writer, extras)
+                row = attention_record(case, kernel, ctx, per_rank, err_all, outputs, writer, extras)
                 rows.append(row)
                 progress(case, row)
             del fn, result
@@ -245,7 +236,8 @@ def run_cases(cfg: Config, cases: list[Case], ctx, kernel_for, writer, log, prog
 
 
 def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None) -> list[dict]:
-    """Execute generate cases (collective); rank 0 writes each finished case."""
+    """Execute generate cases (collective), one at a time over the run's ``model`` (a Lamina case:
+    :func:`hpcattn.jobs.lamina.run_lamina_case`); rank 0 writes each finished case."""
     rows, ref_model = [], None
     for case in cases:
         watchdog.arm(f"case {case.id}")
@@ -266,13 +258,28 @@ def run_generate_cases(cfg, cases, ctx, kernel_for, writer, progress, model=None
         toks, logits, prefill_s, decode_s = job.run(case)
         per_rank = ctx.world.mpi.gather((prefill_s, decode_s, peak_memory(ctx.device)), root=0)
         if ctx.rank == 0:
-            row = generate.record_case(case, kernel, ctx, job, toks, logits, job.check(toks, logits) or {}, per_rank,
-                                       writer)
+            row = write_case(writer, case, *generate.case_record(case, kernel, ctx, job, toks, logits,
+                                                                 job.check(toks, logits) or {}, per_rank))
             rows.append(row)
             progress(case, row)
             ref_model = job.ref_model
         del job
     return rows
+
+
+class Job(NamedTuple):
+    """What the run needs of a job kind (``job:`` in the config)."""
+
+    run: Callable        # run(cfg, cases, ctx, kernel_for, writer, progress, model) -> rows (rank 0), collective
+    estimate: Callable   # estimate(cfg, method, p) -> (bytes on the busiest rank, bytes per step, rank 0's share)
+    variant: Callable    # variant(cfg, method, p) -> the case's variant name ("" for none)
+
+
+ATTENTION_JOBS = {"decode": decode.DecodeJob, "prefill": prefill.PrefillJob}
+JOBS = {"decode": Job(run_cases, decode.estimate, decode.variant),
+        "prefill": Job(run_cases, prefill.estimate, prefill.variant),
+        "generate": Job(run_generate_cases, model_estimate, model_variant),
+        "eval": Job(run_eval_cases, generate.estimate, model_variant)}
 
 
 def _fault_injection(ctx, _started=[0]) -> None:  # noqa: B006 (a call counter)
@@ -291,19 +298,22 @@ def _fault_injection(ctx, _started=[0]) -> None:  # noqa: B006 (a call counter)
         time.sleep(1.0)                       # injected hang (HPCATTN_TEST_HANG_RANK)
 
 
-def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=None) -> dict:
+def attention_record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=None) -> dict:
+    """Rank 0: the record of a decode or prefill case - the shared attributes
+    (:func:`hpcattn.jobs.record.case_attrs`), the time summary over ranks, bytes and peak memory,
+    the errors' maxima over ranks, ``extras`` and the verdict - written to ``writer``; returns the row.
+    ``per_rank``: each rank's (times (repeats,), phases (repeats, P), bytes per phase, peak memory);
+    ``err_all``: each rank's error figures (None: not checked there)."""
     times = np.stack([pr[0] for pr in per_rank], axis=1)              # (repeats, ranks)
     phases = np.stack([pr[1] for pr in per_rank], axis=1)             # (repeats, ranks, P)
     bytes_ = np.asarray([pr[2] for pr in per_rank], dtype=np.int64)   # (ranks, P)
     mem = np.asarray([pr[3] for pr in per_rank], dtype=np.int64)
     s = case.cfg.shape
-    attrs = {"method": case.method, "variant": case.variant, "job": case.cfg.job,
-             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv, "head_dim": s.head_dim,
+    shape = {"batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv, "head_dim": s.head_dim,
              "context": s.context, "lengths": s.lengths, "dtype": s.dtype,
-             "causal": s.causal if case.cfg.job == "prefill" else False, "query_len": s.query_len,
-             "kernel": kernel.name, "world_size": ctx.size, "warmup": case.cfg.run.warmup,
-             "repeats": case.cfg.run.repeats, "sweep_point": case.point, "group": case.group,
-             "bytes_per_step": int(bytes_.sum(axis=1).max()), "peak_mem_bytes": int(mem.max())}
+             "causal": s.causal if case.cfg.job == "prefill" else False, "query_len": s.query_len}
+    attrs = case_attrs(case, case.cfg.job, shape, kernel.name, ctx.size, case.cfg.run.warmup, case.cfg.run.repeats)
+    attrs |= {"bytes_per_step": int(bytes_.sum(axis=1).max()), "peak_mem_bytes": int(mem.max())}
     attrs |= summarize(times, phases)
     if case.cfg.job == "prefill":
         attrs["timed_work"] = timed_work(case.method)
@@ -320,9 +330,7 @@ def _record(case: Case, kernel, ctx, per_rank, err_all, outputs, writer, extras=
                 "peak_mem_bytes": (mem, {"units": "bytes"})}
     if outputs:
         datasets |= {k: (v, {"layout": "out (B,Sq,Hq,d); lse (B,Hq,Sq)"}) for k, v in outputs.items()}
-    if writer is not None:
-        writer.write_case(case.id, attrs, datasets)
-    return attrs | {"id": case.id}
+    return write_case(writer, case, attrs, datasets)
 
 
 def run_metadata(cfg: Config, ctx, kernel_name: str) -> dict:
