@@ -91,7 +91,8 @@ def passing_from(recv: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
 
 def anchor_rows(x: torch.Tensor, xq: torch.Tensor | None, prm: APBParams) -> torch.Tensor:
     """The anchor's rows of a context tensor x (B, n, H, d) with the query xq (B, ql, H, d) spliced
-    in after the header: ctx[:s] ++ query ++ ctx[s : la - ql]  ->  (B, la, H, d)."""
+    in after the header: ctx[:s] ++ query ++ ctx[s : la - ql]  ->  (B, la, H, d). Also for token
+    ids: x (B, n), xq (B, ql) -> (B, la) (the model runner's anchor)."""
     if not prm.query_in_anchor or xq is None or xq.shape[1] == 0:
         return x[:, : prm.la]
     s, ql = prm.query_offset, xq.shape[1]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from hpcattn.methods.apb import APBParams, apb_layer, exchanges, score_query_aware, score_random
+from hpcattn.methods.apb import APBParams, anchor_rows, apb_layer, exchanges, score_query_aware, score_random
 from hpcattn.methods.star import geometry, star_blocks, star_query
 
 
@@ -70,12 +70,7 @@ def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> t
     blk = ctx_tok[:, r * lb:(r + 1) * lb]
     pos = torch.arange(r * lb, (r + 1) * lb, device=dev)
     if la:
-        if prm.query_in_anchor:
-            s = prm.query_offset
-            anchor = torch.cat([ctx_tok[:, :s], q_tok, ctx_tok[:, s: prm.la - ql]], 1)
-        else:
-            anchor = ctx_tok[:, :la]
-        ids, pos = torch.cat([anchor, blk], 1), torch.cat([torch.arange(la, device=dev), pos])
+        ids, pos = torch.cat([anchor_rows(ctx_tok, q_tok, prm), blk], 1), torch.cat([torch.arange(la, device=dev), pos])
     else:
         ids = blk
     cache = run.new_cache(B, lb + room)
