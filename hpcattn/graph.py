@@ -21,6 +21,8 @@ run inside a graph, so graph cases record the whole step only (phases 0).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from hpcattn import kernels
@@ -30,21 +32,46 @@ from hpcattn.kernels.capture import building_graph
 MODES = ("auto", "true", "false")
 
 
+@dataclass(frozen=True)
+class Capture:
+    """What a decode method says about capturing its step (its module's ``CUDA_GRAPHS``).
+
+    eager: why its step always runs eagerly (None: it can be captured);
+    comm_inside: its communication is captured with the step (then the collectives must be device
+        collectives, NCCL, and the rank writing the new KV the same every step); False: its
+        exchanges stay outside the graphs (Lamina), so any transport and placement works.
+    """
+
+    eager: str | None = None
+    comm_inside: bool = True
+
+
+CAPTURE: dict[str, Capture] = {}
+"""Decode method name -> its :class:`Capture`, filled by the methods' modules as they are imported
+(``local``, ``tree``, ``ring``: :mod:`hpcattn.methods`; ``lamina``: :mod:`hpcattn.model.lamina`)."""
+
+
+def declare(method: str, capture: Capture) -> Capture:
+    """Register decode method ``method``'s :class:`Capture` (once, at its module's import) and return it."""
+    CAPTURE[method] = capture
+    return capture
+
+
 def blocker(*, device: str, method: str, backend: str, world_size: int,
             placement: str = "last") -> str | None:
-    """Why a decode step of ``method`` cannot be captured here (None: it can).
+    """Why a decode step of ``method`` cannot be captured here (None: it can), from the method's
+    declared :class:`Capture` (:data:`CAPTURE`; a method that declares none has no captured step).
 
     ``device`` is ``cuda`` or ``cpu``; ``backend`` the resolved comm backend (``nccl``, ``mpi``,
     ``gloo``); ``placement`` the generate job's KV placement (round-robin changes the writing rank
     every step, so one graph cannot serve every step)."""
     if device != "cuda":
         return "CUDA graphs need a CUDA device (CPU ranks run eagerly)"
-    if method == "ring":
-        return "ring decode (point-to-point KV rotation) runs eagerly"
-    if method == "lamina":
-        return None        # each role's work between two exchanges is captured; the exchanges stay outside
-    if method not in ("local", "tree"):
+    capture = CAPTURE.get(method)
+    if capture is None:
         return f"method {method} has no captured decode step"
+    if capture.eager is not None or not capture.comm_inside:
+        return capture.eager
     if world_size > 1 and backend != "nccl":
         return f"comm.backend={backend}: host-staged MPI collectives cannot be captured (eager)"
     if world_size > 1 and placement != "last":

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hpcattn import graph  # noqa: E402
+import hpcattn.methods  # noqa: E402,F401  (the decode methods declare their capture to graph)
 from hpcattn.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

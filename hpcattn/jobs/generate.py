@@ -158,23 +158,23 @@ class GenerateJob:
         self.prompt_logits = None            # rank 0, generate.prompt_logits: (B, N, vocab) float32
 
     def runner(self, case, ctx=None, prefill=None, decode=None, prompt_logits=False):
+        from hpcattn.model.options import ApproxOptions, RunnerOptions
         from hpcattn.model.runner import ModelRunner
 
         from hpcattn.jobs.params import apb_params
 
         c = case.cfg
         p = ctx.size if ctx is not None else 1
-        return ModelRunner(self.model, ctx, self.kernel, prefill=prefill or c.generate.prefill,
-                           decode=decode or c.generate.decode, layout=c.ring.layout,
-                           reduction=c.tree.reduction, topology=c.tree.topology,
-                           placement=c.generate.kv_placement, query_len=c.generate.query_len,
-                           star_block=c.star.block, star_anchor=c.star.anchor,
-                           star_quirk=c.star.compat_remote_causal_quirk,
-                           apb=apb_params(c, p, c.shape.context - c.generate.query_len),
-                           compressor=self.compressor(c), apb_seed=c.apb.seed,
-                           cuda_graphs=c.run.cuda_graphs if ctx is not None else "false",
-                           graph_cache=self.graph_cache, prompt_logits=prompt_logits,
-                           decode_products=c.run.decode_products)
+        approx = ApproxOptions(query_len=c.generate.query_len, star_block=c.star.block, star_anchor=c.star.anchor,
+                               star_quirk=c.star.compat_remote_causal_quirk,
+                               apb=apb_params(c, p, c.shape.context - c.generate.query_len),
+                               compressor=self.compressor(c), apb_seed=c.apb.seed)
+        opts = RunnerOptions(prefill=prefill or c.generate.prefill, decode=decode or c.generate.decode,
+                             layout=c.ring.layout, reduction=c.tree.reduction, topology=c.tree.topology,
+                             placement=c.generate.kv_placement,
+                             cuda_graphs=c.run.cuda_graphs if ctx is not None else "false",
+                             decode_products=c.run.decode_products, prompt_logits=prompt_logits, approx=approx)
+        return ModelRunner(self.model, ctx, self.kernel, opts, graph_cache=self.graph_cache)
 
     def compressor(self, c):
         if c.apb.compressor != "retaining_heads" or c.generate.prefill != "apb":

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from hpcattn.config import MODEL_JOBS, Config
 from hpcattn.methods.apb import APBParams, preset
+from hpcattn.methods.star import geometry
 
 
 def star_geometry(cfg: Config, world_size: int, context: int | None = None) -> tuple[int, int]:
     """(block, anchor) of Star: ``star.block`` (default ``context // world_size``) tokens per block,
     the first ``star.anchor`` of them (default the whole block) as every host's anchor. ``context``
     is the context length (default shape.context)."""
-    block = cfg.star.block or (context if context is not None else cfg.shape.context) // world_size
-    anchor = cfg.star.anchor if cfg.star.anchor is not None else block
-    return block, anchor
+    n = context if context is not None else cfg.shape.context
+    return geometry(n, world_size, cfg.star.block, cfg.star.anchor)
 
 
 def apb_params(cfg: Config, world_size: int, context: int | None = None):

@@ -91,7 +91,8 @@ def passing_from(recv: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
 
 def anchor_rows(x: torch.Tensor, xq: torch.Tensor | None, prm: APBParams) -> torch.Tensor:
     """The anchor's rows of a context tensor x (B, n, H, d) with the query xq (B, ql, H, d) spliced
-    in after the header: ctx[:s] ++ query ++ ctx[s : la - ql]  ->  (B, la, H, d)."""
+    in after the header: ctx[:s] ++ query ++ ctx[s : la - ql]  ->  (B, la, H, d). Also for token
+    ids: x (B, n), xq (B, ql) -> (B, la) (the model runner's anchor)."""
     if not prm.query_in_anchor or xq is None or xq.shape[1] == 0:
         return x[:, : prm.la]
     s, ql = prm.query_offset, xq.shape[1]
@@ -209,6 +210,45 @@ def apb_attention(q_loc, k_loc, v_loc, passing_k, passing_v, la: int, *, kernel:
     return o.to(q_loc.dtype), l
 
 
+def exchanges(prm: APBParams, p: int) -> bool:
+    """Whether APB exchanges passing blocks at all (passing_len > 0 on more than one rank)."""
+    return bool(prm.lp) and p > 1
+
+
+def apb_layer(q_loc, k_loc, v_loc, la: int, scores, ctx, prm: APBParams, *, kernel: Kernel, scale: float,
+              tm=NullTimer(), select_as: str = "merge", attend_as: str = "compute"):
+    """APB's per-layer exchange on this rank: select -> all-gather -> passing block -> attention.
+    The one implementation, used by the attention-level job (:func:`apb_prefill`) and the model
+    runner (:mod:`hpcattn.model.approx_prefill`).
+
+    q_loc (B, la + lb, Hq, d), k_loc / v_loc (B, la + lb, Hkv, d): this rank's post-RoPE rows
+    [anchor | block] (``la`` = 0: no anchor rows, always so on rank 0); ``scores()`` -> (B, la + lb,
+    Hkv) the compressor's scores of these rows, called only when blocks are exchanged
+    (:func:`exchanges`). Every rank keeps its top ``prm.lp`` rows per KV head (its first ``prm.la``
+    rows excluded, rank 0 too), all-gathers them as (p, B, lp, Hkv, 2d) [K | V], and rank r > 0
+    attends with the passing blocks of ranks 0..r-1 (:func:`apb_attention`); rank 0 is plain causal.
+
+    Timed as ``tm(select_as)`` (scoring and selection), ``tm("comm")`` (the all-gather) and
+    ``tm(attend_as)`` (the attention). Returns the block rows' (out (B, lb, Hq, d), lse (B, Hq,
+    lb)) and the selected local row indices (B, lp, Hkv) or None.
+    """
+    p, r = ctx.size, ctx.rank
+    passing_k = passing_v = k_loc[:, :0]
+    idx = None
+    if exchanges(prm, p):
+        with tm(select_as):
+            send, idx = select_passing(pool_scores(scores(), prm.pool), k_loc, v_loc, prm.lp, prm.la)
+        with tm("comm"):
+            recv = ctx.world.allgather(send)                                # (p, B, lp, Hkv, 2d)
+        passing_k, passing_v = passing_from(recv, r)
+    with tm(attend_as):
+        if r == 0:
+            o, l = kernel(q_loc, k_loc, v_loc, scale=scale, causal="square")
+        else:
+            o, l = apb_attention(q_loc, k_loc, v_loc, passing_k, passing_v, la, kernel=kernel, scale=scale)
+    return o, l, idx
+
+
 def apb_prefill(q, k, v, qq, kq, vq, ctx, prm: APBParams, *, kernel: Kernel, scale: float,
                 compressor, tm=NullTimer()):
     """APB prefill of this rank's block (one layer, attention level).
@@ -219,21 +259,7 @@ def apb_prefill(q, k, v, qq, kq, vq, ctx, prm: APBParams, *, kernel: Kernel, sca
     Returns (out (B, lb, Hq, d), lse (B, Hq, lb), selected local row indices (B, lp, Hkv) or None;
     local row j is anchor row j for j < la on ranks r > 0, else block row j - la).
     """
-    p, r = ctx.size, ctx.rank
     with tm("compute"):
-        la, q_loc, k_loc, v_loc = local_rows(q, k, v, qq, kq, vq, r, p, prm)
-    passing_k = passing_v = k_loc[:, :0]
-    idx = None
-    if prm.lp and p > 1:
-        with tm("merge"):
-            score = pool_scores(compressor(q_loc, k_loc, v_loc, r), prm.pool)
-            send, idx = select_passing(score, k_loc, v_loc, prm.lp, prm.la)  # rank 0 masks its first la rows too
-        with tm("comm"):
-            recv = ctx.world.allgather(send)                                # (p, B, lp, Hkv, 2d)
-        passing_k, passing_v = passing_from(recv, r)
-    with tm("compute"):
-        if r == 0:
-            o, l = kernel(q_loc, k_loc, v_loc, scale=scale, causal="square")
-        else:
-            o, l = apb_attention(q_loc, k_loc, v_loc, passing_k, passing_v, la, kernel=kernel, scale=scale)
-    return o, l, idx
+        la, q_loc, k_loc, v_loc = local_rows(q, k, v, qq, kq, vq, ctx.rank, ctx.size, prm)
+    return apb_layer(q_loc, k_loc, v_loc, la, lambda: compressor(q_loc, k_loc, v_loc, ctx.rank), ctx, prm,
+                     kernel=kernel, scale=scale, tm=tm)

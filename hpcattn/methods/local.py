@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from hpcattn import graph
 from hpcattn.kernels import Kernel
 from hpcattn.timing import NullTimer
+
+# a CUDA graph captures the whole step (hpcattn.graph.Capture)
+CUDA_GRAPHS = graph.declare("local", graph.Capture())
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: Kernel, scale: float,

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import torch
 
+from hpcattn import graph
 from hpcattn.comm import CommContext
 from hpcattn.kernels import Kernel
 from hpcattn.kernels.merge import merge_pair
 from hpcattn.methods.sharding import contiguous_bounds
 from hpcattn.timing import NullTimer
+
+# the decode's point-to-point KV rotation stays eager (hpcattn.graph.Capture)
+CUDA_GRAPHS = graph.declare("ring", graph.Capture(eager="ring decode (point-to-point KV rotation) runs eagerly"))
 
 
 def kv_buffer(k: torch.Tensor, tmax: int) -> torch.Tensor:

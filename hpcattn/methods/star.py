@@ -23,6 +23,13 @@ from hpcattn.methods.tree import merge_over
 from hpcattn.timing import NullTimer
 
 
+def geometry(n: int, p: int, block: int | None = None, anchor: int | None = None) -> tuple[int, int]:
+    """(block, anchor) of Star for a context of n tokens on p ranks: ``block`` tokens per block
+    (default n // p), the context's first ``anchor`` tokens (default the whole block) as the anchor."""
+    block = block or n // p
+    return block, anchor if anchor is not None else block
+
+
 def star_blocks(n: int, block: int, p: int) -> list[list[tuple[int, int]]]:
     """Per rank, the [start, stop) of the blocks it encodes (contiguous groups, sizes differ by <= 1)."""
     starts = list(range(0, n, block))

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import torch
 
+from hpcattn import graph
 from hpcattn.comm import CommContext
 from hpcattn.comm.base import Comm
 from hpcattn.kernels import Kernel
 from hpcattn.kernels.merge import (acc_dtype, merge_states, normalize_sum, pack_states, safe_max,
                                    unpack_states)
 from hpcattn.timing import NullTimer
+
+# a CUDA graph captures the whole step, the merge's collective included (NCCL)
+CUDA_GRAPHS = graph.declare("tree", graph.Capture())
 
 
 def merge_over(comm: Comm, out: torch.Tensor, lse: torch.Tensor, *, reduction: str, tm=NullTimer(),

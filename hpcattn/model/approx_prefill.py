@@ -23,28 +23,21 @@ from __future__ import annotations
 
 import torch
 
-from hpcattn.methods.apb import (APBParams, apb_attention, passing_from, pool_scores, score_query_aware,
-                                 score_random, select_passing)
-from hpcattn.methods.star import star_blocks, star_query
-from hpcattn.model.kv_cache import ShardedKVCache
+from hpcattn.methods.apb import APBParams, anchor_rows, apb_layer, exchanges, score_query_aware, score_random
+from hpcattn.methods.star import geometry, star_blocks, star_query
 
 
-def _cache(run, B: int, tokens: int):
-    a = run.model.args
-    return ShardedKVCache(a.n_layers, B, a.n_kv_heads, a.head_dim, tokens,
-                          run.model.tok_embeddings.weight.dtype, run.model.tok_embeddings.weight.device)
-
-
-def star_context(run, ctx_tok: torch.Tensor, room: int) -> int:
-    """Star phase 1 of ``ctx_tok`` (B, n) on this rank; returns the query host (last rank with blocks)."""
+def star_context(run, ctx_tok: torch.Tensor, room: int) -> tuple[int, list[int]]:
+    """Star phase 1 of ``ctx_tok`` (B, n) on this rank; returns the query host (last rank with
+    blocks) and every rank's cached tokens."""
     B, n = ctx_tok.shape
     dev = ctx_tok.device
-    block = run.star_block or n // run.p
-    anchor = run.star_anchor if run.star_anchor is not None else block
+    opt = run.options.approx
+    block, anchor = geometry(n, run.p, opt.star_block, opt.star_anchor)
     every = star_blocks(n, block, run.p)
     mine = every[run.r]
     kept = sum(b - a for a, b in mine)
-    run.cache = _cache(run, B, kept + room)
+    cache = run.new_cache(B, kept + room)
     at = 0
     for s0, s1 in mine:
         a = 0 if s0 == 0 else anchor
@@ -53,79 +46,68 @@ def star_context(run, ctx_tok: torch.Tensor, room: int) -> int:
             [torch.arange(a, device=dev), torch.arange(s0, s1, device=dev)])
 
         def attend(layer, q, k, v, _a=a, _at=at, **_):
-            run.cache.write(layer, k[:, _a:], v[:, _a:], _at)
+            cache.write(layer, k[:, _a:], v[:, _a:], _at)
             return run.kernel(q, k, v, scale=run.scale, causal="square")[0]
 
         hidden = run.model(ids, pos, attend)
-        if run.prompt_logits:
-            run.prompt_hidden.append((torch.arange(s0, s1), hidden[:, a:]))
+        run.keep_hidden(torch.arange(s0, s1), hidden[:, a:])
         at += s1 - s0
-    run.cache.length = kept
-    run.lengths = [sum(b - a for a, b in blocks) for blocks in every]
-    return max(i for i in range(run.p) if every[i])
+    cache.length = kept
+    return max(i for i in range(run.p) if every[i]), [sum(b - a for a, b in blocks) for blocks in every]
 
 
-def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> int:
+def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> tuple[int, list[int]]:
     """APB prefill of ``ctx_tok`` (B, n) with the query ``q_tok`` (B, ql) in the anchors; returns
-    the query host (the last rank)."""
+    the query host (the last rank) and every rank's cached tokens."""
     B, n = ctx_tok.shape
     ql = q_tok.shape[1]
     dev = ctx_tok.device
-    prm: APBParams = run.apb
+    opt = run.options.approx
+    prm: APBParams = opt.apb
     p, r = run.p, run.r
     lb = n // p
     la = prm.la if r > 0 else 0
     blk = ctx_tok[:, r * lb:(r + 1) * lb]
     pos = torch.arange(r * lb, (r + 1) * lb, device=dev)
     if la:
-        if prm.query_in_anchor:
-            s = prm.query_offset
-            anchor = torch.cat([ctx_tok[:, :s], q_tok, ctx_tok[:, s: prm.la - ql]], 1)
-        else:
-            anchor = ctx_tok[:, :la]
-        ids, pos = torch.cat([anchor, blk], 1), torch.cat([torch.arange(la, device=dev), pos])
+        ids, pos = torch.cat([anchor_rows(ctx_tok, q_tok, prm), blk], 1), torch.cat([torch.arange(la, device=dev), pos])
     else:
         ids = blk
-    run.cache = _cache(run, B, lb + room)
+    cache = run.new_cache(B, lb + room)
     a = run.model.args
     qrow = slice(prm.query_offset, prm.query_offset + ql)
 
+    def scores(layer, qp, kp, vp, qq):
+        """The compressor's scores (B, la + lb, Hkv) of this rank's rows from the pre-RoPE q/k/v."""
+        if opt.compressor == "query_aware":
+            return score_query_aware(kp, qq)
+        if opt.compressor == "random":
+            return score_random(kp.shape[:3], opt.apb_seed, r, dev, layer)
+        return opt.compressor.score(layer, qp, kp, vp)          # RetainingHeads
+
     def attend(layer, q, k, v, pre, **_):
         qp, kp, vp = pre
-        run.cache.write(layer, k[:, la:], v[:, la:], 0)
-        pk = pv = k[:, :0]
-        if prm.lp and p > 1:
-            tm = run.phase_timer
-            if run.compressor == "query_aware":
-                qq = qp[:, qrow].contiguous() if r == 1 else \
-                    torch.empty(B, ql, a.n_heads, a.head_dim, dtype=qp.dtype, device=dev)
-                with tm("comm"):
-                    run.ctx.world.broadcast(qq, root=1)             # rank 1's anchor holds the query
-            with tm("scoring"):
-                if run.compressor == "query_aware":
-                    score = score_query_aware(kp, qq)
-                elif run.compressor == "random":
-                    score = score_random(kp.shape[:3], run.apb_seed, r, dev, layer)
-                else:
-                    score = run.compressor.score(layer, qp, kp, vp)  # RetainingHeads
-                send, _ = select_passing(pool_scores(score, prm.pool), k, v, prm.lp, prm.la)
+        cache.write(layer, k[:, la:], v[:, la:], 0)
+        tm = run.phase_timer
+        qq = None
+        if exchanges(prm, p) and opt.compressor == "query_aware":
+            qq = qp[:, qrow].contiguous() if r == 1 else \
+                torch.empty(B, ql, a.n_heads, a.head_dim, dtype=qp.dtype, device=dev)
             with tm("comm"):
-                recv = run.ctx.world.allgather(send)                 # all-gather (p, B, lp, Hkv, 2d)
-            pk, pv = passing_from(recv, r)
-        if r == 0:
-            return run.kernel(q, k, v, scale=run.scale, causal="square")[0]
-        out_b, _ = apb_attention(q, k, v, pk, pv, la, kernel=run.kernel, scale=run.scale)
+                run.ctx.world.broadcast(qq, root=1)                 # rank 1's anchor holds the query
+        # the attention is already timed as the model's "attention" part: the same label nests seamlessly
+        out_b, _, _ = apb_layer(q, k, v, la, lambda: scores(layer, qp, kp, vp, qq), run.ctx, prm,
+                                kernel=run.kernel, scale=run.scale, tm=tm, select_as="scoring",
+                                attend_as="attention")
         if la == 0:
             return out_b
         out_a, _ = run.kernel(q[:, :la], k[:, :la], v[:, :la], scale=run.scale, causal="square")
         return torch.cat([out_a, out_b], 1)
 
     hidden = run.model(ids, pos, attend)
-    if run.prompt_logits:
-        run.prompt_hidden.append((torch.arange(r * lb, (r + 1) * lb), hidden[:, la:]))
-    run.cache.length = lb
-    run.lengths = [lb] * p
-    return p - 1
+    run.keep_hidden(torch.arange(r * lb, (r + 1) * lb), hidden[:, la:])
+    cache.length = lb
+    return p - 1, [lb] * p
 
 
 def query_pass(run, q_tok: torch.Tensor, start: int, host: int) -> torch.Tensor:
@@ -134,22 +116,21 @@ def query_pass(run, q_tok: torch.Tensor, start: int, host: int) -> torch.Tensor:
     ql = q_tok.shape[1]
     dev = q_tok.device
     is_host = run.r == host
-    n0 = run.cache.length
+    cache = run.cache
+    n0 = cache.length
 
     def attend(layer, q, k, v, **_):
-        kc, vc = run.cache.view(layer, n0)
+        kc, vc = cache.view(layer, n0)
         out, _ = star_query(q, k, v, kc, vc, run.ctx, kernel=run.kernel, scale=run.scale, is_last=is_host,
-                            reduction=run.reduction, quirk=run.star_quirk)
+                            reduction=run.options.reduction, quirk=run.options.approx.star_quirk)
         if is_host:
-            run.cache.write(layer, k, v, n0)
+            cache.write(layer, k, v, n0)
         return out
 
     hidden = run.model(q_tok, torch.arange(start, start + ql, device=dev), attend)
     if is_host:
-        run.cache.length = n0 + ql
-        if run.prompt_logits:
-            run.prompt_hidden.append((torch.arange(start, start + ql), hidden))
-    run.lengths[host] += ql            # every rank keeps the same table of all ranks' cache lengths
+        cache.length = n0 + ql
+        run.keep_hidden(torch.arange(start, start + ql), hidden)
     return run.model.logits(hidden[:, -1:])[:, 0]
 
 
@@ -157,12 +138,13 @@ def approx_prefill(run, tokens: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Star or APB prefill of the prompt (B, N) followed by the query pass; sets the runner's cache
     and returns the logits (B, vocab) of the last prompt token on every rank."""
     B, N = tokens.shape
-    ql = run.query_len
+    ql = run.options.approx.query_len
     ctx_tok, q_tok = tokens[:, : N - ql], tokens[:, N - ql:]
     room = ql + new_tokens
-    if run.prefill_method == "star":
-        host = star_context(run, ctx_tok, room)
+    if run.options.prefill == "star":
+        host, lengths = star_context(run, ctx_tok, room)
     else:
-        host = apb_context(run, ctx_tok, q_tok, room)
-    run.n_prompt, run.step = N, 0
+        host, lengths = apb_context(run, ctx_tok, q_tok, room)
+    lengths[host] += ql                # the query host keeps the query's KV (every rank knows every length)
+    run.set_prompt(N, lengths)
     return query_pass(run, q_tok, N - ql, host)

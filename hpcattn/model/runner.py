@@ -46,6 +46,7 @@ from hpcattn.methods.sharding import contiguous_bounds, gather_in_order, layout_
 from hpcattn.model.approx_prefill import approx_prefill
 from hpcattn.model.kv_cache import ShardedKVCache
 from hpcattn.model.llama import Transformer
+from hpcattn.model.options import RunnerOptions
 from hpcattn.timing import NullTimer
 
 
@@ -53,31 +54,19 @@ class ModelRunner:
     """Runs prefill and greedy decode of ``model`` across the ranks of ``ctx`` (None: one process).
 
     Args:
-        prefill: ``local`` | ``ring``;  decode: ``local`` | ``tree`` | ``ring``.
-        layout: ring prefill layout (``zigzag`` | ``contiguous``).
-        reduction, topology: tree decode merge (see :func:`hpcattn.methods.tree_decode`).
-        placement: where generated tokens' KV goes: ``last`` rank or ``round_robin``.
-        prompt_logits: keep what :meth:`gather_prompt_logits` needs (see the module docstring).
-        decode_products: the captured step's products (:func:`hpcattn.model.fused_decode.decode_forward`:
-            ``auto`` | ``gemv`` | ``torch``; config ``run.decode_products``).
+        options: how to prefill and decode (:class:`hpcattn.model.options.RunnerOptions`); the flat
+            keywords ``kw`` (its fields and :class:`~hpcattn.model.options.ApproxOptions`'s, e.g.
+            ``prefill="ring", decode="tree", query_len=4``) replace fields of ``options``.
+        graph_cache: where captured decode steps and their caches are kept (one dict per job, so
+            the repeats of a case replay the graph captured in the first generation).
     """
 
-    def __init__(self, model: Transformer, ctx, kernel: Kernel, *, prefill: str = "ring", decode: str = "tree",
-                 layout: str = "zigzag", reduction: str = "allgather", topology: str = "flat",
-                 placement: str = "last", query_len: int = 1, star_block: int | None = None,
-                 star_anchor: int | None = None, star_quirk: bool = False, apb=None,
-                 compressor="query_aware", apb_seed: int = 0, cuda_graphs: str = "false",
-                 graph_cache: dict | None = None, prompt_logits: bool = False, decode_products: str = "auto"):
-        if decode == "local" and prefill != "local" and ctx is not None and ctx.size > 1:
+    def __init__(self, model: Transformer, ctx, kernel: Kernel, options: RunnerOptions | None = None, *,
+                 graph_cache: dict | None = None, **kw):
+        self.options = opt = RunnerOptions.of(options, **kw)
+        if opt.decode == "local" and opt.prefill != "local" and ctx is not None and ctx.size > 1:
             raise ValueError("decode=local needs prefill=local (the cache must be whole on every rank)")
         self.model, self.ctx, self.kernel = model, ctx, kernel
-        self.prefill_method, self.decode_method = prefill, decode
-        self.layout, self.reduction, self.topology, self.placement = layout, reduction, topology, placement
-        # star / apb prefill (hpcattn.model.approx_prefill): the last query_len prompt tokens are the query
-        self.query_len, self.star_block, self.star_anchor, self.star_quirk = query_len, star_block, star_anchor, star_quirk
-        self.apb, self.compressor, self.apb_seed = apb, compressor, apb_seed
-        if prefill in ("star", "apb") and decode == "local" and ctx is not None and ctx.size > 1:
-            raise ValueError("decode=local needs prefill=local (the cache must be whole on every rank)")
         self.p = ctx.size if ctx is not None else 1
         self.r = ctx.rank if ctx is not None else 0
         a = model.args
@@ -86,10 +75,7 @@ class ModelRunner:
         self.lengths: list[int] = []      # valid cache tokens of every rank
         self.n_prompt = 0
         self.step = 0
-        self.prompt_logits = prompt_logits
         self.prompt_hidden: list[tuple[torch.Tensor, torch.Tensor]] = []   # (index (n,), hidden (B, n, dim))
-        self.cuda_graphs = cuda_graphs
-        self.decode_products = decode_products
         self.graph_cache = graph_cache if graph_cache is not None else {}
         self._graph_on, self._graph_why = self._graph_decision()
         self._static = None               # the captured decode step of this runner (graph mode)
@@ -97,15 +83,35 @@ class ModelRunner:
         # model-level projection's per-block breakdown sets a SegmentClock here)
         self.phase_timer = NullTimer()
 
+    # -- the state a prefill leaves (also set by hpcattn.model.approx_prefill) --------------------
+    def new_cache(self, B: int, capacity: int) -> ShardedKVCache:
+        """An empty KV cache of ``capacity`` tokens per layer for B sequences becomes this runner's
+        cache (in graph mode the one a captured step of this shape already reads)."""
+        a = self.model.args
+        w = self.model.tok_embeddings.weight
+        self.cache = self._new_cache(a.n_layers, B, a.n_kv_heads, a.head_dim, capacity, w.dtype, w.device)
+        return self.cache
+
+    def set_prompt(self, n_prompt: int, lengths: list[int]) -> None:
+        """The prompt's ``n_prompt`` tokens are cached, ``lengths[i]`` of them on rank i; decoding
+        starts at step 0."""
+        self.n_prompt, self.step, self.lengths = n_prompt, 0, lengths
+
+    def keep_hidden(self, index: torch.Tensor, hidden: torch.Tensor) -> None:
+        """With ``prompt_logits``: keep the final hidden states (B, n, dim) of the prompt positions
+        ``index`` (n,) this rank computed, for :meth:`gather_prompt_logits`."""
+        if self.options.prompt_logits:
+            self.prompt_hidden.append((index, hidden))
+
     # -- prefill -------------------------------------------------------------------------------
     def _prefill_index(self, n: int) -> tuple[torch.Tensor, slice]:
         """(token indices this rank runs through the model, which of them it keeps in its cache)."""
-        if self.prefill_method == "local":
-            if self.decode_method == "local" or self.p == 1:
+        if self.options.prefill == "local":
+            if self.options.decode == "local" or self.p == 1:
                 return torch.arange(n), slice(0, n)
             a, b = contiguous_bounds(n, self.p, self.r)
             return torch.arange(n), slice(a, b)
-        layout = self.layout if self.p > 1 else "contiguous"
+        layout = self.options.layout if self.p > 1 else "contiguous"
         idx = layout_indices(layout, n, self.p, self.r)
         return idx, slice(0, len(idx))
 
@@ -116,7 +122,7 @@ class ModelRunner:
         kept, d), as soon as it is in the cache (Lamina streams it to its attention ranks).
         With ``prompt_logits`` it also keeps this rank's final hidden states of the prompt."""
         self.prompt_hidden = []
-        if self.prefill_method in ("star", "apb"):
+        if self.options.prefill in ("star", "apb"):
             if self.p == 1:
                 raise ValueError("star/apb prefill needs at least 2 ranks")
             return approx_prefill(self, tokens, new_tokens)
@@ -125,18 +131,16 @@ class ModelRunner:
         dev = tokens.device
         idx, keep = self._prefill_index(N)
         kept = keep.stop - keep.start
-        local_decode = self.decode_method == "local"
-        self.cache = self._new_cache(a.n_layers, B, a.n_kv_heads, a.head_dim, kept + new_tokens,
-                                     self.model.tok_embeddings.weight.dtype, dev)
-        self.lengths = [self._kept_on(i, N) for i in range(self.p)] if not local_decode else [N] * self.p
-        self.n_prompt, self.step = N, 0
-        causal_layout = self.layout if self.p > 1 else "contiguous"
+        local_decode = self.options.decode == "local"
+        self.new_cache(B, kept + new_tokens)
+        self.set_prompt(N, [self._kept_on(i, N) for i in range(self.p)] if not local_decode else [N] * self.p)
+        causal_layout = self.options.layout if self.p > 1 else "contiguous"
 
         def attend(layer, q, k, v, **_):
             self.cache.write(layer, k[:, keep], v[:, keep], 0)
             if on_layer_kv is not None:
                 on_layer_kv(layer, self.cache.buf[layer, :, :, :, :kept])
-            if self.prefill_method == "ring" and self.p > 1:
+            if self.options.prefill == "ring" and self.p > 1:
                 out, _ = ring_prefill(q, k, v, self.ctx, kernel=self.kernel, scale=self.scale, causal=True,
                                       layout=causal_layout)
                 return out
@@ -145,13 +149,13 @@ class ModelRunner:
 
         hidden = self.model(tokens[:, idx.to(dev)], idx.to(dev), attend)
         self.cache.length = kept
-        if self.prompt_logits and (self.prefill_method == "ring" or self.r == 0):
-            self.prompt_hidden.append((idx, hidden))      # local prefill: every rank has all; rank 0 keeps them
+        if self.options.prefill == "ring" or self.r == 0:
+            self.keep_hidden(idx, hidden)                 # local prefill: every rank has all; rank 0 keeps them
         last = (idx == N - 1).nonzero().flatten()
         logits = torch.empty(B, a.vocab_size, dtype=torch.float32, device=dev)
         if len(last):
             logits.copy_(self.model.logits(hidden[:, last])[:, 0])
-        if self.p > 1 and self.prefill_method == "ring":
+        if self.p > 1 and self.options.prefill == "ring":
             # the last prompt token is in chunk 2p-1 (rank 0) under zigzag, on rank p-1 if contiguous
             self.ctx.world.broadcast(logits, root=0 if causal_layout == "zigzag" else self.p - 1)
         return logits
@@ -161,7 +165,7 @@ class ModelRunner:
         """Collective, after :meth:`prefill` of a runner made with ``prompt_logits=True``: float32
         logits (B, N, vocab) of every prompt position, in token order, on rank 0 (CPU; computed on
         the ranks that hold the positions); None on the other ranks."""
-        if not self.prompt_logits:
+        if not self.options.prompt_logits:
             raise RuntimeError("gather_prompt_logits needs a ModelRunner made with prompt_logits=True")
         mine = self.prompt_hidden
         index = torch.cat([i for i, _ in mine]) if mine else None
@@ -173,23 +177,18 @@ class ModelRunner:
         """Decode set-up without a prefill (benchmarks: a step's cost does not depend on the cache's
         values): a cache of ``n_cached + new_tokens`` slots per rank holding ``n_cached`` tokens,
         its content left to the caller. Single process only."""
-        a = self.model.args
-        w = self.model.tok_embeddings.weight
-        self.cache = self._new_cache(a.n_layers, B, a.n_kv_heads, a.head_dim, n_cached + new_tokens, w.dtype,
-                                     w.device)
-        self.cache.length = n_cached
-        self.lengths = [n_cached] * self.p
-        self.n_prompt, self.step = n_cached, 0
+        self.new_cache(B, n_cached + new_tokens).length = n_cached
+        self.set_prompt(n_cached, [n_cached] * self.p)
 
     def _kept_on(self, rank: int, n: int) -> int:
-        if self.prefill_method == "local":
+        if self.options.prefill == "local":
             a, b = contiguous_bounds(n, self.p, rank)
             return b - a
-        return len(layout_indices(self.layout if self.p > 1 else "contiguous", n, self.p, rank))
+        return len(layout_indices(self.options.layout if self.p > 1 else "contiguous", n, self.p, rank))
 
     # -- decode --------------------------------------------------------------------------------
     def _owner(self) -> int:
-        return self.p - 1 if self.placement == "last" else self.step % self.p
+        return self.p - 1 if self.options.placement == "last" else self.step % self.p
 
     def decode_step(self, token: torch.Tensor) -> torch.Tensor:
         """token (B,) identical on every rank -> float32 logits (B, vocab), identical on every rank."""
@@ -198,7 +197,7 @@ class ModelRunner:
         B = token.shape[0]
         dev = token.device
         pos = torch.tensor([self.n_prompt + self.step], device=dev)
-        local = self.decode_method == "local" or self.p == 1
+        local = self.options.decode == "local" or self.p == 1
         owner = self._owner()
         mine = local or self.r == owner
         n_mine = self.cache.length + (1 if mine else 0)
@@ -212,14 +211,14 @@ class ModelRunner:
             kc, vc = self.cache.view(layer, n_mine)
             if local:
                 out, _ = self.kernel(q, kc, vc, scale=self.scale)
-            elif self.decode_method == "tree":
+            elif self.options.decode == "tree":
                 out, _ = tree_decode(q, kc, vc, self.ctx, kernel=self.kernel, scale=self.scale,
-                                     reduction=self.reduction, topology=self.topology)
-            elif self.decode_method == "ring":
+                                     reduction=self.options.reduction, topology=self.options.topology)
+            elif self.options.decode == "ring":
                 out, _ = ring_decode(q, kc, vc, self.ctx, kernel=self.kernel, scale=self.scale,
                                      shard_lengths=[[n] * B for n in lengths])
             else:
-                raise ValueError(f"unknown decode method {self.decode_method!r}")
+                raise ValueError(f"unknown decode method {self.options.decode!r}")
             return out
 
         hidden = self.model(token[:, None], pos, attend)
@@ -232,22 +231,22 @@ class ModelRunner:
     def _graph_decision(self) -> tuple[bool, str]:
         dev = self.model.tok_embeddings.weight.device
         ctx = self.ctx
-        reason = graph.blocker(device=dev.type, method="local" if self.p == 1 else self.decode_method,
+        reason = graph.blocker(device=dev.type, method="local" if self.p == 1 else self.options.decode,
                                backend=ctx.backend if ctx is not None else "mpi", world_size=self.p,
-                               placement=self.placement)
-        if reason is None and self.prefill_method in ("star", "apb"):
-            reason = f"{self.prefill_method} prefill builds its own decode cache (eager)"
+                               placement=self.options.placement)
+        if reason is None and self.options.prefill in ("star", "apb"):
+            reason = f"{self.options.prefill} prefill builds its own decode cache (eager)"
         if reason is None:
             self._lean, reason = graph.lean_for_graphs(dev, self.model.tok_embeddings.weight.dtype,
                                                        self.model.args.head_dim)
-        return graph.decide(self.cuda_graphs, reason)
+        return graph.decide(self.options.cuda_graphs, reason)
 
     def graph_attrs(self) -> dict:
         """Record attributes: which decode mode ran and why (and the graph's attention kernel)."""
         attrs = {"cuda_graphs": "graph" if self._graph_on else "eager", "cuda_graphs_reason": self._graph_why}
         if self._graph_on:
             attrs["decode_kernel"] = "lean"
-            attrs["decode_products"] = self.decode_products
+            attrs["decode_products"] = self.options.decode_products
         return attrs
 
     def _new_cache(self, *shape_dtype_device) -> ShardedKVCache:
@@ -263,7 +262,7 @@ class ModelRunner:
 
     def _graph_step(self, token: torch.Tensor) -> torch.Tensor:
         """The decode step as one graph replay; same contract as :meth:`decode_step`."""
-        local = self.decode_method == "local" or self.p == 1
+        local = self.options.decode == "local" or self.p == 1
         owner = self._owner()
         mine = local or self.r == owner
         if mine and self.cache.length + 1 > self.cache.capacity:
@@ -288,8 +287,8 @@ class ModelRunner:
         """Capture (or fetch from ``graph_cache``) the decode step over this runner's cache."""
         from hpcattn.model.fused_decode import decode_forward
 
-        key = ("step", B, id(self.cache), local, mine, self.decode_method, self.reduction, self.topology,
-               self.decode_products)
+        o = self.options
+        key = ("step", B, id(self.cache), local, mine, o.decode, o.reduction, o.topology, o.decode_products)
         st = self.graph_cache.get(key)
         if st is not None:
             return st
@@ -306,7 +305,7 @@ class ModelRunner:
                 out, _ = kern(q, kc, vc, scale=self.scale, k_lengths=st["klen"])
             else:
                 out, _ = tree_decode(q, kc, vc, self.ctx, kernel=kern, scale=self.scale,
-                                     k_lengths=st["klen"], reduction=self.reduction, topology=self.topology)
+                                     k_lengths=st["klen"], reduction=o.reduction, topology=o.topology)
             return out
 
         def slot(layer):                                  # this token's k, v go to slot `at`
@@ -314,7 +313,7 @@ class ModelRunner:
 
         def step():
             logits = decode_forward(model, st["token"], st["pos"], slot=slot, at=st["at"], attend=attend,
-                                    products=self.decode_products)
+                                    products=o.decode_products)
             st["pos"].add_(1)
             if mine:
                 st["at"].add_(1)

@@ -87,6 +87,8 @@ MODEL, ATTENTION = "model", "attention"
 TAG_Q, TAG_KV, TAG_OUT, TAG_X, TAG_PROMPT_KV = 1, 2, 3, 4, 5
 BYTE_PHASES = ("handover", "q", "kv", "out", "migrate")     # byte-counter phases of a Lamina run
 DECODE_PHASES = ("q", "kv", "out", "migrate")
+# each role's work between two exchanges is captured; the exchanges stay outside (any transport)
+CUDA_GRAPHS = graph.declare("lamina", graph.Capture(comm_inside=False))
 
 
 @dataclass(frozen=True)
