@@ -177,14 +177,14 @@ class GenerateJob:
         return ModelRunner(self.model, ctx, self.kernel, opts, graph_cache=self.graph_cache)
 
     def compressor(self, c):
+        """The APB compressor kind of case config ``c`` (retaining heads of every layer, read once)."""
         if c.apb.compressor != "retaining_heads" or c.generate.prefill != "apb":
             return c.apb.compressor
         if getattr(self, "_heads", None) is None:
-            from hpcattn.methods.apb import RetainingHeads
+            from hpcattn.jobs.params import apb_compressor_kind
 
             a = self.model.args
-            self._heads = RetainingHeads(c.apb.retaining_heads_path, c.apb.retaining_heads_regex, a.n_heads,
-                                         a.n_kv_heads, a.head_dim, list(range(a.n_layers)))
+            self._heads = apb_compressor_kind(c, a.n_heads, a.n_kv_heads, a.head_dim, list(range(a.n_layers)))
         return self._heads
 
     def compute_reference(self, case) -> None:

@@ -18,9 +18,9 @@ import torch
 from hpcattn.dtypes import DTYPES
 from hpcattn.jobs.check import count_nonfinite, max_err, reference_state, reference_state_bytes
 from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
-from hpcattn.jobs.params import apb_params, star_geometry
+from hpcattn.jobs.params import apb_params, attention_level_compressor, star_geometry
 from hpcattn.methods import local_attention, ring_prefill
-from hpcattn.methods.apb import RetainingHeads, apb_prefill, make_compressor
+from hpcattn.methods.apb import RetainingHeads, apb_prefill
 from hpcattn.methods.sharding import gather_in_order, layout_indices
 from hpcattn.methods.star import star_blocks, star_phase1, star_query
 from hpcattn.methods.torch_cp import TorchContextParallel
@@ -107,14 +107,10 @@ class PrefillJob:
 
     def compressor(self, case):
         """compressor(q_loc, k_loc, v_loc, rank) -> scores (B, S, Hkv) for APB."""
-        a, s = case.cfg.apb, case.cfg.shape
-        if a.compressor in ("query_aware", "random"):
-            return make_compressor(a.compressor, seed=a.seed,
-                                   query=self.query[0] if a.compressor == "query_aware" else None)
-        heads = RetainingHeads(a.retaining_heads_path, a.retaining_heads_regex, s.heads_q, s.heads_kv,
-                               s.head_dim, [a.layer])
-        self.heads_sha256 = heads.sha256
-        return make_compressor(a.compressor, heads=heads, layer=a.layer)
+        comp, kind = attention_level_compressor(case.cfg, self.query[0])
+        if isinstance(kind, RetainingHeads):
+            self.heads_sha256 = kind.sha256
+        return comp
 
     def _owned(self, case, result):
         """(global indices, out, lse) of the rows this rank computed for ``case``."""

@@ -31,10 +31,10 @@ from hpcattn.comm.base import Counters
 from hpcattn.comm.emulated import EmulatedComm
 from hpcattn.dtypes import DTYPES
 from hpcattn.jobs.inputs import InputSource, needle_positions, plant_needles
-from hpcattn.jobs.params import apb_params, star_geometry
+from hpcattn.jobs.params import apb_params, attention_level_compressor, star_geometry
 from hpcattn.jobs.validate import validate
 from hpcattn.kernels import select_kernel
-from hpcattn.methods.apb import RetainingHeads, apb_prefill, local_rows, make_compressor, pool_scores, select_passing
+from hpcattn.methods.apb import apb_prefill, local_rows, pool_scores, select_passing
 from hpcattn.methods.ring import fill_kv, kv_buffer, ring_prefill
 from hpcattn.methods.sharding import zigzag_indices
 from hpcattn.methods.star import star_blocks, star_phase1
@@ -159,11 +159,7 @@ def run_projection(cfg, hosts: int, bw_gbps: float, lat_us: float, output: str |
             results["star"] = (f"block{blk}", np.asarray([h[3] for h in hs]).T, 0.0)
         if "apb" in c.methods:
             prm = apb_params(c, hosts)
-            a = c.apb
-            heads = None if a.compressor in ("query_aware", "random") else \
-                RetainingHeads(a.retaining_heads_path, a.retaining_heads_regex, s.heads_q, s.heads_kv, s.head_dim,
-                               [a.layer])
-            comp = make_compressor(a.compressor, seed=a.seed, query=qq, heads=heads, layer=a.layer)
+            comp, _ = attention_level_compressor(c, qq)
             hs, nbytes = apb_hosts(q, k, v, qq, kq, vq, hosts, prm, compressor=comp, kernel=kernel, scale=scale,
                                    device=device, repeats=reps)
             results["apb"] = (f"la{prm.la}/lp{prm.lp}", np.asarray([h[3] for h in hs]).T,

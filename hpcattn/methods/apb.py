@@ -160,17 +160,21 @@ class RetainingHeads:
         return h @ fc2.to(x.device, acc).T
 
 
-def make_compressor(kind: str, *, seed: int = 0, query: torch.Tensor | None = None,
-                    heads: RetainingHeads | None = None, layer: int = 0):
-    """The APB compressor ``kind`` as :func:`apb_prefill` takes it: ``compressor(q_loc, k_loc, v_loc,
-    rank) -> scores (B, S, Hkv)``. ``query_aware`` scores the local keys against ``query`` (B, ql,
-    Hq, d); ``random`` draws reproducible scores per rank from ``seed``; any other kind
-    (``retaining_heads``) asks ``heads`` for layer ``layer``."""
+def make_compressor(kind: str | RetainingHeads, *, seed: int = 0, query: torch.Tensor | None = None,
+                    layer: int = 0):
+    """The one APB compressor factory (the attention-level job, its projection and the model's
+    per-layer prefill all build theirs here): ``compressor(q_loc, k_loc, v_loc, rank) -> scores (B,
+    S, Hkv)`` of a rank's rows q_loc (B, S, Hq, d), k_loc/v_loc (B, S, Hkv, d) (pre-RoPE in the
+    model). ``kind``: ``"query_aware"`` scores the keys against ``query`` (B, ql, Hq, d), the query
+    rows' Q; ``"random"`` draws reproducible scores per (``seed``, rank, ``layer``); a
+    :class:`RetainingHeads` scores with its heads of layer ``layer``."""
     if kind == "query_aware":
         return lambda ql_, kl, vl, rank: score_query_aware(kl, query)
     if kind == "random":
-        return lambda ql_, kl, vl, rank: score_random(kl.shape[:3], seed, rank, kl.device)
-    return lambda ql_, kl, vl, rank: heads.score(layer, ql_, kl, vl)
+        return lambda ql_, kl, vl, rank: score_random(kl.shape[:3], seed, rank, kl.device, layer)
+    if not isinstance(kind, RetainingHeads):
+        raise ValueError(f"APB compressor: {kind!r} is not query_aware, random or RetainingHeads")
+    return lambda ql_, kl, vl, rank: kind.score(layer, ql_, kl, vl)
 
 
 def pool_scores(score: torch.Tensor, window: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from hpcattn.methods.apb import APBParams, anchor_rows, apb_layer, exchanges, score_query_aware, score_random
+from hpcattn.methods.apb import APBParams, anchor_rows, apb_layer, exchanges, make_compressor
 from hpcattn.methods.star import geometry, star_blocks, star_query
 
 
@@ -79,11 +79,7 @@ def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> t
 
     def scores(layer, qp, kp, vp, qq):
         """The compressor's scores (B, la + lb, Hkv) of this rank's rows from the pre-RoPE q/k/v."""
-        if opt.compressor == "query_aware":
-            return score_query_aware(kp, qq)
-        if opt.compressor == "random":
-            return score_random(kp.shape[:3], opt.apb_seed, r, dev, layer)
-        return opt.compressor.score(layer, qp, kp, vp)          # RetainingHeads
+        return make_compressor(opt.compressor, seed=opt.apb_seed, query=qq, layer=layer)(qp, kp, vp, r)
 
     def attend(layer, q, k, v, pre, **_):
         qp, kp, vp = pre
