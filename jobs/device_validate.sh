@@ -3,10 +3,7 @@
 #   bash jobs/device_validate.sh [tests|decode|prefill|all]   (logs and HDF5 files to $OUT or runs/)
 set -uo pipefail
 OUT=${OUT:-runs}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 OMP_NUM_THREADS=4
-PY=$(command -v python3)
-MPIRUN="mpirun --allow-run-as-root -n 2 -x PYTHONPATH -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONUNBUFFERED -x OMP_NUM_THREADS"
+source "$(dirname "$0")/device_env.sh"            # multicast off, PYTHONPATH, $PY, $MPIRUN (2 ranks)
 what=${1:-all}
 if [[ $what == tests || $what == all ]]; then
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4

@@ -30,12 +30,10 @@ if [ ! -f $M ]; then
 fi
 [ "$(md5sum < $M | cut -c1-32)" = $GGUF_MD5 ] || { echo "eval_smollm2_device.sh: $M checksum differs" >&2; rm -f $M; exit 3; }
 [ -d /tmp/site/gguf ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .dev/p2/whl/*.whl || exit 3
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 OMP_NUM_THREADS=2
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/device_env.sh"            # multicast off, PYTHONPATH, $MPI_PREFIX
+export PYTHONPATH=$PYTHONPATH:/tmp/site OMP_NUM_THREADS=2
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a .dev/eval-calls.log
-MPIEXEC="mpirun --allow-run-as-root --oversubscribe -x PYTHONPATH -x PYTHONUNBUFFERED -x PYTHONFAULTHANDLER
- -x OMP_NUM_THREADS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS" \
-PY=python3 MODEL=$M OUT=.dev/eval RESUME=1 DEADLINE_S=${DEADLINE_S:-520} bash jobs/eval_smollm2.sh 2>&1 | tee -a .dev/eval-calls.log
+MPIEXEC=$MPI_PREFIX PY=$PY MODEL=$M OUT=.dev/eval RESUME=1 DEADLINE_S=${DEADLINE_S:-520} bash jobs/eval_smollm2.sh 2>&1 | tee -a .dev/eval-calls.log
 cp .dev/eval/report.txt .dev/eval/accuracy.png .dev/eval-calls.log "$OUT/" 2>/dev/null
 tar czf "$OUT/eval.tgz" .dev/eval
 ls -la "$OUT"

@@ -28,11 +28,7 @@
 set -uo pipefail
 OUT=${OUT:-runs/lamina_graphs}; mkdir -p "$OUT"
 LAYERS=${LAYERS:-8}; NEW=${NEW:-12}; BACKEND=${BACKEND:-mpi}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 OMP_NUM_THREADS=4
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PY=$(command -v python3)
-MPIRUN="mpirun --allow-run-as-root --oversubscribe -n 2 -x PYTHONPATH -x PYTHONUNBUFFERED -x PYTHONFAULTHANDLER
-        -x OMP_NUM_THREADS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS"
+source "$(dirname "$0")/device_env.sh"            # multicast off, PYTHONPATH, $PY, $MPIRUN (2 ranks)
 LOG="$OUT/lamina_graphs.log"
 TMP=$(mktemp -d)
 step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }

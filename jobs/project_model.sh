@@ -6,9 +6,8 @@
 # Logs and HDF5 records go to $OUT (or runs/). Links: 200 GB/s (NVLink node) and 25 GB/s (InfiniBand), 10 us.
 set -uo pipefail
 OUT=${OUT:-runs}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 OMP_NUM_THREADS=8
-PY=$(command -v python3)
+source "$(dirname "$0")/device_env.sh"            # multicast off, PYTHONPATH, $PY, $MPI_PREFIX
+export OMP_NUM_THREADS=8
 LINKS="--hosts 8 --link-gbps 200 --latency-us 10 --more-link-gbps 25"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__)"
@@ -17,7 +16,7 @@ for what in "$@"; do
     validate)
       # the same work twice: hpcattn run (1 rank, local prefill + decode, eager) and the projection's one-GPU row
       common="--set model.layers=8 --set context=32768 --set generate.new_tokens=8"
-      timeout 300 mpirun --allow-run-as-root -n 1 -x PYTHONPATH -x PYTHONUNBUFFERED $PY -m hpcattn run \
+      timeout 300 $MPI_PREFIX -n 1 $PY -m hpcattn run \
         configs/project_llama8b.yaml $common --set generate.prefill=local --set generate.decode=local \
         --set run.cuda_graphs=false --set run.repeats=3 --set run.warmup=1 -o "$OUT/validate-run.h5" 2>&1 | tee "$OUT/validate.log"
       timeout 300 $PY -m hpcattn project configs/project_llama8b.yaml $common --set generate.prefill=local \
