@@ -14,7 +14,8 @@ from hpcattn import comm as comm_mod
 from hpcattn.jobs.check import max_err
 from hpcattn.kernels import attn_reference, select_kernel
 from hpcattn.methods import ring_decode, ring_prefill, tree_decode
-from hpcattn.methods.sharding import contiguous_bounds, layout_indices, shard_lengths
+from hpcattn.methods.sharding import layout_indices, shard_lengths
+from tests.shards import ragged_kv_shard
 
 TOL = 1e-10
 backend = sys.argv[1]
@@ -50,13 +51,7 @@ for B, hq, hkv, lengths in [(3, 8, 2, [37, 2, 0]), (1, 4, 4, [64]), (2, 8, 1, [5
     N = max(lengths)
     q, K, V = rnd(B, 1, hq, d), rnd(B, N, hkv, d), rnd(B, N, hkv, d)
     ref = attn_reference(q, K, V, scale=0.3, k_lengths=torch.tensor(lengths))
-    bounds = [contiguous_bounds(n, p, r) for n in lengths]
-    width = max(b - a for a, b in bounds)
-    k = torch.zeros(B, width, hkv, d, dtype=torch.float64)
-    v = torch.zeros_like(k)
-    for i, (a, b) in enumerate(bounds):
-        k[i, : b - a], v[i, : b - a] = K[i, a:b], V[i, a:b]
-    mine = shard_lengths(lengths, p, r)
+    k, v, mine = ragged_kv_shard(K, V, lengths, p, r)
     for reduction in ("allreduce", "allgather"):
         for topology in ("flat", "hierarchical"):
             res = tree_decode(q, k, v, ctx, kernel=kern, scale=0.3, k_lengths=mine,

@@ -24,9 +24,10 @@ from hpcattn.jobs.check import max_err
 from hpcattn.kernels import attn_reference, select_kernel
 from hpcattn.methods import ring_decode, ring_prefill, tree_decode
 from hpcattn.methods.apb import APBParams, apb_prefill, score_query_aware
-from hpcattn.methods.sharding import contiguous_bounds, layout_indices, shard_lengths
+from hpcattn.methods.sharding import layout_indices, shard_lengths
 from hpcattn.methods.star import star_blocks, star_query
 from tests.approx_sim import simulate_apb, simulate_star_query
+from tests.shards import ragged_kv_shard
 
 TOL = 1e-4
 world = MPI.COMM_WORLD
@@ -101,13 +102,7 @@ def methods(ctx, label):
         N = max(lengths)
         q, K, V = rnd(B, 1, hq, d), rnd(B, N, hkv, d), rnd(B, N, hkv, d)
         ref = attn_reference(q.double(), K.double(), V.double(), scale=scale, k_lengths=torch.tensor(lengths))
-        bounds = [contiguous_bounds(n, p, r) for n in lengths]
-        width = max(b - a for a, b in bounds)
-        k = torch.zeros(B, width, hkv, d)
-        v = torch.zeros_like(k)
-        for i, (a, b) in enumerate(bounds):
-            k[i, : b - a], v[i, : b - a] = K[i, a:b], V[i, a:b]
-        mine = shard_lengths(lengths, p, r)
+        k, v, mine = ragged_kv_shard(K, V, lengths, p, r)
         for reduction in ("allgather", "allreduce"):
             for topology in ("flat", "hierarchical"):
                 res = tree_decode(q, k, v, ctx, kernel=kern, scale=scale, k_lengths=mine,
