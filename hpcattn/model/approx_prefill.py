@@ -77,10 +77,6 @@ def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> t
     a = run.model.args
     qrow = slice(prm.query_offset, prm.query_offset + ql)
 
-    def scores(layer, qp, kp, vp, qq):
-        """The compressor's scores (B, la + lb, Hkv) of this rank's rows from the pre-RoPE q/k/v."""
-        return make_compressor(opt.compressor, seed=opt.apb_seed, query=qq, layer=layer)(qp, kp, vp, r)
-
     def attend(layer, q, k, v, pre, **_):
         qp, kp, vp = pre
         cache.write(layer, k[:, la:], v[:, la:], 0)
@@ -92,7 +88,9 @@ def apb_context(run, ctx_tok: torch.Tensor, q_tok: torch.Tensor, room: int) -> t
             with tm("comm"):
                 run.ctx.world.broadcast(qq, root=1)                 # rank 1's anchor holds the query
         # the attention is already timed as the model's "attention" part: the same label nests seamlessly
-        out_b, _, _ = apb_layer(q, k, v, la, lambda: scores(layer, qp, kp, vp, qq), run.ctx, prm,
+        # the compressor scores this rank's rows from their pre-RoPE q/k/v: (B, la + lb, Hkv)
+        comp = make_compressor(opt.compressor, seed=opt.apb_seed, query=qq, layer=layer)
+        out_b, _, _ = apb_layer(q, k, v, la, lambda: comp(qp, kp, vp, r), run.ctx, prm,
                                 kernel=run.kernel, scale=run.scale, tm=tm, select_as="scoring",
                                 attend_as="attention")
         if la == 0:
