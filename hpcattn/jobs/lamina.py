@@ -6,7 +6,8 @@ its config: the roles' devices, the prompt lengths and the rules of a Lamina cas
 Per case, after ``run.warmup`` untimed generations, ``run.repeats`` timed ones record per rank the
 prefill time (model ranks: prefill + posting the KV hand-over), every decode step's wall time, and
 how much of it the rank spent computing (busy) or waiting for data (wait); rank 0 writes the usual
-generate datasets plus ``lamina_busy_s`` / ``lamina_wait_s`` (repeats, steps, ranks) and
+generate datasets plus ``lamina_busy_s`` / ``lamina_wait_s`` / ``lamina_piece_s`` (the device time of the
+captured pieces within busy; NaN for eager ranks) (repeats, steps, ranks) and
 ``lamina_bytes`` (ranks, phases), and attributes: roles, per-role utilisation (busy / step time),
 decode bytes per token, decode throughput (B / median step time), and per role whether its pieces
 between exchanges ran as CUDA graphs and why (:func:`graph_summary`; ``run.cuda_graphs``).
@@ -172,6 +173,7 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
             "step": np.asarray([r.step_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "busy": np.asarray([r.busy_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "wait": np.asarray([r.wait_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
+            "piece": np.asarray([r.piece_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "bytes": [res.bytes[ph] for ph in BYTE_PHASES], "role": role, "kernel": kernel.name,
             "device": str(ctx.device), "mem": peak_memory(ctx.device), **dec.graph_attrs()}
     per_rank = ctx.world.mpi.gather(mine, root=0)
@@ -220,6 +222,7 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
     roles = [pr["role"] for pr in per_rank]
     busy = np.stack([pr["busy"] for pr in per_rank], axis=2)            # (R, steps, ranks)
     wait = np.stack([pr["wait"] for pr in per_rank], axis=2)
+    piece = np.stack([pr["piece"] for pr in per_rank], axis=2)
     step = np.stack([pr["step"] for pr in per_rank], axis=2)
     nbytes = np.asarray([pr["bytes"] for pr in per_rank], dtype=np.int64)   # (ranks, phases)
     B, steps = c.shape.batch, c.generate.new_tokens - 1
@@ -243,6 +246,9 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
             attrs[f"lamina_{r}_wait_frac"] = float(wait[:, :, cols].sum() / tot) if tot > 0 else 0.0
     sets = {"lamina_busy_s": (busy, {"units": "s", "layout": "(repeats, steps, ranks)", "roles": roles}),
             "lamina_wait_s": (wait, {"units": "s", "layout": "(repeats, steps, ranks)", "roles": roles}),
+            "lamina_piece_s": (piece, {"units": "s", "layout": "(repeats, steps, ranks)", "roles": roles,
+                                       "note": "device time of the replayed CUDA-graph pieces within busy "
+                                               "(CUDA events); NaN on eager ranks"}),
             "lamina_bytes": (nbytes, {"units": "bytes", "phases": list(BYTE_PHASES), "roles": roles,
                                       "note": "payload sent per generation, warm-up excluded"})}
     return attrs, sets

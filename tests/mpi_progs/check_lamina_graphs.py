@@ -10,6 +10,11 @@ does: the decoder must undo what they change) and re-runs it at every "replay"; 
 Triton kernels and Lean run in Triton's CPU interpreter; ``graph.blocker`` and
 ``graph.lean_for_graphs`` are told that this CPU rank can capture.
 
+BACKEND ``mpi-staged``: the mpi backend told that every tensor is device data (``is_device``), so that
+every message is staged through host buffers as on a GPU without CUDA-aware MPI, and the captured
+pieces' pinned host twins (``Comm.host_mirror``: the pieces copy to and from them, the messages use
+them) are exercised: the tokens can only match if every twin is copied at the right point.
+
 usage: mpiexec -n P python -m mpi4py tests/mpi_progs/check_lamina_graphs.py BACKEND [COMBOS]
 (COMBOS: comma list of indices into ``combos``, default all)
 """
@@ -53,7 +58,26 @@ graph.lean_for_graphs = lambda device, dtype, head_dim: ((None, "Lean has no flo
 
 torch.set_grad_enabled(False)
 world = MPI.COMM_WORLD
-ctx = comm_mod.setup(world, device_kind="cpu", backend=sys.argv[1])
+staged = sys.argv[1] == "mpi-staged"
+ctx = comm_mod.setup(world, device_kind="cpu", backend="mpi" if staged else sys.argv[1])
+if staged:       # "device" = neither a staging buffer of the pool nor a twin (tests/test_staging.py's fake)
+    host_ptrs: set = set()
+    kept: list = []
+    real_mirror = ctx.world.host_mirror
+
+    def host_mirror(t):
+        got = real_mirror(t)
+        if got is not None:           # kept alive: a freed twin's address could come back as a "device" buffer
+            host_ptrs.add(got[0].untyped_storage().data_ptr())
+            kept.append(got)
+        return got
+
+    def is_device(t):
+        ptr = t.untyped_storage().data_ptr()
+        return ptr not in host_ptrs and all(ptr != b.data.untyped_storage().data_ptr()
+                                            for b in ctx.world._pool.values())
+
+    ctx.world.is_device, ctx.world.host_mirror = is_device, host_mirror
 P, rank = ctx.size, ctx.rank
 args = ModelArgs.from_preset("tiny")
 B, n = 4, 3
@@ -97,6 +121,10 @@ for A, m, prefill, lengths, dt, model_mode, attn_mode in combos:
             tol = 1e-6 if dt == "float64" else 1e-4         # the fused forward's rounding (RMSNorm in float32)
             assert err < tol, f"{name}: logits rel err {err:.2e}"
             print(f"ok {name} (generation {rep}): rel err {err:.1e}", flush=True)
+    if dec.graph_on:        # staged: every exchange buffer has its twin; otherwise none
+        twins = len(dec._graphs["mirrors"]._twins)
+        want = (args.n_layers * (1 + 2 * A) if mine else 3 * args.n_layers) * m if staged else 0
+        assert twins == want, (name, twins, want)
     pieces = (args.n_layers + 1) * m if mine else args.n_layers * m
     assert Replayed.built - built == (pieces if dec.graph_on else 0), (name, Replayed.built - built)
     assert dec.graph_attrs()["cuda_graphs"] == ("graph" if dec.graph_on else "eager")
