@@ -4,6 +4,8 @@ transport, at the sizes of one layer's Lamina messages; the (latency, bandwidth)
 what ``hpcattn lamina-cost`` and ``benchmarks/lamina_graphs_report.py`` take.
 
     mpirun -n 2 python benchmarks/lamina_link.py --backend mpi -o runs/link.json   # 2 ranks, one GPU each or shared
+    mpirun -n 2 python benchmarks/lamina_link.py --backend mpi --gpu-aware-mpi true -o runs/link-device.json
+                                                 # device buffers straight to a CUDA-aware MPI (mpi_device)
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="llama-3.1-8b", help="model shape whose per-layer messages are timed")
     p.add_argument("--batches", default="1,16", help="batches whose per-layer message sizes are timed")
+    p.add_argument("--gpu-aware-mpi", default="auto", choices=("auto", "true", "false"),
+                   help="comm.gpu_aware_mpi: whether MPI gets device buffers (true) or host-staged copies (false)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("-o", "--output")
     args = p.parse_args(argv)
-    ctx = comm_mod.setup(MPI.COMM_WORLD, device_kind=args.device, backend=args.backend)
+    ctx = comm_mod.setup(MPI.COMM_WORLD, device_kind=args.device, backend=args.backend,
+                         gpu_aware_setting=args.gpu_aware_mpi)
     if ctx.size != 2:
         raise SystemExit("lamina_link.py: run it on exactly 2 ranks")
     a = ModelArgs.from_preset(args.preset)

@@ -34,53 +34,18 @@ FAILED=()                            # steps that failed; the script goes on and
 fail() { echo "!!!!! FAILED: $1 (exit $2)"; FAILED+=("$1"); }
 step() { printf '\n===== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
-# --- 1. unpack the prebuilt Open MPI into /tmp ---------------------------------------
-TARBALL="${CUDA_MPI_TARBALL:-}"
-if [[ -z "$TARBALL" ]]; then
-    for t in .cudampi/cuda-mpi.tar.xz build/cuda-mpi.tar.xz; do
-        [[ -f "$t" ]] && { TARBALL="$t"; break; }
-    done
-fi
-[[ -n "$TARBALL" && -f "$TARBALL" ]] || { echo "no cuda-mpi.tar.xz carried (see header)" >&2; exit 1; }
-DEST="${CUDA_MPI_DEST:-/tmp}"
-PREFIX="$DEST/cuda-mpi"              # the tarball holds one top-level dir, cuda-mpi/
-step "unpack $TARBALL -> $PREFIX"
-rm -rf "$PREFIX"
-tar -C "$DEST" -xJf "$TARBALL"
-[[ -x "$PREFIX/bin/mpirun" ]] || { echo "unpack did not give $PREFIX/bin/mpirun" >&2; exit 1; }
-
-# --- 2. run-time variables -------------------------------------------------------------
-# PATH: our mpirun/orted/ompi_info before Debian's /usr/bin ones.
-# LD_LIBRARY_PATH: mpi4py's MPI.openmpi*.so needs libmpi.so.40; this makes the
-#   loader take ours instead of /usr/lib/x86_64-linux-gnu/libmpi.so.40 (Debian's,
-#   not CUDA-aware). Our libs carry no RPATH to a path that exists here.
-# OPAL_PREFIX: the build was installed under build/cuda-mpi on another machine;
-#   OPAL_PREFIX relocates it (help files, MCA components in lib/openmpi3, etc/).
-# MPI4PY_MPIABI=openmpi: the mpi4py 4.1 wheel holds an MPICH-ABI and an Open MPI
-#   ABI extension and picks one by probing libmpi; this pins the Open MPI one
-#   (harmless for an mpi4py built from source).
-# OMPI_MCA_opal_cuda_support=true: already the default of a CUDA build (it also
-#   raises btl/smcuda above btl/vader so device buffers use CUDA IPC); explicit.
-# OMPI_ALLOW_RUN_AS_ROOT*: commands run as root there.
-export PATH="$PREFIX/bin:$PATH"
-export LD_LIBRARY_PATH="$PREFIX/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export OPAL_PREFIX="$PREFIX"
-export MPI4PY_MPIABI=openmpi
-export OMPI_MCA_opal_cuda_support=true
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# --- 1./2. unpack the prebuilt Open MPI into /tmp and point PATH, LD_LIBRARY_PATH, OPAL_PREFIX
+# and mpi4py at it (scripts/cuda-mpi-env.sh says why each variable) ---------------------------
+step "unpack the carried CUDA-aware Open MPI"
+source scripts/cuda-mpi-env.sh
+cuda_mpi_setup || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"    # hpcattn from this checkout
 export PYTHONUNBUFFERED=1
 PY="$(command -v python3)"           # the image's python3 (holds torch and mpi4py)
 RESULTS="${OUT:-$PWD/runs/cuda-mpi}"
 mkdir -p "$RESULTS"
-
-# mpirun: 2 ranks (one per GPU; hpcattn maps rank -> local GPU), no core binding,
-# and every variable above forwarded to the ranks with -x.
-MPIRUN=(mpirun --allow-run-as-root -n 2 --bind-to none
-        --mca opal_cuda_support 1
-        -x PATH -x LD_LIBRARY_PATH -x OPAL_PREFIX -x PYTHONPATH -x PYTHONUNBUFFERED
-        -x MPI4PY_MPIABI -x OMPI_MCA_opal_cuda_support
-        -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS)
+# mpirun: 2 ranks (one per GPU; hpcattn maps rank -> local GPU), every variable forwarded.
+MPIRUN=("${CUDA_MPIRUN[@]}" -n 2)
 
 # --- 3. what is there: GPUs, which mpirun, CUDA support built in ------------------------
 if want check; then

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
 
 from hpcattn import config as C
 from hpcattn.errors import ConfigError
 from hpcattn.jobs.validate import validate
+from hpcattn.model.lamina.cost import Measurements
 from hpcattn.results.hdf5 import read_cases
 from tests.mpirun import ROOT, run_ranks
 
@@ -57,6 +59,7 @@ def test_lamina_generate_job_record_and_report(tmp_path):
     with h5py.File(out) as f:
         case = f["cases"][rows[0]["id"]]
         assert case["lamina_busy_s"].shape == (2, n - 1, 3) and case["lamina_wait_s"].shape == (2, n - 1, 3)
+        assert np.isnan(case["lamina_piece_s"][:]).all()          # eager CPU ranks: no captured piece
         assert case["tokens"].shape == (3, n) and case["logits"].shape == (n, 3, 256)
         assert json.loads(case["lamina_bytes"].attrs["phases"]) == ["handover", "q", "kv", "out", "migrate"]
         nbytes = case["lamina_bytes"][:]                      # (ranks, phases): who sent what
@@ -71,6 +74,27 @@ def test_lamina_generate_job_record_and_report(tmp_path):
     head = csv[0].split(",")
     assert float(csv[1].split(",")[head.index("bytes_per_token")]) == rows[0]["bytes_per_token"]
     assert "lamina_attention_util" in head and "decode_tok_s" in head
+    # benchmarks/lamina_graphs_report.py on this record (as the GPU job runs it), against stand-in
+    # role times: one row per case and mode, each charged the link of its record's transport
+    meas = Measurements(n_layers=rows[0]["n_layers"], dim=64, n_heads=4, n_kv_heads=2, head_dim=16, elem_bytes=4,
+                        weight_bytes=10**6, mtime={1: 1e-3, 4: 2e-3},
+                        atime=[(b, n, 1e-5 * b * n) for b in (1, 4) for n in (8, 64)], device="cpu", note="stand-in")
+    mj, lj, rj = tmp_path / "measure.json", tmp_path / "link.json", tmp_path / "report.json"
+    mj.write_text(json.dumps({"shapes": [{"name": n, "measurements": meas.to_json()} for n in ("t", "t (graph)")]}))
+    lj.write_text(json.dumps({"transport": meta["transport"], "device": "cpu", "latency": 1e-5, "bandwidth": 1e9}))
+    report = [sys.executable, "benchmarks/lamina_graphs_report.py", "--graph", str(out), "--eager", str(out),
+              "--measure", str(mj), "--shape", "t", "-o", str(rj)]
+    rep = subprocess.run(report + ["--link", str(lj)], capture_output=True, text=True, cwd=ROOT)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    got = json.loads(rj.read_text())["rows"]
+    assert sorted((r["mode"], r["microbatches"]) for r in got) == [("eager", 1), ("eager", 2), ("graph", 1), ("graph", 2)]
+    for r in got:
+        assert r["transport"] == meta["transport"] and r["step_ms"] > 0 and r["predicted_step_ms"] > 0
+        assert r["model_busy_ms"] > 0 and np.isnan(r["model_piece_ms"])     # eager CPU ranks: no piece time
+    assert f"| 3 | 2 | {meta['transport']} | graph (eager/eager) |" in rep.stdout, rep.stdout
+    lj.write_text(json.dumps({"transport": "nccl", "device": "cpu", "latency": 1e-5, "bandwidth": 1e9}))
+    rep = subprocess.run(report + ["--link", str(lj)], capture_output=True, text=True, cwd=ROOT)
+    assert rep.returncode != 0 and f"transport '{meta['transport']}' has no --link" in rep.stderr, rep.stderr
 
 
 def _cfg(world, **sets):
@@ -163,7 +187,10 @@ def test_lamina_graph_mode_matches_one_process():
     on CPU with a stand-in for the capture; tests/mpi_progs/check_lamina_graphs.py) on 3 ranks: 2
     model ranks (rotation, residual migration) + 1 attention rank with ragged prompts and 2
     micro-batches, graph model ranks with eager attention ranks, and 1 model + 2 attention ranks:
-    same tokens as one process, each generation of a case replaying the first one's pieces."""
-    r = run_ranks(3, ["-m", "mpi4py", "tests/mpi_progs/check_lamina_graphs.py", "gloo", "1,2,5"], timeout=900)
+    same tokens as one process, each generation of a case replaying the first one's pieces. Over
+    MPI with every tensor taken for device data (``mpi-staged``), so that every message is staged
+    and the captured pieces copy to and from their pinned host twins as on a GPU."""
+    r = run_ranks(3, ["-m", "mpi4py", "tests/mpi_progs/check_lamina_graphs.py", "mpi-staged", "1,2,5"],
+                  timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "check_lamina_graphs: 3 configurations matched one process on 3 ranks" in r.stdout, r.stdout
