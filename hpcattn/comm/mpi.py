@@ -80,21 +80,31 @@ _ALIAS_OK: dict[int, str | None] = {}       # device index -> None (aliases work
 
 def _probe_alias(device: torch.device) -> str | None:
     """Can this device write and read pinned host memory through :func:`device_alias` with the
-    copies a graph would capture? None if so, else why not (probed once per device)."""
+    copies a piece does, eagerly and replayed from a captured CUDA graph? None if so, else why not
+    (probed once per device)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _ALIAS_OK:
+        from hpcattn.graph import StepGraph               # graph capture's one home (imports no comm)
+
         try:
+            dev = torch.device("cuda", idx)
             host = torch.zeros(64, dtype=torch.uint8, pin_memory=True)
-            alias = device_alias(host, torch.device("cuda", idx))
-            src = torch.arange(64, dtype=torch.uint8, device=alias.device)
-            alias.copy_(src)                                        # device -> host pages
+            alias = device_alias(host, dev)
+            src = torch.arange(64, dtype=torch.uint8, device=dev)
             back = torch.empty_like(src)
-            torch.cuda.synchronize(alias.device)
-            ok = bool(torch.equal(host, src.cpu()))
-            host.add_(1)
-            back.copy_(alias)                                       # host pages -> device
-            torch.cuda.synchronize(alias.device)
-            ok = ok and bool(torch.equal(back.cpu(), host))
+
+            def copies():
+                back.copy_(alias)                                   # host pages -> device
+                alias.copy_(src)                                    # device -> host pages
+            ok = True
+            with torch.cuda.device(dev):
+                replays = (copies, StepGraph(copies, warmup=0))
+            for replay in replays:
+                host.fill_(7)
+                src.add_(1)
+                replay()
+                torch.cuda.synchronize(dev)
+                ok = ok and bool((back.cpu() == 7).all()) and bool(torch.equal(host, src.cpu()))
             _ALIAS_OK[idx] = None if ok else "a device alias of pinned host memory read back wrong bytes"
         except Exception as e:                                          # noqa: BLE001 - the answer
             _ALIAS_OK[idx] = f"no device alias of pinned host memory ({type(e).__name__}: {e})".splitlines()[0]
