@@ -140,4 +140,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hpcattn.errors import HpcattnError
+
+    try:
+        raise SystemExit(main())
+    except (HpcattnError, OSError) as e:          # a missing or unreadable input: one line
+        raise SystemExit(f"lamina_graphs_report: {e}") from None

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     from mpi4py import MPI
 
     from hpcattn import comm as comm_mod
-    from hpcattn.jobs.lamina_cost import link_from_pingpong, measure_link
+    from hpcattn.jobs.lamina_cost import measure_link
+    from hpcattn.model.lamina.cost import link_from_pingpong
     from hpcattn.model.llama import ModelArgs
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -220,3 +220,17 @@ def test_measure_link_times_the_transfer_not_the_enqueue():
     assert measure_link(_Enqueued(rank=1, delay=0.0), 0, [8], repeats=1) == {"from": 0}
     link = link_from_pingpong({8: 10e-6, 1 << 20: 10e-6 + (1 << 20) / 20e9})
     assert link.latency == 10e-6 and link.bandwidth == pytest.approx(20e9, rel=1e-4)
+
+
+@pytest.mark.mpi
+def test_link_benchmark_on_two_cpu_ranks(tmp_path):
+    """benchmarks/lamina_link.py, as jobs/lamina_graphs.sh runs it (there on a GPU), on 2 CPU ranks:
+    one-way times for the 8B shape's per-layer message sizes and the fitted link in its JSON."""
+    out = tmp_path / "link.json"
+    r = run_ranks(2, ["benchmarks/lamina_link.py", "--device", "cpu", "--repeats", "3", "-o", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = json.loads(out.read_text())
+    # 8B: q and out 32 x 128 x 2 B, k and v 2 x 8 x 128 x 2 B per sequence, at B = 1 and 16; 8 B and 4 MiB
+    assert sorted(map(int, d["one_way_s"])) == [8, 4096, 8192, 65536, 131072, 1 << 22], d["one_way_s"]
+    assert d["transport"] == "mpi_host" and d["latency"] >= 0 and d["bandwidth"] > 0
+    assert "link (mpi_host): latency" in r.stdout
