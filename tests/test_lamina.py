@@ -188,8 +188,8 @@ def test_lamina_graph_mode_matches_one_process():
     model ranks (rotation, residual migration) + 1 attention rank with ragged prompts and 2
     micro-batches, graph model ranks with eager attention ranks, and 1 model + 2 attention ranks:
     same tokens as one process, each generation of a case replaying the first one's pieces. Over
-    MPI with every tensor taken for device data (``mpi-staged``), so that every message is staged
-    and the captured pieces copy to and from their pinned host twins as on a GPU."""
+    MPI with every tensor taken for device data (``mpi-staged``), so that every message of the
+    pieces' static buffers is staged through the pinned pool as on a GPU without CUDA-aware MPI."""
     r = run_ranks(3, ["-m", "mpi4py", "tests/mpi_progs/check_lamina_graphs.py", "mpi-staged", "1,2,5"],
                   timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr

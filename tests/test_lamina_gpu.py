@@ -83,41 +83,6 @@ def test_captured_pieces_equal_eager_pieces(dtype):
     assert torch.equal(te, tg) and torch.equal(le, lg)
 
 
-def test_host_mirror_copies_run_inside_a_captured_graph():
-    """Host-staged MPI's pinned twins (``Comm.host_mirror``): a captured graph writes a device result
-    into one twin's device alias and reads another twin into a device buffer; the host twins go
-    through MPI as they are (one rank sending to itself), and a replay sees the new bytes."""
-    from mpi4py import MPI
-
-    from hpcattn.comm.base import Counters
-    from hpcattn.comm.mpi import MPIComm
-    from hpcattn.graph import StepGraph
-
-    comm = MPIComm(MPI.COMM_SELF, Counters())                   # not CUDA-aware: device tensors are staged
-    src = torch.zeros(4, 33, dtype=torch.bfloat16, device="cuda")
-    dst = torch.zeros_like(src)
-    (hs, sa), (hd, da) = comm.host_mirror(src), comm.host_mirror(dst)
-    assert hs.device.type == "cpu" and hs.is_pinned() and sa.device.type == "cuda" and hs.shape == src.shape
-    assert hs.data_ptr() == sa.data_ptr() and hd.data_ptr() == da.data_ptr()
-
-    def piece():
-        dst.copy_(da)                      # the received twin -> device
-        sa.copy_(src * 2 + dst)            # device -> the twin to send
-    g = StepGraph(piece, warmup=1)
-    g_in = torch.randn(src.shape, device="cuda").to(src.dtype)
-    for _ in range(3):
-        src.copy_(torch.randn(src.shape, device="cuda").to(src.dtype))
-        hd.copy_(g_in.cpu())
-        g()
-        torch.cuda.current_stream().synchronize()
-        assert torch.equal(dst, g_in) and torch.equal(hs, (src * 2 + g_in).cpu())
-        rq = comm.irecv(hd, 0, 3)                                   # the twins themselves go to MPI
-        comm.isend(hs, 0, 3).wait()
-        rq.wait()
-        g_in = hs.cuda()
-    assert not comm._pool                                           # nothing was staged
-
-
 def test_lamina_graph_vs_eager_on_two_ranks_sharing_one_gpu():
     """1 model + 1 attention rank on this GPU over host-staged MPI: float32 tokens identical captured
     vs eager, 1 and 2 micro-batches, ragged prompts, a second generation replaying the pieces."""

@@ -410,16 +410,3 @@ def test_collective_views_share_one_element_type():
     assert MPIComm._bytes(big, 2 ** 31 + 8, 1).dtype == torch.int64
     assert MPIComm._bytes(big, 2 ** 30 + 4, 2).dtype == torch.int32
     assert MPIComm._bytes(big, 2 ** 31 + 1, 1).dtype == torch.uint8
-
-
-def test_host_mirror_only_for_staged_tensors():
-    """``host_mirror``: a staged (device) tensor gets a host twin of its shape and dtype (with the
-    fake device the alias is the twin itself); a host tensor, or any tensor on a CUDA-aware MPI,
-    gets None (it is sent as it is); the twin's bytes go to MPI without a pool buffer."""
-    comm, spy = make_comm()
-    t = torch.arange(12, dtype=torch.float32).view(3, 4)
-    host, alias = comm.host_mirror(t)
-    assert host.shape == t.shape and host.dtype == t.dtype and alias is host and host.data_ptr() != t.data_ptr()
-    assert make_comm(gpu_aware=True)[0].host_mirror(t) is None
-    plain = MPIComm(MPI.COMM_SELF, Counters(), gpu_aware=False)      # real predicate: a CPU tensor is host data
-    assert plain.host_mirror(t) is None

@@ -118,17 +118,6 @@ class Comm:
         (visible to work queued on the current stream) after ``wait()``."""
         raise NotImplementedError
 
-    def host_mirror(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For a static device buffer this transport would stage through host memory at every
-        message: ``(host, alias)``, a pinned host tensor of ``t``'s shape and dtype that
-        ``isend`` / ``irecv`` hand to the library as they are (no staging copy, no stream sync),
-        and ``alias``, the same memory seen from the device (unified addressing), which a captured
-        CUDA graph copies into (before a send) or out of (after a receive), so that the staging
-        copies run inside the graph. None when the transport moves ``t`` itself (host tensors,
-        CUDA-aware MPI, NCCL, gloo): send and receive ``t``. The caller keeps both tensors alive
-        as long as it uses either."""
-        return None
-
     def barrier(self) -> None:
         """Host barrier of the group (does not synchronise devices)."""
         self.mpi.Barrier()

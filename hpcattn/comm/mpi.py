@@ -18,13 +18,6 @@
   (pageable). ``staging_stats`` counts them (``transient``, ``transient_bytes``, ``evicted``) and
   the first one per communicator warns once.
 
-* **Mirrors** (:meth:`MPIComm.host_mirror`): a caller with static device buffers (Lamina's
-  captured pieces) can instead get a pinned host twin of each and its device-side alias (unified
-  addressing: the GPU reads and writes the pinned pages), copy in and out of the alias inside its
-  CUDA graph and send / receive the host twin directly, so that no staging copy or stream sync
-  runs per message. The alias is probed once per device (written and read back); if the driver
-  or torch refuses it, ``host_mirror`` answers None and the messages are staged as above.
-
 Every buffer handed to MPI passes :meth:`MPIComm._mpi_buf`, which refuses a device buffer when
 MPI is not CUDA-aware: that would segfault, uncatchably, on every rank.
 """
@@ -57,61 +50,6 @@ class _HostBuffer:
     def view(self, like: torch.Tensor) -> torch.Tensor:
         n = like.numel() * like.element_size()
         return self.data[:n].view(like.dtype).view(like.shape)
-
-
-class _ArrayInterface:
-    """``__cuda_array_interface__`` of raw bytes at a device-visible address (torch.as_tensor)."""
-
-    def __init__(self, ptr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 3, "strides": None}
-
-
-def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CUDA tensor over the pinned host tensor ``host``'s memory (same shape and dtype): with
-    unified addressing, memory from cudaHostAlloc is mapped into every device at its host address.
-    It does not own the memory: keep ``host`` alive."""
-    raw = torch.as_tensor(_ArrayInterface(host.data_ptr(), host.numel() * host.element_size()), device=device)
-    return raw.view(host.dtype).view(host.shape)
-
-
-_ALIAS_OK: dict[int, str | None] = {}       # device index -> None (aliases work) or why not
-
-
-def _probe_alias(device: torch.device) -> str | None:
-    """Can this device write and read pinned host memory through :func:`device_alias` with the
-    copies a piece does, eagerly and replayed from a captured CUDA graph? None if so, else why not
-    (probed once per device)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _ALIAS_OK:
-        from hpcattn.graph import StepGraph               # graph capture's one home (imports no comm)
-
-        try:
-            dev = torch.device("cuda", idx)
-            host = torch.zeros(64, dtype=torch.uint8, pin_memory=True)
-            alias = device_alias(host, dev)
-            src = torch.arange(64, dtype=torch.uint8, device=dev)
-            back = torch.empty_like(src)
-
-            def copies():
-                back.copy_(alias)                                   # host pages -> device
-                alias.copy_(src)                                    # device -> host pages
-            ok = True
-            with torch.cuda.device(dev):
-                replays = (copies, StepGraph(copies, warmup=0))
-            for replay in replays:
-                host.fill_(7)
-                src.add_(1)
-                replay()
-                torch.cuda.synchronize(dev)
-                ok = ok and bool((back.cpu() == 7).all()) and bool(torch.equal(host, src.cpu()))
-            _ALIAS_OK[idx] = None if ok else "a device alias of pinned host memory read back wrong bytes"
-        except Exception as e:                                          # noqa: BLE001 - the answer
-            _ALIAS_OK[idx] = f"no device alias of pinned host memory ({type(e).__name__}: {e})".splitlines()[0]
-        if _ALIAS_OK[idx] is not None:
-            warnings.warn(f"staged MPI: {_ALIAS_OK[idx]}; captured pieces stage their messages per call",
-                          RuntimeWarning, stacklevel=3)
-    return _ALIAS_OK[idx]
 
 
 class MPIComm(Comm):
@@ -262,21 +200,6 @@ class MPIComm(Comm):
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(t.device))
             self._pool[slot].event = ev
-
-    def host_mirror(self, t):
-        """(pinned host twin, its device alias) of a device tensor this communicator would stage
-        (module docstring, "Mirrors"); None for a tensor it sends as it is, or when the device
-        cannot alias pinned memory. With a test's injected ``is_device`` on a CPU tensor the alias
-        is the host twin itself (the same memory, as on a GPU)."""
-        if not self._staged(t):
-            return None
-        if t.device.type != "cuda":
-            host = torch.zeros_like(t, memory_format=torch.contiguous_format)
-            return host, host
-        if _probe_alias(t.device) is not None:
-            return None
-        host = torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
-        return host, device_alias(host, t.device)
 
     # -- collectives ---------------------------------------------------------------------------
     def allreduce(self, t, op="sum"):

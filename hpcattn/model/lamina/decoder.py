@@ -57,13 +57,10 @@ one piece per layer: Lean over the prefix with device lengths, the new token's f
 at device slots (:class:`hpcattn.model.lamina.steps.AttentionRole`). The pieces are captured before
 the prefill of the first generation of a (prompt lengths, tokens) shape, so that no message is in
 flight, and reused by the following generations. A static send buffer is rewritten only after its
-previous send completed. Over a transport that stages device data through host memory (host-staged
-MPI), every static exchange buffer gets a pinned host twin (:meth:`hpcattn.comm.base.Comm.host_mirror`):
-a piece begins by copying its received buffers from their twins and ends by copying its sent ones
-into theirs, inside the graph, and the messages go to and from the twins directly - no staging copy
-or stream sync per message, one sync per piece (:class:`_Mirrors`). The GPU time of each replayed
-piece (CUDA events around it) is recorded per step (``RankResult.piece_s``), so that a role's busy
-time splits into its pieces' device time and the host's share. CPU ranks and ``false`` run eagerly: every op of a slice or an attention
+previous send completed. The GPU time of each replayed piece (CUDA events around it) is recorded
+per step (``RankResult.piece_s``), so that a role's busy time splits into its pieces' device time
+and the host's share (launches, syncs, the transport's work in the sends). CPU ranks and ``false``
+run eagerly: every op of a slice or an attention
 item is its own host launch (the plain model, the configured kernel). Each rank's mode and why:
 :meth:`LaminaDecoder.graph_attrs` (the record's per-role ``lamina_*_cuda_graphs``).
 
@@ -232,12 +229,6 @@ class _Clock:
         return out
 
 
-# Lamina's captured pieces are tested on CPU (capture stood in by plain calls) but have not yet run on
-# a GPU: under run.cuda_graphs=auto Lamina stays eager until they have; run.cuda_graphs=true runs them.
-UNVALIDATED = ("lamina's captured pieces have not been validated on a GPU yet (issue 27): eager under "
-               "run.cuda_graphs=auto; run.cuda_graphs=true captures them")
-
-
 class LaminaDecoder:
     """One rank's part of a Lamina generation (collective over ``ctx.world``).
 
@@ -272,17 +263,12 @@ class LaminaDecoder:
         attention role also needs the Lean kernel (device lengths)."""
         reason = graph.blocker(device=self.ctx.device.type, method="lamina", backend=self.ctx.backend,
                                world_size=self.ctx.size)
-        if reason is None and self.cuda_graphs == "auto":
-            reason = UNVALIDATED
         if reason is None and self.role != MODEL:
             self._lean, reason = graph.lean_for_graphs(self.ctx.device, self.dtype, self.args.head_dim)
         on, why = graph.decide(self.cuda_graphs, reason)
         if on:
             why = ("each role's work between two exchanges captured once per shape (per layer and micro-batch) "
                    "and replayed every step; the exchanges run outside the graphs")
-            if self.ctx.world.transport == "mpi_staged":
-                why += ("; the staged messages' copies to and from pinned host twins run inside the graphs "
-                        "(per message if the device cannot alias pinned memory)")
         return on, why
 
     def graph_attrs(self) -> dict:
@@ -444,32 +430,19 @@ class LaminaDecoder:
         L = self.args.n_layers
 
         def build() -> dict:
-            segs, pieces, mir = [], [], _Mirrors(self.ctx.world)
-
-            def piece(seg, k):                 # o_in[k-1] from its twin, the slice, q/kv into theirs
-                mir.pull([seg.o_in[(k - 1) % L]])
-                out = seg.slice(k)
-                mir.push(seg.q_out[k] + seg.kv_out[k])
-                return out
-
-            def last(seg):
-                mir.pull([seg.o_in[L - 1]])
-                return seg.last()
-
+            segs, pieces = [], []
             for j in range(self.layout.microbatches):
                 b0, b1 = self.layout.rows(j)
                 seg = ModelSlices(self.model, b1 - b0, self.layout.attention_ranks, self.decode_products,
                                   prompt_lengths=lengths[b0:b1])
-                for k in range(L):
-                    mir.add([seg.o_in[k]] + seg.q_out[k] + seg.kv_out[k])
                 saved = [x.clone() for x in seg.state()]
-                got = {k: graph.StepGraph(lambda k=k, seg=seg: piece(seg, k), warmup=1) for k in range(L)}
-                got["last"] = graph.StepGraph(lambda seg=seg: last(seg), warmup=1)
+                got = {k: graph.StepGraph(lambda k=k, seg=seg: seg.slice(k), warmup=1) for k in range(L)}
+                got["last"] = graph.StepGraph(seg.last, warmup=1)
                 for x, v in zip(seg.state(), saved):               # undo the warm-up calls
                     x.copy_(v)
                 segs.append(seg)
                 pieces.append(got)
-            return {"segs": segs, "pieces": pieces, "mirrors": mir}
+            return {"segs": segs, "pieces": pieces}
 
         return self._captured(lengths, n, build)
 
@@ -480,7 +453,7 @@ class LaminaDecoder:
         ``x_in``: the residual stream (B_j, 1, dim) migrated from another model rank, or None."""
         lay = self.layout
         b0, b1 = lay.rows(j)
-        pieces, mir = self._graphs["pieces"][j], self._graphs["mirrors"]
+        pieces = self._graphs["pieces"][j]
         if x_in is not None:
             seg.x.copy_(x_in.view_as(seg.x))
         if k == 0:
@@ -489,7 +462,6 @@ class LaminaDecoder:
                 seg.token.copy_(lg.argmax(dim=-1))
                 seg.pos.copy_(seg.base)
                 self._replay(j, 0, seg.begin)                  # eager: once per generation
-                mir.push(seg.q_out[0] + seg.kv_out[0])
             else:
                 torch.add(seg.base, t - 1, out=seg.pos)        # the slice advances it to base + t
                 lg = self._replay(j, 0, pieces[0] if t < n - 1 else pieces["last"])
@@ -504,12 +476,10 @@ class LaminaDecoder:
             self._replay(j, k, pieces[k])
         M = lay.model_ranks
         reqs = []
-        mir.ready()
         with ctx_phase(self.ctx, "q"):
-            reqs += [self.ctx.world.isend(mir.host(seg.q_out[k][ai]), M + ai, TAG_Q) for ai in range(lay.attention_ranks)]
+            reqs += [self.ctx.world.isend(seg.q_out[k][ai], M + ai, TAG_Q) for ai in range(lay.attention_ranks)]
         with ctx_phase(self.ctx, "kv"):
-            reqs += [self.ctx.world.isend(mir.host(seg.kv_out[k][ai]), M + ai, TAG_KV)
-                     for ai in range(lay.attention_ranks)]
+            reqs += [self.ctx.world.isend(seg.kv_out[k][ai], M + ai, TAG_KV) for ai in range(lay.attention_ranks)]
         self._inflight[(j, k)] = reqs
         step_sends.extend(reqs)
         nxt = lay.model_rank(j, s + 1)
@@ -538,7 +508,7 @@ class LaminaDecoder:
             if item in posted or s == 0:
                 return
             b0, b1 = lay.rows(j)
-            o = (self._graphs["mirrors"].host(segs[j].o_in[(s - 1) % L]) if segs is not None else
+            o = (segs[j].o_in[(s - 1) % L] if segs is not None else
                  torch.empty(A, b1 - b0, 1, g_size, a.head_dim, dtype=self.dtype, device=dev))
             reqs = [self.ctx.world.irecv(o[ai], M + ai, TAG_OUT) for ai in range(A)]
             x = None
@@ -606,14 +576,10 @@ class LaminaDecoder:
         qlo, qhi = lay.q_heads(ai)
         L = a.n_layers
 
-        mir = _Mirrors(self.ctx.world)
-
-        def piece(role, k: int) -> None:       # q/kv from their twins, the layer, o into its twin
-            mir.pull([role.q[k], role.kv[k]])
+        def piece(role, k: int) -> None:
             role.layer(k)
             if k == L - 1:
                 role.advance()
-            mir.push([role.o[k]])
 
         def build() -> dict:
             cache = ShardedKVCache(L, lay.batch, hi - lo, a.head_dim, max(lengths) + n - 1, self.dtype,
@@ -622,12 +588,10 @@ class LaminaDecoder:
             for j in range(lay.microbatches):
                 b0, b1 = lay.rows(j)
                 role = AttentionRole(self._lean, cache, qhi - qlo, rows=(b0, b1), prefix=lengths[b0:b1])
-                for k in range(L):
-                    mir.add([role.q[k], role.kv[k], role.o[k]])
                 pieces.append({k: graph.StepGraph(lambda k=k, role=role: piece(role, k), warmup=1) for k in range(L)})
                 role.set_prefix(lengths[b0:b1])                   # undo the warm-up calls' advance
                 roles.append(role)
-            return {"cache": cache, "roles": roles, "pieces": pieces, "mirrors": mir}
+            return {"cache": cache, "roles": roles, "pieces": pieces}
 
         return self._captured(lengths, n, build)
 
@@ -656,9 +620,8 @@ class LaminaDecoder:
             s, j = item
             b0, b1 = lay.rows(j)
             src = lay.model_rank(j, s)
-            if roles is not None:                   # graph mode: the static buffers of its piece (or their twins)
-                mir = self._graphs["mirrors"]
-                q, kv = mir.host(roles[j].q[s % L]), mir.host(roles[j].kv[s % L])
+            if roles is not None:                   # graph mode: the static buffers of its piece
+                q, kv = roles[j].q[s % L], roles[j].kv[s % L]
             else:
                 q = torch.empty(b1 - b0, 1, qhi - qlo, a.head_dim, dtype=self.dtype, device=dev)
                 kv = torch.empty(2, b1 - b0, 1, h, a.head_dim, dtype=self.dtype, device=dev)
@@ -681,10 +644,8 @@ class LaminaDecoder:
                 clock.waited(step, [rq, rkv])
                 c0 = time.perf_counter()
                 self._replay(j, k, self._graphs["pieces"][j][k])
-                mir = self._graphs["mirrors"]
-                mir.ready()
                 with ctx_phase(self.ctx, "out"):
-                    req = self.ctx.world.isend(mir.host(roles[j].o[k]), lay.model_rank(j, s + 1), TAG_OUT)
+                    req = self.ctx.world.isend(roles[j].o[k], lay.model_rank(j, s + 1), TAG_OUT)
                 self._inflight[(j, k)] = [req]
                 clock.computed(step, c0)
                 clock.finished(step)
@@ -712,50 +673,6 @@ class LaminaDecoder:
                 sends.popleft()[1].wait()
         for _, r in sends:
             r.wait()
-
-
-class _Mirrors:
-    """Graph mode's pinned host twins of the static exchange buffers, where the transport stages
-    device data through host memory (:meth:`hpcattn.comm.base.Comm.host_mirror`): :meth:`host` is
-    what ``isend`` / ``irecv`` get, :meth:`pull` (inside a piece: received twins -> device buffers)
-    and :meth:`push` (sent buffers -> twins) are captured with the piece, :meth:`ready` waits for
-    the replayed piece before its twins are sent. Over a transport that moves device tensors itself
-    there is no twin: :meth:`host` is the buffer and the rest does nothing."""
-
-    def __init__(self, comm):
-        self.comm = comm
-        self._twins: dict = {}            # (address, shape, dtype) -> (buffer, host twin, device alias)
-
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple:
-        return t.data_ptr(), tuple(t.shape), t.dtype
-
-    def add(self, buffers: list[torch.Tensor]) -> None:
-        for t in buffers:
-            twin = self.comm.host_mirror(t)
-            if twin is not None:
-                self._twins[self._key(t)] = (t, *twin)
-
-    def host(self, t: torch.Tensor) -> torch.Tensor:
-        got = self._twins.get(self._key(t))
-        return t if got is None else got[1]
-
-    def pull(self, buffers: list[torch.Tensor]) -> None:
-        for t in buffers:
-            got = self._twins.get(self._key(t))
-            if got is not None:
-                t.copy_(got[2])
-
-    def push(self, buffers: list[torch.Tensor]) -> None:
-        for t in buffers:
-            got = self._twins.get(self._key(t))
-            if got is not None:
-                got[2].copy_(t)
-
-    def ready(self) -> None:
-        """The twins a replay wrote are in host memory (one stream sync; nothing without twins)."""
-        if self._twins and torch.cuda.is_available():
-            torch.cuda.current_stream().synchronize()
 
 
 def _posting_ahead(items: list[tuple[int, int]], post) -> Iterator[tuple[int, int]]:
