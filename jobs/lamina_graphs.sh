@@ -15,8 +15,8 @@
 #   3. the roles' captured-segment and eager times on this card: benchmarks/lamina_measure.py
 #      (MTIME(B), ATIME(B, 4K) at B = 1, 16; 8B shape, LAYERS layers, not scaled);
 #   4. Lamina, 1 model + 1 attention rank sharing this GPU over host-staged MPI, Llama-3.1-8B shape
-#      (random weights, bf16), B = 1 and 16, 4K context, one micro-batch: run.cuda_graphs=true,
-#      then false (run.check=false: a float32 reference copy of 8B would not fit beside the two
+#      (random weights, bf16), B = 1 and 16, 4K context, one micro-batch: run.cuda_graphs=auto
+#      (the default: captured on a GPU; the report shows each role's mode), then false (run.check=false: a float32 reference copy of 8B would not fit beside the two
 #      ranks; correctness is step 1's);
 #   5. where the CUDA-aware Open MPI of scripts/build-cuda-mpi.sh is carried (build/cuda-mpi.tar.xz
 #      or .cudampi/cuda-mpi.tar.xz; scripts/cuda-mpi-env.sh): the library and hpcattn's probe, the
@@ -63,8 +63,8 @@ RUN=(configs/generate.yaml --set generate.decode=lamina --set generate.prefill=l
      --set run.warmup=1 --set run.repeats=2 --set run.check=false --set run.case_timeout_s=300)
 lamina_runs() {   # TAG MPIRUN...: the captured and the eager run -> $OUT/lamina-{graph,eager}TAG.h5
   local tag=$1 mode name; shift
-  for mode in true false; do
-    name=$([[ $mode == true ]] && echo graph || echo eager)$tag
+  for mode in auto false; do                     # auto: the default, which captures on a GPU
+    name=$([[ $mode == auto ]] && echo graph || echo eager)$tag
     step "4. Lamina 1 model + 1 attention rank, comm.backend=$BACKEND${tag:+ ($tag)}, run.cuda_graphs=$mode"
     timeout 150 "$@" $PY -m hpcattn run "${RUN[@]}" "${EXTRA[@]}" --set run.cuda_graphs=$mode -o "$TMP/lamina-$name.h5" \
         2>&1 | grep -av '^\[rank' | tail -40 >> "$LOG"
