@@ -12,7 +12,8 @@ record's transport.
 Per case (batch B, micro-batches m; context l = the record's context): per role the median over
 decode steps 1.. (step 0 holds the prompt-KV hand-over) and repeats of the step time, busy time
 (computing, device-synchronised), the device time of its replayed pieces within busy (captured runs;
-busy - pieces is the host's share: launches, syncs, sends) and wait time; the whole step (max over ranks); the cost model's
+busy - pieces is the host's share: launches, syncs, sends), the time in send calls within busy (the
+transport's work there) and wait time; the whole step (max over ranks); the cost model's
 prediction (:func:`hpcattn.model.lamina.cost.predict_lamina`, DOP (1, 1), m micro-batches) from the
 graph timings for the captured run and the eager timings for the eager run, with the measured
 link; the issue's targets: model busy <= 1.2 x captured MTIME(B), attention busy <= 1.2 x captured
@@ -34,19 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpcattn.jobs.lamina_cost import load_measurements  # noqa: E402
 from hpcattn.model.lamina.cost import Link, Measurements, predict_lamina  # noqa: E402
 
-SETS = ("decode_step_s", "lamina_busy_s", "lamina_wait_s", "lamina_piece_s")
+SETS = ("decode_step_s", "lamina_busy_s", "lamina_wait_s", "lamina_piece_s", "lamina_send_s")
 
 
 def role_medians(row: dict) -> dict:
-    """Per role: median step / busy / wait / piece (ms) over decode steps >= 1 and repeats (piece:
-    NaN for eager ranks); whole step."""
+    """Per role: median step / busy / wait / piece / send (ms) over decode steps >= 1 and repeats
+    (piece: NaN for eager ranks); whole step."""
     roles = list(row["lamina_roles"])
     out = {}
     arrs = {k: np.asarray(row["datasets"][k][0], dtype=np.float64) for k in SETS}   # (T, steps, R)
     first = 1 if arrs["decode_step_s"].shape[1] > 1 else 0
     for role in ("model", "attention"):
         cols = [i for i, r in enumerate(roles) if r == role]
-        for k, name in zip(SETS, ("step", "busy", "wait", "piece")):
+        for k, name in zip(SETS, ("step", "busy", "wait", "piece", "send")):
             v = arrs[k][:, first:, cols]
             out[f"{role}_{name}_ms"] = float(np.median(v)) * 1e3 if not np.isnan(v).all() else float("nan")
     out["step_ms"] = float(np.median(arrs["decode_step_s"][:, first:, :].max(axis=2))) * 1e3
@@ -108,8 +109,8 @@ def main(argv=None) -> int:
             r["attention_busy_vs_atime"] = r["attention_busy_ms"] / m / r["atime_ms"]
             rows.append(r)
     rows.sort(key=lambda r: (r["batch"], r["microbatches"], r["transport"], r["mode"] != "graph"))
-    head = ["B", "m", "transport", "mode (model/attn)", "step", "predicted", "x", "model step/busy/pieces/wait", "MTIME",
-            "busy/MTIME", "attn step/busy/pieces/wait", "ATIME", "busy/ATIME", "check"]
+    head = ["B", "m", "transport", "mode (model/attn)", "step", "predicted", "x", "model step/busy/pieces/sends/wait", "MTIME",
+            "busy/MTIME", "attn step/busy/pieces/sends/wait", "ATIME", "busy/ATIME", "check"]
     md = [f"# Lamina, 1 model + 1 attention rank ({next(iter(lks.values()))['device']}); times in ms (median over "
           "decode steps >= 1)", ""]
     md += [f"- link over {t}: {lk.latency * 1e6:.1f} us, {lk.bandwidth / 1e9:.2f} GB/s" for t, lk in links.items()]
@@ -117,17 +118,18 @@ def main(argv=None) -> int:
           "Targets (captured): model busy <= 1.2 x MTIME, attention busy <= 1.2 x ATIME, step <= 1.25 x predicted. "
           "MTIME / ATIME / predicted from the same mode's timings (graph: captured segments, eager: one launch per "
           "op); with m micro-batches the busy times cover m items per step and are divided by m. pieces: the "
-          "device time of the replayed pieces within busy (CUDA events; captured runs only).", "",
+          "device time of the replayed pieces within busy (CUDA events; captured runs only); sends: the time of "
+          "the send calls within busy (the transport's work there).", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         md.append(f"| {r['batch']} | {r['microbatches']} | {r['transport']} | {r['mode']} ({r['model_graphs']}/{r['attention_graphs']})"
                   f" | {r['step_ms']:.2f} | {r['predicted_step_ms']:.2f} ({r['predicted_bound']}) | "
                   f"{r['step_vs_predicted']:.2f} | "
-                  f"{r['model_step_ms']:.2f} / {r['model_busy_ms']:.2f} / {r['model_piece_ms']:.2f} / "
+                  f"{r['model_step_ms']:.2f} / {r['model_busy_ms']:.2f} / {r['model_piece_ms']:.2f} / {r['model_send_ms']:.2f} / "
                   f"{r['model_wait_ms']:.2f} | "
                   f"{r['mtime_ms']:.2f} | "
                   f"{r['model_busy_vs_mtime']:.2f} | {r['attention_step_ms']:.2f} / {r['attention_busy_ms']:.2f} / "
-                  f"{r['attention_piece_ms']:.2f} / {r['attention_wait_ms']:.2f} | {r['atime_ms']:.2f} | {r['attention_busy_vs_atime']:.2f} | "
+                  f"{r['attention_piece_ms']:.2f} / {r['attention_send_ms']:.2f} / {r['attention_wait_ms']:.2f} | {r['atime_ms']:.2f} | {r['attention_busy_vs_atime']:.2f} | "
                   f"{r['check_passed']} |")
     md += [""] + [f"- note: {n}" for n in sorted(set(notes))]
     text = "\n".join(md)

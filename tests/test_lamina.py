@@ -60,6 +60,8 @@ def test_lamina_generate_job_record_and_report(tmp_path):
         case = f["cases"][rows[0]["id"]]
         assert case["lamina_busy_s"].shape == (2, n - 1, 3) and case["lamina_wait_s"].shape == (2, n - 1, 3)
         assert np.isnan(case["lamina_piece_s"][:]).all()          # eager CPU ranks: no captured piece
+        send, busy = case["lamina_send_s"][:], case["lamina_busy_s"][:]
+        assert (send >= 0).all() and (send <= busy).all() and (send.sum(axis=(0, 1)) > 0).all()   # every rank sends
         assert case["tokens"].shape == (3, n) and case["logits"].shape == (n, 3, 256)
         assert json.loads(case["lamina_bytes"].attrs["phases"]) == ["handover", "q", "kv", "out", "migrate"]
         nbytes = case["lamina_bytes"][:]                      # (ranks, phases): who sent what
@@ -91,6 +93,7 @@ def test_lamina_generate_job_record_and_report(tmp_path):
     for r in got:
         assert r["transport"] == meta["transport"] and r["step_ms"] > 0 and r["predicted_step_ms"] > 0
         assert r["model_busy_ms"] > 0 and np.isnan(r["model_piece_ms"])     # eager CPU ranks: no piece time
+        assert 0 < r["attention_send_ms"] <= r["attention_busy_ms"]
     assert f"| 3 | 2 | {meta['transport']} | graph (eager/eager) |" in rep.stdout, rep.stdout
     lj.write_text(json.dumps({"transport": "nccl", "device": "cpu", "latency": 1e-5, "bandwidth": 1e9}))
     rep = subprocess.run(report + ["--link", str(lj)], capture_output=True, text=True, cwd=ROOT)

@@ -7,7 +7,8 @@ Per case, after ``run.warmup`` untimed generations, ``run.repeats`` timed ones r
 prefill time (model ranks: prefill + posting the KV hand-over), every decode step's wall time, and
 how much of it the rank spent computing (busy) or waiting for data (wait); rank 0 writes the usual
 generate datasets plus ``lamina_busy_s`` / ``lamina_wait_s`` / ``lamina_piece_s`` (the device time of the
-captured pieces within busy; NaN for eager ranks) (repeats, steps, ranks) and
+captured pieces within busy; NaN for eager ranks) / ``lamina_send_s`` (the time of the send calls
+within busy) (repeats, steps, ranks) and
 ``lamina_bytes`` (ranks, phases), and attributes: roles, per-role utilisation (busy / step time),
 decode bytes per token, decode throughput (B / median step time), and per role whether its pieces
 between exchanges ran as CUDA graphs and why (:func:`graph_summary`; ``run.cuda_graphs``).
@@ -174,6 +175,7 @@ def run_lamina_case(case, ctx, kernel, writer, model=None):
             "busy": np.asarray([r.busy_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "wait": np.asarray([r.wait_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "piece": np.asarray([r.piece_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
+            "send": np.asarray([r.send_s for r in runs], dtype=np.float64).reshape(len(runs), n - 1),
             "bytes": [res.bytes[ph] for ph in BYTE_PHASES], "role": role, "kernel": kernel.name,
             "device": str(ctx.device), "mem": peak_memory(ctx.device), **dec.graph_attrs()}
     per_rank = ctx.world.mpi.gather(mine, root=0)
@@ -223,6 +225,7 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
     busy = np.stack([pr["busy"] for pr in per_rank], axis=2)            # (R, steps, ranks)
     wait = np.stack([pr["wait"] for pr in per_rank], axis=2)
     piece = np.stack([pr["piece"] for pr in per_rank], axis=2)
+    send = np.stack([pr["send"] for pr in per_rank], axis=2)
     step = np.stack([pr["step"] for pr in per_rank], axis=2)
     nbytes = np.asarray([pr["bytes"] for pr in per_rank], dtype=np.int64)   # (ranks, phases)
     B, steps = c.shape.batch, c.generate.new_tokens - 1
@@ -249,6 +252,9 @@ def _lamina_summary(c, lay: Layout, per_rank: list[dict], lengths: list[int]) ->
             "lamina_piece_s": (piece, {"units": "s", "layout": "(repeats, steps, ranks)", "roles": roles,
                                        "note": "device time of the replayed CUDA-graph pieces within busy "
                                                "(CUDA events); NaN on eager ranks"}),
+            "lamina_send_s": (send, {"units": "s", "layout": "(repeats, steps, ranks)", "roles": roles,
+                                     "note": "time of the decode step's send calls within busy (the transport's "
+                                             "work there; over MPI on a GPU after a device sync)"}),
             "lamina_bytes": (nbytes, {"units": "bytes", "phases": list(BYTE_PHASES), "roles": roles,
                                       "note": "payload sent per generation, warm-up excluded"})}
     return attrs, sets

@@ -156,6 +156,8 @@ class RankResult:
     since the rank's previous step ended, time computing, time waiting for data. piece_s: (n-1,)
     device seconds of the captured pieces this rank replayed in each step (graph mode on a GPU;
     NaN otherwise): busy_s - piece_s is the host's share of the busy time (launches, syncs, sends).
+    send_s: (n-1,) seconds of the busy time spent in send calls (the transport's work there: staging
+    copies, MPI's handling of device buffers; on a GPU over MPI after the device finished the data).
     """
 
     role: str
@@ -165,6 +167,7 @@ class RankResult:
     wait_s: list[float]
     bytes: dict[str, int]
     piece_s: list[float] = field(default_factory=list)
+    send_s: list[float] = field(default_factory=list)
     tokens: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
@@ -180,9 +183,12 @@ class _Clock:
     wait: list[float] = field(default_factory=list)
     end: list[float] = field(default_factory=list)
     piece: list[float] = field(default_factory=list)
+    send: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         self.busy, self.wait, self.end = [0.0] * self.steps, [0.0] * self.steps, [0.0] * self.steps
+        self.send = [0.0] * self.steps
+        self._sending = 0.0               # time in send calls since the last computed()
         self.piece = [0.0 if self.timed else float("nan")] * self.steps
         self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.timed \
             else None
@@ -198,6 +204,10 @@ class _Clock:
         self._replayed = True
         return out
 
+    def sent(self, seconds: float) -> None:
+        """A send call took ``seconds`` of the current item's busy time (booked by :meth:`computed`)."""
+        self._sending += seconds
+
     def waited(self, step: int, reqs) -> None:
         """Wait for receives; on GPUs also for the device (an nccl wait only orders the stream)."""
         t0 = time.perf_counter()
@@ -211,6 +221,8 @@ class _Clock:
         self.ctx.sync()
         if self.steps:
             self.busy[step] += time.perf_counter() - t0
+            self.send[step] += self._sending
+        self._sending = 0.0
         if self._replayed:
             self._replayed = False
             if self.steps:
@@ -283,6 +295,17 @@ class LaminaDecoder:
             self._graphs = {"key": key, **build()}
         return self._graphs
 
+    def _isend(self, t: torch.Tensor, dest: int, tag: int):
+        """A decode step's ``Comm.isend``, its time booked to the generation's clock (``send_s``).
+        Over MPI on a GPU the device is synchronised first (the send would wait for it anyway), so
+        that the time is the transport's, not the kernels' that produce ``t``."""
+        if self.ctx.device.type == "cuda" and self.ctx.world.transport.startswith("mpi"):
+            torch.cuda.current_stream(self.ctx.device).synchronize()
+        t0 = time.perf_counter()
+        req = self.ctx.world.isend(t, dest, tag)
+        self._clock.sent(time.perf_counter() - t0)
+        return req
+
     def _replay(self, j: int, k, piece):
         """Replay ``piece`` after the sends of its buffers' previous contents are done (timed by
         the generation's clock)."""
@@ -329,7 +352,7 @@ class LaminaDecoder:
         if self.rank == 0:
             toks, logits = self._assemble([g for g in gathered if g is not None], new_tokens, keep_logits)
         return RankResult(self.role, t1 - t0, clock.step_times(t1), clock.busy, clock.wait, bytes_, clock.piece,
-                          toks, logits)
+                          clock.send, toks, logits)
 
     def _assemble(self, parts: list[dict], n: int, keep_logits: bool):
         """{(micro-batch j, token t): (tokens (B_j,), logits (B_j, V))} of every model rank -> (B, n), (n, B, V)."""
@@ -380,12 +403,12 @@ class LaminaDecoder:
         with ctx_phase(self.ctx, "q"):
             for ai in range(lay.attention_ranks):
                 lo, hi = lay.q_heads(ai)
-                step_sends.append(self.ctx.world.isend(q[:, :, lo:hi].contiguous(), M + ai, TAG_Q))
+                step_sends.append(self._isend(q[:, :, lo:hi].contiguous(), M + ai, TAG_Q))
         k, v = project_kv(self.model, layer, h, cos, sin)
         with ctx_phase(self.ctx, "kv"):
             for ai in range(lay.attention_ranks):
                 lo, hi = lay.kv_heads(ai)
-                step_sends.append(self.ctx.world.isend(torch.stack((k[:, :, lo:hi], v[:, :, lo:hi])).contiguous(),
+                step_sends.append(self._isend(torch.stack((k[:, :, lo:hi], v[:, :, lo:hi])).contiguous(),
                                                        M + ai, TAG_KV))
 
     def _post(self, layer: int, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -421,7 +444,7 @@ class LaminaDecoder:
                 xs[j] = x
             else:
                 with ctx_phase(self.ctx, "migrate"):
-                    step_sends.append(self.ctx.world.isend(x.contiguous(), nxt, TAG_X))
+                    step_sends.append(self._isend(x.contiguous(), nxt, TAG_X))
 
     def _model_pieces(self, lengths: list[int], n: int) -> dict:
         """Graph mode: per micro-batch its :class:`hpcattn.model.lamina.steps.ModelSlices` and the
@@ -477,15 +500,15 @@ class LaminaDecoder:
         M = lay.model_ranks
         reqs = []
         with ctx_phase(self.ctx, "q"):
-            reqs += [self.ctx.world.isend(seg.q_out[k][ai], M + ai, TAG_Q) for ai in range(lay.attention_ranks)]
+            reqs += [self._isend(seg.q_out[k][ai], M + ai, TAG_Q) for ai in range(lay.attention_ranks)]
         with ctx_phase(self.ctx, "kv"):
-            reqs += [self.ctx.world.isend(seg.kv_out[k][ai], M + ai, TAG_KV) for ai in range(lay.attention_ranks)]
+            reqs += [self._isend(seg.kv_out[k][ai], M + ai, TAG_KV) for ai in range(lay.attention_ranks)]
         self._inflight[(j, k)] = reqs
         step_sends.extend(reqs)
         nxt = lay.model_rank(j, s + 1)
         if nxt != self.rank:
             with ctx_phase(self.ctx, "migrate"):
-                step_sends.append(self.ctx.world.isend(seg.x.clone().view(b1 - b0, 1, -1), nxt, TAG_X))
+                step_sends.append(self._isend(seg.x.clone().view(b1 - b0, 1, -1), nxt, TAG_X))
 
     def _model_decode(self, state: dict, lengths: list[int], n: int, clock: _Clock, keep_logits: bool) -> dict:
         lay, a = self.layout, self.args
@@ -645,7 +668,7 @@ class LaminaDecoder:
                 c0 = time.perf_counter()
                 self._replay(j, k, self._graphs["pieces"][j][k])
                 with ctx_phase(self.ctx, "out"):
-                    req = self.ctx.world.isend(roles[j].o[k], lay.model_rank(j, s + 1), TAG_OUT)
+                    req = self._isend(roles[j].o[k], lay.model_rank(j, s + 1), TAG_OUT)
                 self._inflight[(j, k)] = [req]
                 clock.computed(step, c0)
                 clock.finished(step)
@@ -665,7 +688,7 @@ class LaminaDecoder:
             out = fold_new_token(q, kv, o_prev, lse_prev, self.scale, G)
             append_new_token(cache.buf[k], kv, range(b0, b1), prefix)
             with ctx_phase(self.ctx, "out"):
-                req = self.ctx.world.isend(out, lay.model_rank(j, s + 1), TAG_OUT)
+                req = self._isend(out, lay.model_rank(j, s + 1), TAG_OUT)
             clock.computed(step, c0)
             clock.finished(step)
             sends.append((step, req))
