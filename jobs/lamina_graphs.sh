@@ -4,7 +4,7 @@
 #   bash jobs/lamina_graphs.sh            (env: OUT=dir for logs/records, default runs/lamina_graphs;
 #                                          LAYERS=8 of the Llama-3.1-8B shape's 32 layers; NEW=12 tokens;
 #                                          BACKEND=mpi, or nccl on a node with 2 GPUs: the same run there;
-#                                          GPU_TESTS=0 skips step 1)
+#                                          GPU_TESTS=0 skips step 1, EAGER=0 the eager runs)
 # LAYERS: `hpcattn run` draws random weights on the CPU (an 8B model's 32 layers take minutes there);
 # the role times of step 3 are measured on the same LAYERS layers (no scaling), so every ratio holds.
 # Steps (each under `timeout`; about 2 minutes without step 5, 4 to 5 with it, when nothing hangs; a
@@ -68,7 +68,7 @@ RUN=(configs/generate.yaml --set generate.decode=lamina --set generate.prefill=l
      --set run.warmup=1 --set run.repeats=2 --set run.check=false --set run.case_timeout_s=300)
 lamina_runs() {   # TAG MPIRUN...: the captured and the eager run -> $OUT/lamina-{graph,eager}TAG.h5
   local tag=$1 mode name; shift
-  for mode in auto false; do                     # auto: the default, which captures on a GPU
+  for mode in auto $([[ ${EAGER:-1} == 1 ]] && echo false); do   # auto: the default, which captures on a GPU
     name=$([[ $mode == auto ]] && echo graph || echo eager)$tag
     step "4. Lamina 1 model + 1 attention rank, comm.backend=$BACKEND${tag:+ ($tag)}, run.cuda_graphs=$mode"
     timeout 150 "$@" $PY -m hpcattn run "${RUN[@]}" "${EXTRA[@]}" --set run.cuda_graphs=$mode -o "$TMP/lamina-$name.h5" \
@@ -81,7 +81,8 @@ lamina_runs() {   # TAG MPIRUN...: the captured and the eager run -> $OUT/lamina
 EXTRA=()
 lamina_runs "" $MPIRUN
 
-REPORT=(--graph "$OUT/lamina-graph.h5" --eager "$OUT/lamina-eager.h5" --link "$OUT/link.json")
+REPORT=(--graph "$OUT/lamina-graph.h5" --link "$OUT/link.json")
+[[ -f $OUT/lamina-eager.h5 ]] && REPORT+=(--eager "$OUT/lamina-eager.h5")
 if [[ $BACKEND == mpi && ( -f build/cuda-mpi.tar.xz || -f .cudampi/cuda-mpi.tar.xz ) ]]; then
   step "5. CUDA-aware Open MPI (scripts/cuda-mpi-env.sh): probe, graph-vs-eager check, link, Lamina runs"
   (
