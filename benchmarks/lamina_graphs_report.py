@@ -85,13 +85,13 @@ def main(argv=None) -> int:
     for mode, path in [("graph", g) for g in args.graph] + [("eager", e) for e in args.eager]:
         meta, cases = read_cases(path, datasets=SETS)
         transport = str(meta.get("transport"))                # the run's (file attribute)
+        if transport not in links:
+            raise SystemExit(f"lamina_graphs_report: {path}: transport {transport!r} has no --link "
+                             f"(links given: {sorted(links)})")
+        link = links[transport]
         for c in cases:
             if "lamina_roles" not in c:
                 continue
-            if transport not in links:
-                raise SystemExit(f"lamina_graphs_report: {path}: transport {transport!r} has no --link "
-                                 f"(links given: {sorted(links)})")
-            link = links[transport]
             B, l, m, L = int(c["batch"]), int(c["context"]), int(c["lamina_microbatches"]), int(c["n_layers"])
             ms = scaled(meas[mode], L)
             if L != meas[mode].n_layers:

@@ -17,8 +17,9 @@
 #      (MTIME(B), ATIME(B, 4K) at B = 1, 16; 8B shape, LAYERS layers, not scaled);
 #   4. Lamina, 1 model + 1 attention rank sharing this GPU over host-staged MPI, Llama-3.1-8B shape
 #      (random weights, bf16), B = 1 and 16, 4K context, one micro-batch: run.cuda_graphs=auto
-#      (the default: captured on a GPU; the report shows each role's mode), then false (run.check=false: a float32 reference copy of 8B would not fit beside the two
-#      ranks; correctness is step 1's);
+#      (the default: captured on a GPU; the report shows each role's mode), then false
+#      (run.check=false: a float32 reference copy of 8B would not fit beside the two ranks;
+#      correctness is step 1's);
 #   5. where the CUDA-aware Open MPI of scripts/build-cuda-mpi.sh is carried (build/cuda-mpi.tar.xz
 #      or .cudampi/cuda-mpi.tar.xz; scripts/cuda-mpi-env.sh): the library and hpcattn's probe, the
 #      2-rank graph-vs-eager check over it (device buffers to MPI: transport mpi_device), its link,

@@ -186,8 +186,7 @@ class _Clock:
     send: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        self.busy, self.wait, self.end = [0.0] * self.steps, [0.0] * self.steps, [0.0] * self.steps
-        self.send = [0.0] * self.steps
+        self.busy, self.wait, self.end, self.send = ([0.0] * self.steps for _ in range(4))
         self._sending = 0.0               # time in send calls since the last computed()
         self.piece = [0.0 if self.timed else float("nan")] * self.steps
         self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.timed \
@@ -306,12 +305,12 @@ class LaminaDecoder:
         self._clock.sent(time.perf_counter() - t0)
         return req
 
-    def _replay(self, j: int, k, piece):
-        """Replay ``piece`` after the sends of its buffers' previous contents are done (timed by
-        the generation's clock)."""
+    def _replay(self, j: int, k, piece, captured: bool = True):
+        """Replay ``piece`` after the sends of its buffers' previous contents are done (a captured
+        piece timed by the generation's clock; ``captured=False``: an eager slice, not timed)."""
         for r in self._inflight.pop((j, k), ()):
             r.wait()
-        return self._clock.replay(piece)
+        return self._clock.replay(piece) if captured else piece()
 
     # -- schedule ------------------------------------------------------------------------------
     def _slices(self, n: int) -> int:
@@ -450,8 +449,6 @@ class LaminaDecoder:
         """Graph mode: per micro-batch its :class:`hpcattn.model.lamina.steps.ModelSlices` and the
         captured pieces - one per layer k (the slice ending with layer k's sends) and the last
         slice of a generation - captured once per (lengths, n) and replayed by every generation."""
-        L = self.args.n_layers
-
         def build() -> dict:
             segs, pieces = [], []
             for j in range(self.layout.microbatches):
@@ -459,7 +456,8 @@ class LaminaDecoder:
                 seg = ModelSlices(self.model, b1 - b0, self.layout.attention_ranks, self.decode_products,
                                   prompt_lengths=lengths[b0:b1])
                 saved = [x.clone() for x in seg.state()]
-                got = {k: graph.StepGraph(lambda k=k, seg=seg: seg.slice(k), warmup=1) for k in range(L)}
+                got = {k: graph.StepGraph(lambda k=k, seg=seg: seg.slice(k), warmup=1)
+                       for k in range(self.args.n_layers)}
                 got["last"] = graph.StepGraph(seg.last, warmup=1)
                 for x, v in zip(seg.state(), saved):               # undo the warm-up calls
                     x.copy_(v)
@@ -484,7 +482,7 @@ class LaminaDecoder:
                 lg = state["logits"][b0:b1]
                 seg.token.copy_(lg.argmax(dim=-1))
                 seg.pos.copy_(seg.base)
-                self._replay(j, 0, seg.begin)                  # eager: once per generation
+                self._replay(j, 0, seg.begin, captured=False)  # eager: once per generation
             else:
                 torch.add(seg.base, t - 1, out=seg.pos)        # the slice advances it to base + t
                 lg = self._replay(j, 0, pieces[0] if t < n - 1 else pieces["last"])
